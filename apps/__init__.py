@@ -1,0 +1,1 @@
+"""Runnable compositions of the operators: MONAI Deploy apps, each with its ``app.yaml``."""

@@ -58,9 +58,7 @@ def resolve_model_dir(path: str | Path, kind: ModelKind) -> Path:
             f"{config_file}: model_type is {model_type!r}, a {kind} model needs "
             f"{' or '.join(map(repr, _MODEL_TYPES[kind]))}"
         )
-    raise ModelLoadError(
-        f"{root} is not a {kind} model directory: no config.json in it or in {root / kind}"
-    )
+    raise ModelLoadError(f"{root} is not a {kind} model directory: no config.json in it or in {root / kind}")
 
 
 def model_identity(model_dir: str | Path) -> ModelIdentity:

@@ -1,0 +1,1 @@
+"""MedSigLIP classification as a MONAI Deploy application (see ``app.py`` and ``app.yaml``)."""

@@ -1,0 +1,118 @@
+"""Run settings, resolved once from one table: CLI flag > environment > YAML file > default.
+
+Like MONAI Deploy's ``RuntimeEnv`` (``HOLOSCAN_INPUT_PATH`` & co.), every setting has one
+environment variable and one default, so a MAP, a compose file or a Kubernetes ConfigMap can set it
+without touching the command line. ``MEDGEMMA_DEPLOY_CONFIG`` may name a YAML file whose keys are the
+setting names below.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medgemma_deploy.errors import UsageError
+
+__all__ = ["SETTINGS_TABLE", "RunSettings", "resolve_settings"]
+
+logger = logging.getLogger(__name__)
+
+#: setting name → (environment variable, default). Paths lists use os.pathsep in the environment.
+SETTINGS_TABLE: dict[str, tuple[str, Any]] = {
+    "device": ("MEDGEMMA_DEPLOY_DEVICE", None),
+    "labels": ("MEDGEMMA_DEPLOY_LABELS", ()),
+    "relevance_top_k": ("MEDGEMMA_DEPLOY_RELEVANCE_TOP_K", 3),
+    "write_embeddings": ("MEDGEMMA_DEPLOY_EMBEDDINGS", False),
+}
+CONFIG_ENV = "MEDGEMMA_DEPLOY_CONFIG"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The resolved settings of one run (logged at start-up; holds no secrets)."""
+
+    device: str | None = None
+    labels: tuple[Path, ...] = ()
+    relevance_top_k: int = 3
+    write_embeddings: bool = False
+
+
+def resolve_settings(
+    cli: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RunSettings:
+    """Resolve every setting by precedence: CLI value (not None) > environment > YAML > default.
+
+    Raises
+    ------
+    UsageError
+        A value cannot be converted (naming the setting, its source and the value), or the YAML
+        file named by ``MEDGEMMA_DEPLOY_CONFIG`` is missing, unreadable or has unknown keys.
+    """
+    cli = cli or {}
+    environ = os.environ if environ is None else environ
+    from_yaml = _read_yaml(environ.get(CONFIG_ENV))
+    values: dict[str, Any] = {}
+    for name, (env_var, default) in SETTINGS_TABLE.items():
+        if cli.get(name) is not None:
+            raw, source = cli[name], f"--{name.replace('_', '-')}"
+        elif environ.get(env_var) not in (None, ""):
+            raw, source = environ[env_var], env_var
+        elif name in from_yaml:
+            raw, source = from_yaml[name], f"{environ.get(CONFIG_ENV)}:{name}"
+        else:
+            values[name] = default
+            continue
+        values[name] = _convert(name, raw, source)
+    settings = RunSettings(**values)
+    if settings.device not in (None, "cpu", "cuda") and not str(settings.device).startswith("cuda:"):
+        raise UsageError(f"device must be cpu, cuda or cuda:N, got {settings.device!r}")
+    if settings.relevance_top_k < 0:
+        raise UsageError(f"relevance_top_k must be >= 0, got {settings.relevance_top_k}")
+    logger.debug("settings: %s", settings)
+    return settings
+
+
+def _convert(name: str, raw: Any, source: str) -> Any:
+    field_type = {f.name: f.type for f in fields(RunSettings)}[name]
+    try:
+        if "bool" in str(field_type):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in _TRUE | _FALSE:
+                return text in _TRUE
+            raise ValueError("expected true/false")
+        if "int" in str(field_type):
+            return int(raw)
+        if "Path" in str(field_type):
+            items = raw.split(os.pathsep) if isinstance(raw, str) else list(raw)
+            return tuple(Path(item) for item in items if str(item))
+        return None if raw is None else str(raw)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{source}: invalid value {raw!r} for {name} ({exc})") from exc
+
+
+def _read_yaml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"{CONFIG_ENV}={path}: cannot read settings ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: settings must be a mapping of setting names to values")
+    unknown = sorted(set(data) - set(SETTINGS_TABLE))
+    if unknown:
+        known = ", ".join(SETTINGS_TABLE)
+        raise UsageError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {known}")
+    return data

@@ -1,0 +1,200 @@
+"""The classification pipeline as plain steps: study input → findings → SEG + SR files.
+
+Each step is one function over the domain types, so the MONAI Deploy operators (one step per
+operator), the CLI (all steps in a row) and the listener (later) run the very same code. A failure
+in one series is recorded as a rejection with the reason, and the other series go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from highdicom.seg import Segmentation
+
+from medgemma_deploy.errors import InputError
+from medgemma_deploy.operators.classification import ImageScorer, classify_series
+from medgemma_deploy.operators.domain import (
+    AlgorithmInfo,
+    LabelSet,
+    ModelIdentity,
+    Rejection,
+    Series,
+    SeriesClassification,
+    StudyInput,
+)
+from medgemma_deploy.operators.labels import select_label_set
+from medgemma_deploy.operators.outputs import save_dicom
+from medgemma_deploy.operators.results import RunResults, WrittenObject
+from medgemma_deploy.operators.seg_writer import build_relevance_segmentations
+from medgemma_deploy.operators.sr_writer import build_findings_sr
+
+__all__ = [
+    "ClassificationOutcome",
+    "ClassifyOptions",
+    "algorithm_for",
+    "classify_study_input",
+    "record_input",
+    "write_findings_reports",
+    "write_segmentations",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassifyOptions:
+    """Settings of the classification pipeline (resolved from CLI/env/YAML by the caller)."""
+
+    relevance_top_k: int = 3
+    write_embeddings: bool = False
+    result_version: int = 1
+
+
+@dataclass
+class ClassificationOutcome:
+    """What travels between the pipeline's operators: the run's results so far and its findings."""
+
+    results: RunResults
+    classifications: list[SeriesClassification]
+    segmentations: dict[str, list[Segmentation]] = field(default_factory=dict)
+
+
+def record_input(study_input: StudyInput, results: RunResults) -> None:
+    """Carry the loader's rejected and skipped files into the run's results."""
+    for rejection in study_input.rejected:
+        results.reject(rejection)
+    for skipped in study_input.skipped:
+        results.skip(skipped)
+
+
+def algorithm_for(model: ModelIdentity, label_set: LabelSet, options: ClassifyOptions) -> AlgorithmInfo:
+    """TID 4019 identification of one classification: the model plus what shaped its output."""
+    from medgemma_deploy import __version__
+
+    return AlgorithmInfo(
+        name=model.name,
+        version=model.version,
+        parameters=(
+            ("label_set", f"{label_set.name} {label_set.version}"),
+            ("scoring", label_set.scoring),
+            ("threshold", f"{label_set.threshold:g}"),
+            ("series_aggregation", "max over frames"),
+            ("relevance_top_k", str(options.relevance_top_k)),
+        ),
+        software_version=__version__,
+    )
+
+
+def classify_study_input(
+    study_input: StudyInput,
+    scorer: ImageScorer,
+    model: ModelIdentity,
+    label_sets: Sequence[LabelSet],
+    options: ClassifyOptions,
+    results: RunResults,
+    progress: Callable[[int, int, Series], None] | None = None,
+) -> list[SeriesClassification]:
+    """Classify every series of every study; a series that cannot be classified is rejected."""
+    all_series = [series for study in study_input.studies for series in study.series]
+    classifications: list[SeriesClassification] = []
+    for index, series in enumerate(all_series):
+        if progress is not None:
+            progress(index, len(all_series), series)
+        try:
+            label_set = select_label_set(label_sets, series.modality, series.body_part_examined)
+            classification = classify_series(
+                scorer,
+                series,
+                label_set,
+                relevance_top_k=options.relevance_top_k,
+                with_embeddings=options.write_embeddings,
+                model=model,
+            )
+        except (InputError, ValueError) as exc:
+            results.reject(_series_rejection(series, "classify", exc))
+            continue
+        classifications.append(classification)
+    return classifications
+
+
+def write_segmentations(
+    classifications: Sequence[SeriesClassification],
+    out_dir: Path,
+    options: ClassifyOptions,
+    results: RunResults,
+) -> dict[str, list[Segmentation]]:
+    """Write each series' relevance maps as FRACTIONAL SEG(s); returns them by Series Instance UID.
+
+    A SEG that cannot be built (e.g. a CT without a frame of reference) is rejected with the reason;
+    the series' SR is still written later, without segment references.
+    """
+    by_series: dict[str, list[Segmentation]] = {}
+    for classification in classifications:
+        series = classification.series
+        if not classification.relevance_maps:
+            continue
+        algorithm = algorithm_for(classification.model, classification.label_set, options)
+        try:
+            segmentations = build_relevance_segmentations(
+                classification, algorithm, result_version=options.result_version
+            )
+        except (InputError, ValueError) as exc:
+            results.reject(_series_rejection(series, "seg", exc))
+            continue
+        by_series[series.series_instance_uid] = segmentations
+        for segmentation in segmentations:
+            results.outputs.append(save_dicom(segmentation, out_dir, "SEG", series.series_instance_uid))
+    return by_series
+
+
+def write_findings_reports(
+    classifications: Sequence[SeriesClassification],
+    segmentations: Mapping[str, Sequence[Segmentation]],
+    out_dir: Path,
+    options: ClassifyOptions,
+    results: RunResults,
+) -> None:
+    """Write each series' TID 1500 SR (referencing its SEG segments) and, if asked, embeddings."""
+    for classification in classifications:
+        series = classification.series
+        algorithm = algorithm_for(classification.model, classification.label_set, options)
+        try:
+            report = build_findings_sr(
+                classification,
+                algorithm,
+                segmentations=segmentations.get(series.series_instance_uid, ()),
+                result_version=options.result_version,
+            )
+        except (InputError, ValueError) as exc:
+            results.reject(_series_rejection(series, "sr", exc))
+        else:
+            results.outputs.append(save_dicom(report, out_dir, "SR", series.series_instance_uid))
+        embeddings_file = None
+        if options.write_embeddings and classification.embeddings is not None:
+            embeddings_file = out_dir / f"embeddings-{series.series_instance_uid}.npy"
+            np.save(embeddings_file, classification.embeddings.astype(np.float32))
+            results.outputs.append(
+                WrittenObject(
+                    path=embeddings_file,
+                    kind="EMBEDDINGS",
+                    study_instance_uid=series.study_instance_uid,
+                    source_series_instance_uid=series.series_instance_uid,
+                )
+            )
+        results.add_classification(classification, embeddings_file)
+
+
+def _series_rejection(series: Series, stage: str, exc: Exception) -> Rejection:
+    source = exc.source if isinstance(exc, InputError) else f"series {series.series_instance_uid}"
+    reason = exc.reason if isinstance(exc, InputError) else str(exc)
+    return Rejection(
+        source=source,
+        reason=reason,
+        stage=stage,
+        study_instance_uid=series.study_instance_uid,
+        series_instance_uid=series.series_instance_uid,
+    )

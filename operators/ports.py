@@ -1,0 +1,17 @@
+"""Typed receive for Holoscan's untyped ports: a wrong object fails loudly, naming port and type."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+__all__ = ["receive_typed"]
+
+T = TypeVar("T")
+
+
+def receive_typed(op_input: object, port: str, expected: type[T]) -> T:
+    """Receive from ``port`` and check the object is an ``expected`` (Holoscan ports are untyped)."""
+    value = op_input.receive(port)
+    if not isinstance(value, expected):
+        raise TypeError(f"port {port!r} expects {expected.__name__}, got {type(value).__name__}")
+    return value

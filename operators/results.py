@@ -1,0 +1,167 @@
+"""``results.json``: what a run processed, what it wrote and what it rejected, and its exit code.
+
+One document per run, shared by the CLI and the MONAI Deploy apps, so a PACS integration can read
+the same shape whichever way the study went through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medgemma_deploy.operators.domain import ModelIdentity, Rejection, SeriesClassification
+
+__all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "RunResults", "WrittenObject"]
+
+logger = logging.getLogger(__name__)
+
+#: Everything usable was processed and written.
+EXIT_OK = 0
+#: Bad usage (missing paths, unloadable model): one line on stderr, nothing processed.
+EXIT_USAGE = 2
+#: Some inputs were rejected; the rest was processed and written.
+EXIT_PARTIAL = 3
+
+
+@dataclass(frozen=True)
+class WrittenObject:
+    """A DICOM (or sidecar) file a run wrote."""
+
+    path: Path
+    kind: str  # "SR", "SEG", "REPORT-SR", "EMBEDDINGS"
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    source_series_instance_uid: str | None = None
+
+    def to_json(self, root: Path) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if v is not None and k != "path"}
+        data["path"] = os.path.relpath(self.path, root)
+        return data
+
+
+@dataclass
+class RunResults:
+    """Collects one run's outcome; ``write`` saves it as ``results.json``."""
+
+    command: str
+    disclaimer: str
+    models: list[ModelIdentity] = field(default_factory=list)
+    series: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[WrittenObject] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    skipped: list[Rejection] = field(default_factory=list)
+
+    def reject(self, rejection: Rejection) -> None:
+        """Record a rejected input; logged as one WARNING line naming the file and the reason."""
+        self.rejected.append(rejection)
+        logger.warning("rejected: %s: %s", rejection.source, rejection.reason)
+
+    def skip(self, rejection: Rejection) -> None:
+        """Record an object that is not processed by design (SR, PR, KO…), with the reason."""
+        self.skipped.append(rejection)
+        logger.warning("skipped: %s: %s", rejection.source, rejection.reason)
+
+    def add_classification(
+        self, classification: SeriesClassification, embeddings_file: Path | None = None
+    ) -> None:
+        series = classification.series
+        entry: dict[str, Any] = {
+            "study_instance_uid": series.study_instance_uid,
+            "series_instance_uid": series.series_instance_uid,
+            "modality": series.modality,
+            "body_part_examined": series.body_part_examined,
+            "n_frames": len(series.frames),
+            "windows": sorted({frame.window_source for frame in series.frames}),
+            "label_set": {
+                "name": classification.label_set.name,
+                "version": classification.label_set.version,
+                "scoring": classification.label_set.scoring,
+                "threshold": classification.label_set.threshold,
+            },
+            "model": {"name": classification.model.name, "version": classification.model.version},
+            "findings": [
+                {
+                    "key": score.finding.key,
+                    "name": score.finding.display_name,
+                    "code": {
+                        "value": score.finding.code.value,
+                        "scheme": score.finding.code.scheme_designator,
+                        "meaning": score.finding.code.meaning,
+                    },
+                    "probability": round(float(score.probability), 6),
+                    "present": bool(score.present),
+                    "peak_frame": {
+                        "sop_instance_uid": series.frames[score.peak_frame_index].sop_instance_uid,
+                        "frame_number": series.frames[score.peak_frame_index].frame_number,
+                    },
+                    "frame_probabilities": [round(float(p), 6) for p in score.frame_probabilities],
+                    "relevance_map": score.finding.key in classification.relevance_maps,
+                }
+                for score in classification.scores
+            ],
+        }
+        if embeddings_file is not None:
+            entry["embeddings_file"] = embeddings_file.name
+        self.series.append(entry)
+
+    @property
+    def random_weights(self) -> bool:
+        return any(model.random_weights for model in self.models)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PARTIAL if self.rejected else EXIT_OK
+
+    def to_json(self, root: Path) -> dict[str, Any]:
+        from medgemma_deploy import __version__
+
+        document: dict[str, Any] = {
+            "tool": "medgemma-deploy",
+            "tool_version": __version__,
+            "command": self.command,
+            "status": "partial" if self.rejected else "complete",
+            "ai_generated": True,
+            "verified": False,
+            "disclaimer": self.disclaimer,
+            "random_weights": self.random_weights,
+            "models": [
+                {
+                    "name": m.name,
+                    "version": m.version,
+                    "path": str(m.path),
+                    "random_weights": m.random_weights,
+                }
+                for m in self.models
+            ],
+            "series": self.series,
+            "outputs": [o.to_json(root) for o in self.outputs],
+            "rejected": [r.to_json() for r in self.rejected],
+            "skipped": [r.to_json() for r in self.skipped],
+        }
+        if self.random_weights:
+            document["warning"] = (
+                "RANDOM WEIGHTS: the model is a tiny randomly-initialised test model; "
+                "every finding and probability here is meaningless."
+            )
+        return document
+
+    def write(self, out_dir: Path) -> Path:
+        """Write ``out_dir/results.json`` atomically (a reader never sees half a file)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / "results.json"
+        text = json.dumps(self.to_json(out_dir), indent=2, ensure_ascii=False)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=out_dir, delete=False, suffix=".tmp", encoding="utf-8"
+        ) as f:
+            f.write(text + "\n")
+            tmp = Path(f.name)
+        tmp.replace(target)
+        logger.info("wrote %s", target)
+        return target
