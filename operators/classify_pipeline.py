@@ -64,11 +64,11 @@ class ClassificationOutcome:
 
 
 def record_input(study_input: StudyInput, results: RunResults) -> None:
-    """Carry the loader's rejected and skipped files into the run's results."""
+    """Carry the loader's rejected and skipped files into the run's results (already logged)."""
     for rejection in study_input.rejected:
-        results.reject(rejection)
+        results.reject(rejection, log=False)
     for skipped in study_input.skipped:
-        results.skip(skipped)
+        results.skip(skipped, log=False)
 
 
 def algorithm_for(model: ModelIdentity, label_set: LabelSet, options: ClassifyOptions) -> AlgorithmInfo:

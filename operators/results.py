@@ -58,15 +58,20 @@ class RunResults:
     rejected: list[Rejection] = field(default_factory=list)
     skipped: list[Rejection] = field(default_factory=list)
 
-    def reject(self, rejection: Rejection) -> None:
-        """Record a rejected input; logged as one WARNING line naming the file and the reason."""
-        self.rejected.append(rejection)
-        logger.warning("rejected: %s: %s", rejection.source, rejection.reason)
+    def reject(self, rejection: Rejection, *, log: bool = True) -> None:
+        """Record a rejected input; logged as one WARNING line naming the file and the reason.
 
-    def skip(self, rejection: Rejection) -> None:
+        ``log=False`` for rejections their producer already logged (the DICOM loader does).
+        """
+        self.rejected.append(rejection)
+        if log:
+            logger.warning("rejected: %s: %s", rejection.source, rejection.reason)
+
+    def skip(self, rejection: Rejection, *, log: bool = True) -> None:
         """Record an object that is not processed by design (SR, PR, KO…), with the reason."""
         self.skipped.append(rejection)
-        logger.warning("skipped: %s: %s", rejection.source, rejection.reason)
+        if log:
+            logger.warning("skipped: %s: %s", rejection.source, rejection.reason)
 
     def add_classification(
         self, classification: SeriesClassification, embeddings_file: Path | None = None
