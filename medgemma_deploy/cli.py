@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,14 +130,25 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    # Third-party chatter (transformers, highdicom) stays at warnings unless asked for.
-    for noisy in ("transformers", "highdicom", "PIL", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    """Our log lines (progress, one line per rejected file) go to stderr, whatever the host configured."""
+    level = logging.DEBUG if verbose else logging.INFO
+    package_logger = logging.getLogger("medgemma_deploy")
+    for handler in list(package_logger.handlers):
+        if getattr(handler, "_medgemma_deploy_cli", False):
+            package_logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler._medgemma_deploy_cli = True  # type: ignore[attr-defined]
+    package_logger.addHandler(handler)
+    package_logger.setLevel(level)
+    package_logger.propagate = False
+    # Third-party chatter (transformers' progress bars, highdicom) stays off unless asked for.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    if not verbose:
+        transformers_logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

@@ -189,3 +189,21 @@ def make_classification(medsiglip_identity) -> Callable[..., SeriesClassificatio
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_medsiglip_dir(tmp_path_factory) -> Path:
+    """The tiny random MedSigLIP (real ``SiglipModel`` class), built once per test session."""
+    from medgemma_deploy.testmodels.siglip import make_test_medsiglip
+
+    return make_test_medsiglip(tmp_path_factory.mktemp("models") / "medsiglip", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_models_root(tmp_path_factory) -> Path:
+    """A models root (``medsiglip/`` + ``medgemma/``) as ``-m`` and MAPs take it, built once."""
+    from medgemma_deploy.testmodels import make_test_models
+
+    root = tmp_path_factory.mktemp("models-root")
+    make_test_models(root)
+    return root

@@ -31,7 +31,7 @@ def test_wrong_model_type_is_refused_with_both_types_named(tmp_path):
 def test_missing_path_and_missing_config_are_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_model_dir(tmp_path / "nowhere", "medsiglip")
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         resolve_model_dir(tmp_path, "medsiglip")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="cannot be read as JSON"):

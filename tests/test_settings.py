@@ -48,11 +48,11 @@ def test_bad_environment_values_name_the_source(env, message):
 
 def test_yaml_errors_name_the_file(tmp_path):
     missing = tmp_path / "missing.yaml"
-    with pytest.raises(UsageError, match="missing.yaml"):
+    with pytest.raises(UsageError, match=r"missing\.yaml"):
         resolve_settings({}, environ={CONFIG_ENV: str(missing)})
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("colour: blue\n")
-    with pytest.raises(UsageError, match="unknown setting.*colour"):
+    with pytest.raises(UsageError, match=r"unknown setting.*colour"):
         resolve_settings({}, environ={CONFIG_ENV: str(unknown)})
     not_mapping = tmp_path / "list.yaml"
     not_mapping.write_text("- a\n- b\n")

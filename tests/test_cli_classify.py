@@ -1,0 +1,139 @@
+"""``medgemma-deploy classify`` end to end on the tiny models: outputs, results.json, exit codes."""
+
+import json
+import subprocess
+import sys
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from medgemma_deploy.cli import main
+from medgemma_deploy.synthetic import write_bad_inputs, write_demo_study
+from tests.dciodvfy import run_dciodvfy
+
+
+@pytest.fixture(scope="module")
+def demo_study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study")
+    return folder, write_demo_study(folder)
+
+
+@pytest.fixture(scope="module")
+def classified(demo_study, tiny_models_root, tmp_path_factory):
+    folder, _ = demo_study
+    out = tmp_path_factory.mktemp("out")
+    code = main(["classify", "-i", str(folder), "-o", str(out), "-m", str(tiny_models_root)])
+    return code, out, json.loads((out / "results.json").read_text())
+
+
+def test_clean_study_exits_zero_and_lists_every_series(classified, demo_study):
+    code, _, results = classified
+    _, files = demo_study
+    assert code == 0
+    assert results["status"] == "complete"
+    assert results["rejected"] == []
+    series_uids = {pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in files}
+    assert {s["series_instance_uid"] for s in results["series"]} == series_uids
+    for series in results["series"]:
+        assert series["findings"], series["modality"]
+        for finding in series["findings"]:
+            assert 0.0 <= finding["probability"] <= 1.0
+            assert len(finding["frame_probabilities"]) == series["n_frames"]
+
+
+def test_results_say_random_weights_and_unverified(classified):
+    _, _, results = classified
+    assert results["random_weights"] is True
+    assert "RANDOM WEIGHTS" in results["warning"]
+    assert results["verified"] is False and results["ai_generated"] is True
+    assert results["models"][0]["name"] == "medgemma-deploy/tiny-random-medsiglip"
+
+
+def test_every_output_is_listed_valid_and_readable(classified):
+    _, out, results = classified
+    kinds = {o["kind"] for o in results["outputs"]}
+    assert {"SR", "SEG"} <= kinds
+    for output in results["outputs"]:
+        path = out / output["path"]
+        ds = pydicom.dcmread(path)
+        assert ds.SOPInstanceUID == output["sop_instance_uid"]
+        assert ds.SOPClassUID == output["sop_class_uid"]
+        assert run_dciodvfy(path) == [], path.name
+        if output["kind"] == "SEG":
+            seg = hd.seg.Segmentation.from_dataset(ds)
+            assert seg.SegmentationType == "FRACTIONAL"
+        else:
+            sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+            assert sr.VerificationFlag == "UNVERIFIED"
+            text = str(ds)
+            assert "RANDOM WEIGHTS" in text.upper()
+
+
+def test_rerun_reproduces_the_same_sop_instance_uids(classified, demo_study, tiny_models_root, tmp_path):
+    _, _, first = classified
+    folder, _ = demo_study
+    assert main(["classify", "-i", str(folder), "-o", str(tmp_path), "-m", str(tiny_models_root)]) == 0
+    second = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(o["sop_instance_uid"] for o in first["outputs"]) == sorted(
+        o["sop_instance_uid"] for o in second["outputs"]
+    )
+
+
+def test_bad_inputs_are_rejected_by_name_and_the_rest_is_processed(
+    demo_study, tiny_models_root, tmp_path, capsys
+):
+    _, files = demo_study
+    study = tmp_path / "mixed"
+    study.mkdir()
+    for f in files:
+        (study / f.name).write_bytes(f.read_bytes())
+    ct_file = next(f for f in files if pydicom.dcmread(f, stop_before_pixels=True).Modality == "CT")
+    bad = write_bad_inputs(study / "bad", ct_file)
+    out = tmp_path / "out"
+    code = main(["classify", "-i", str(study), "-o", str(out), "-m", str(tiny_models_root)])
+    assert code == 3
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "partial"
+    reported = {r["source"]: r for r in results["rejected"] + results["skipped"]}
+    stderr = capsys.readouterr().err
+    for case, path in bad.items():
+        assert str(path) in reported, f"{case} ({path.name}) not reported"
+        assert reported[str(path)]["reason"], case
+        assert path.name in stderr, f"{case} not on stderr"
+    assert "Traceback" not in stderr
+    # The good series still produced their SR.
+    assert {o["kind"] for o in results["outputs"]} >= {"SR"}
+    assert len(results["series"]) == 2
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "medgemma_deploy", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def _io(tmp, models, input_name=None, models_path=None):
+    return [
+        "-i", str(tmp / input_name) if input_name else str(tmp),
+        "-o", str(tmp / "o"),
+        "-m", str(models_path(tmp) if models_path else models),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda tmp, models: _io(tmp, models, input_name="missing"), "does not exist"),
+        (lambda tmp, models: _io(tmp, models, models_path=lambda t: t / "no-models"), "does not exist"),
+        (lambda tmp, models: _io(tmp, models, models_path=lambda t: t), "not a medsiglip model"),
+        (lambda tmp, models: [*_io(tmp, models), "--device", "tpu"], "device"),
+    ],
+    ids=["missing-input", "missing-models", "not-a-model-dir", "bad-device"],
+)
+def test_usage_errors_exit_2_with_one_line_and_no_traceback(make_args, message, tiny_models_root, tmp_path):
+    proc = _cli("classify", *make_args(tmp_path, tiny_models_root))
+    assert proc.returncode == 2, proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1 and message in error_lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
