@@ -19,6 +19,13 @@ __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("medgemma_deploy.cli")
 
+#: Subcommands contributed by other modules: each exposes ``register(subparsers)`` and ``run(args)``.
+_COMMAND_MODULES: tuple[str, ...] = (
+    "medgemma_deploy.commands.worker",
+    "medgemma_deploy.commands.listen",
+    "medgemma_deploy.commands.jobs",
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -31,25 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     classify = sub.add_parser("classify", help="MedSigLIP zero-shot findings → TID 1500 SR + relevance SEG")
     _add_io_arguments(classify)
-    classify.add_argument(
-        "--labels",
-        type=Path,
-        action="append",
-        metavar="YAML",
-        help="label-set YAML file (repeatable); default: the packaged chest X-ray, CT and dermatology sets",
-    )
-    classify.add_argument(
-        "--relevance-top-k",
-        type=int,
-        default=3,
-        metavar="N",
-        help="relevance maps for present findings plus the N most probable (default 3)",
-    )
-    classify.add_argument(
-        "--embeddings",
-        action="store_true",
-        help="also write each series' image embeddings as OUT/embeddings-<series>.npy",
-    )
+    _add_classify_arguments(classify)
+
+    report = sub.add_parser("report", help="MedGemma draft report → UNVERIFIED report SR (TID 2000)")
+    _add_io_arguments(report)
+    _add_report_arguments(report)
+    report.add_argument("--labels", type=Path, action="append", metavar="YAML",
+                        help="label sets for --with-findings (default: the packaged ones)")
+    report.add_argument("--medsiglip", type=Path, metavar="DIR",
+                        help="MedSigLIP directory for --with-findings when -m is the MedGemma directory")
+
+    study = sub.add_parser("study", help="classify + report in one pass: findings SR, SEG and report SR")
+    _add_io_arguments(study)
+    _add_classify_arguments(study)
+    _add_report_arguments(study)
 
     models = sub.add_parser("make-test-models", help="write tiny random-weight models (tests and demo only)")
     models.add_argument("output", type=Path, help="models root to create (gets medsiglip/ and medgemma/)")
@@ -57,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="synthetic study + tiny random models through the whole pipeline")
     demo.add_argument("-o", "--output", type=Path, default=Path("demo-output"), help="default: ./demo-output")
-    demo.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    demo.add_argument("--device", default=None)
+
+    for module_name in _COMMAND_MODULES:
+        module = _optional_command(module_name)
+        if module is not None:
+            module.register(sub)
     return parser
 
 
@@ -65,23 +72,40 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--input", type=Path, required=True, help="DICOM file or folder (recursive)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     parser.add_argument(
-        "-m",
-        "--models",
-        type=Path,
-        required=True,
-        help="the model directory itself, or a models root holding medsiglip/ (and medgemma/)",
+        "-m", "--models", type=Path, required=True,
+        help="the model directory itself, or a models root holding medsiglip/ and medgemma/",
     )
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+
+
+def _add_classify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu"
+        "--labels", type=Path, action="append", metavar="YAML",
+        help="label-set YAML file (repeatable); default: the packaged chest X-ray, CT and dermatology sets",
     )
+    parser.add_argument("--relevance-top-k", type=int, default=None, metavar="N",
+                        help="relevance maps for present findings plus the N most probable (default 3)")
+    parser.add_argument("--embeddings", action="store_true", default=None,
+                        help="also write each series' image embeddings as OUT/embeddings-<series>.npy")
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", type=Path, metavar="YAML",
+                        help="prompt book overriding the packaged prompts.yaml")
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="default 512")
+    parser.add_argument("--with-findings", action="store_true", default=None,
+                        help="give MedGemma MedSigLIP's top findings as context (recorded in the SR)")
+    parser.add_argument("--quiet-tokens", action="store_true",
+                        help="do not stream the report text to the terminal as it is generated")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        if args.command == "classify":
-            return _classify(args)
+        if args.command in ("classify", "report", "study"):
+            return _run_pipeline(args)
         if args.command == "make-test-models":
             from medgemma_deploy.testmodels import make_test_models
 
@@ -92,41 +116,118 @@ def main(argv: Sequence[str] | None = None) -> int:
             from medgemma_deploy.demo import run_demo
 
             return run_demo(args.output, device=args.device)
+        if hasattr(args, "func"):
+            return int(args.func(args))
     except UsageError as exc:
         print(f"medgemma-deploy: error: {exc}", file=sys.stderr)
         return 2
     raise AssertionError(f"unhandled command {args.command}")
 
 
-def _classify(args: argparse.Namespace) -> int:
-    from medgemma_deploy.classify_run import run_classify
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from medgemma_deploy.classify_run import ClassifyEngine
     from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
     from medgemma_deploy.settings import resolve_settings
 
     settings = resolve_settings(
         {
             "device": args.device,
-            "labels": args.labels,
-            "relevance_top_k": args.relevance_top_k,
-            "write_embeddings": args.embeddings,
+            "labels": getattr(args, "labels", None),
+            "relevance_top_k": getattr(args, "relevance_top_k", None),
+            "write_embeddings": getattr(args, "embeddings", None),
+            "prompts": getattr(args, "prompts", None),
+            "max_new_tokens": getattr(args, "max_new_tokens", None),
+            "with_findings": getattr(args, "with_findings", None),
         }
     )
-    results = run_classify(
-        args.input,
-        args.output,
-        args.models,
-        label_files=settings.labels,
-        device=settings.device,
-        options=ClassifyOptions(
-            relevance_top_k=settings.relevance_top_k, write_embeddings=settings.write_embeddings
-        ),
+    if not args.input.exists():
+        raise UsageError(f"input path {args.input} does not exist")
+    classify_options = ClassifyOptions(
+        relevance_top_k=settings.relevance_top_k, write_embeddings=settings.write_embeddings
     )
+    if args.command == "classify":
+        engine = ClassifyEngine(
+            args.models, label_files=settings.labels, device=settings.device, options=classify_options
+        )
+    else:
+        engine = _report_engine(args, settings, classify_options)
+    sink = None if args.command == "classify" or args.quiet_tokens else _TokenPrinter()
+    with engine:
+        results = engine.process(args.input, args.output, on_token=sink)
+    if sink is not None:
+        sink.finish()
     print(f"results: {args.output / 'results.json'}")
     for written in results.outputs:
         print(f"wrote {written.kind}: {written.path}")
+    if results.random_weights:
+        print("RANDOM WEIGHTS: these outputs come from a random test model and mean nothing.")
     if results.rejected:
         print(f"{len(results.rejected)} input(s) rejected; see results.json", file=sys.stderr)
     return results.exit_code
+
+
+def _report_engine(args: argparse.Namespace, settings: object, classify_options: object) -> object:
+    from medgemma_deploy.operators.report_inputs import GenerationSettings
+    from medgemma_deploy.operators.report_pipeline import ReportOptions
+    from medgemma_deploy.report_run import ReportEngine
+    from medgemma_deploy.study_run import StudyEngine
+
+    try:
+        generation = GenerationSettings(max_new_tokens=settings.max_new_tokens)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    report_options = ReportOptions(settings=generation, with_findings=settings.with_findings)
+    if args.command == "study":
+        return StudyEngine(
+            args.models,
+            label_files=settings.labels,
+            prompts_file=settings.prompts,
+            device=settings.device,
+            classify_options=classify_options,
+            report_options=report_options,
+        )
+    return ReportEngine(
+        args.models,
+        prompts_file=settings.prompts,
+        label_files=settings.labels,
+        device=settings.device,
+        options=report_options,
+        medsiglip_path=args.medsiglip,
+    )
+
+
+class _TokenPrinter:
+    """Streams report text to stdout as it is generated, with a header per series."""
+
+    def __init__(self) -> None:
+        self._series: str | None = None
+
+    def __call__(self, series: object, piece: str) -> None:
+        uid = series.series_instance_uid
+        if uid != self._series:
+            self.finish()
+            print(f"--- draft report, {series.modality} series {uid} (UNVERIFIED) ---", flush=True)
+            self._series = uid
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    def finish(self) -> None:
+        if self._series is not None:
+            print(flush=True)
+            self._series = None
+
+
+def _optional_command(module_name: str) -> object | None:
+    """A contributed subcommand's module, or None when its extra is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == module_name or module_name.startswith(exc.name)):
+            return None
+        logger.debug("subcommand %s unavailable: %s", module_name, exc)
+        return None
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -25,7 +25,9 @@ RANDOM_WEIGHTS_BANNER = """\
 
 def run_demo(output: Path, *, device: str | None = None) -> int:
     """Build the demo study and models under ``output``, run the pipeline, print what it wrote."""
-    from medgemma_deploy.classify_run import run_classify
+    from medgemma_deploy.operators.report_inputs import GenerationSettings
+    from medgemma_deploy.operators.report_pipeline import ReportOptions
+    from medgemma_deploy.study_run import StudyEngine
     from medgemma_deploy.synthetic import write_demo_study
     from medgemma_deploy.testmodels import make_test_models
 
@@ -39,13 +41,21 @@ def run_demo(output: Path, *, device: str | None = None) -> int:
     print(f"demo study: {len(files)} DICOM files in {input_dir} (a MONOCHROME1 chest CR and a CT series)")
     make_test_models(models_dir)
     print(f"tiny random models: {models_dir}")
-    results = run_classify(input_dir, results_dir, models_dir, device=device)
+    # The study pipeline: MedSigLIP findings (SR + SEG), then MedGemma drafts grounded on them.
+    report_options = ReportOptions(settings=GenerationSettings(max_new_tokens=48), with_findings=True)
+    with StudyEngine(models_dir, device=device, report_options=report_options) as engine:
+        results = engine.process(input_dir, results_dir)
     print()
-    print("findings (RANDOM WEIGHTS, meaningless):")
+    print("findings and draft reports (RANDOM WEIGHTS, meaningless):")
     for series in results.series:
-        top = sorted(series["findings"], key=lambda f: f["probability"], reverse=True)[:3]
+        top = sorted(series.get("findings", []), key=lambda f: f["probability"], reverse=True)[:3]
         listed = ", ".join(f"{f['name']} {f['probability']:.2f}" for f in top)
         print(f"  {series['modality']} series ({series['n_frames']} frames): {listed}")
+        if "report" in series:
+            print(
+                f"    draft report ({series['report']['n_generated_tokens']} tokens): "
+                f"{series['report']['text'][:80]!r}"
+            )
     print()
     print(f"outputs in {results_dir}:")
     for written in results.outputs:

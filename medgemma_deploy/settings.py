@@ -29,6 +29,9 @@ SETTINGS_TABLE: dict[str, tuple[str, Any]] = {
     "labels": ("MEDGEMMA_DEPLOY_LABELS", ()),
     "relevance_top_k": ("MEDGEMMA_DEPLOY_RELEVANCE_TOP_K", 3),
     "write_embeddings": ("MEDGEMMA_DEPLOY_EMBEDDINGS", False),
+    "prompts": ("MEDGEMMA_DEPLOY_PROMPTS", None),
+    "max_new_tokens": ("MEDGEMMA_DEPLOY_MAX_NEW_TOKENS", 512),
+    "with_findings": ("MEDGEMMA_DEPLOY_WITH_FINDINGS", False),
 }
 CONFIG_ENV = "MEDGEMMA_DEPLOY_CONFIG"
 
@@ -44,6 +47,9 @@ class RunSettings:
     labels: tuple[Path, ...] = ()
     relevance_top_k: int = 3
     write_embeddings: bool = False
+    prompts: Path | None = None
+    max_new_tokens: int = 512
+    with_findings: bool = False
 
 
 def resolve_settings(
@@ -78,6 +84,8 @@ def resolve_settings(
         raise UsageError(f"device must be cpu, cuda or cuda:N, got {settings.device!r}")
     if settings.relevance_top_k < 0:
         raise UsageError(f"relevance_top_k must be >= 0, got {settings.relevance_top_k}")
+    if settings.max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
     logger.debug("settings: %s", settings)
     return settings
 
@@ -94,9 +102,11 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             raise ValueError("expected true/false")
         if "int" in str(field_type):
             return int(raw)
-        if "Path" in str(field_type):
+        if str(field_type).startswith("tuple[Path"):
             items = raw.split(os.pathsep) if isinstance(raw, str) else list(raw)
             return tuple(Path(item) for item in items if str(item))
+        if "Path" in str(field_type):
+            return Path(raw)
         return None if raw is None else str(raw)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{source}: invalid value {raw!r} for {name} ({exc})") from exc

@@ -21,14 +21,13 @@ from medgemma_deploy.operators.domain import (
     AlgorithmInfo,
     LabelSet,
     ModelIdentity,
-    Rejection,
     Series,
     SeriesClassification,
     StudyInput,
 )
 from medgemma_deploy.operators.labels import select_label_set
 from medgemma_deploy.operators.outputs import save_dicom
-from medgemma_deploy.operators.results import RunResults, WrittenObject
+from medgemma_deploy.operators.results import RunResults, WrittenObject, series_rejection
 from medgemma_deploy.operators.seg_writer import build_relevance_segmentations
 from medgemma_deploy.operators.sr_writer import build_findings_sr
 
@@ -115,7 +114,7 @@ def classify_study_input(
                 model=model,
             )
         except (InputError, ValueError) as exc:
-            results.reject(_series_rejection(series, "classify", exc))
+            results.reject(series_rejection(series, "classify", exc))
             continue
         classifications.append(classification)
     return classifications
@@ -143,7 +142,7 @@ def write_segmentations(
                 classification, algorithm, result_version=options.result_version
             )
         except (InputError, ValueError) as exc:
-            results.reject(_series_rejection(series, "seg", exc))
+            results.reject(series_rejection(series, "seg", exc))
             continue
         by_series[series.series_instance_uid] = segmentations
         for segmentation in segmentations:
@@ -170,7 +169,7 @@ def write_findings_reports(
                 result_version=options.result_version,
             )
         except (InputError, ValueError) as exc:
-            results.reject(_series_rejection(series, "sr", exc))
+            results.reject(series_rejection(series, "sr", exc))
         else:
             results.outputs.append(save_dicom(report, out_dir, "SR", series.series_instance_uid))
         embeddings_file = None
@@ -186,15 +185,3 @@ def write_findings_reports(
                 )
             )
         results.add_classification(classification, embeddings_file)
-
-
-def _series_rejection(series: Series, stage: str, exc: Exception) -> Rejection:
-    source = exc.source if isinstance(exc, InputError) else f"series {series.series_instance_uid}"
-    reason = exc.reason if isinstance(exc, InputError) else str(exc)
-    return Rejection(
-        source=source,
-        reason=reason,
-        stage=stage,
-        study_instance_uid=series.study_instance_uid,
-        series_instance_uid=series.series_instance_uid,
-    )

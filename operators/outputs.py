@@ -6,11 +6,10 @@ import logging
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 
 from medgemma_deploy.operators.results import WrittenObject
 
-__all__ = ["save_dicom", "sop_class_name"]
+__all__ = ["save_dicom"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +38,3 @@ def save_dicom(dataset: Dataset, out_dir: Path, kind: str, source_series_instanc
         source_series_instance_uid=source_series_instance_uid,
     )
 
-
-def sop_class_name(sop_class_uid: str) -> str:
-    """The SOP Class's name from pydicom's UID dictionary, e.g. 'Segmentation Storage'."""
-    return UID(sop_class_uid).name

@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medgemma_deploy.operators.domain import ModelIdentity, Rejection, SeriesClassification
+from pydicom.uid import UID
 
-__all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "RunResults", "WrittenObject"]
+from medgemma_deploy.errors import InputError
+from medgemma_deploy.operators.domain import ModelIdentity, Rejection, Series, SeriesClassification
+
+__all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "RunResults", "WrittenObject", "series_rejection"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ class WrittenObject:
     def to_json(self, root: Path) -> dict[str, Any]:
         data = {k: v for k, v in self.__dict__.items() if v is not None and k != "path"}
         data["path"] = os.path.relpath(self.path, root)
+        if self.sop_class_uid:
+            data["sop_class_name"] = UID(self.sop_class_uid).name
         return data
 
 
@@ -73,10 +78,11 @@ class RunResults:
         if log:
             logger.warning("skipped: %s: %s", rejection.source, rejection.reason)
 
-    def add_classification(
-        self, classification: SeriesClassification, embeddings_file: Path | None = None
-    ) -> None:
-        series = classification.series
+    def series_entry(self, series: Series) -> dict[str, Any]:
+        """The ``series`` entry of ``series`` (created on first use), shared by findings and report."""
+        for entry in self.series:
+            if entry["series_instance_uid"] == series.series_instance_uid:
+                return entry
         entry: dict[str, Any] = {
             "study_instance_uid": series.study_instance_uid,
             "series_instance_uid": series.series_instance_uid,
@@ -84,37 +90,51 @@ class RunResults:
             "body_part_examined": series.body_part_examined,
             "n_frames": len(series.frames),
             "windows": sorted({frame.window_source for frame in series.frames}),
-            "label_set": {
-                "name": classification.label_set.name,
-                "version": classification.label_set.version,
-                "scoring": classification.label_set.scoring,
-                "threshold": classification.label_set.threshold,
-            },
-            "model": {"name": classification.model.name, "version": classification.model.version},
-            "findings": [
-                {
-                    "key": score.finding.key,
-                    "name": score.finding.display_name,
-                    "code": {
-                        "value": score.finding.code.value,
-                        "scheme": score.finding.code.scheme_designator,
-                        "meaning": score.finding.code.meaning,
-                    },
-                    "probability": round(float(score.probability), 6),
-                    "present": bool(score.present),
-                    "peak_frame": {
-                        "sop_instance_uid": series.frames[score.peak_frame_index].sop_instance_uid,
-                        "frame_number": series.frames[score.peak_frame_index].frame_number,
-                    },
-                    "frame_probabilities": [round(float(p), 6) for p in score.frame_probabilities],
-                    "relevance_map": score.finding.key in classification.relevance_maps,
-                }
-                for score in classification.scores
-            ],
         }
+        self.series.append(entry)
+        return entry
+
+    def add_classification(
+        self, classification: SeriesClassification, embeddings_file: Path | None = None
+    ) -> None:
+        series = classification.series
+        entry = self.series_entry(series)
+        entry["label_set"] = {
+            "name": classification.label_set.name,
+            "version": classification.label_set.version,
+            "scoring": classification.label_set.scoring,
+            "threshold": classification.label_set.threshold,
+        }
+        entry["classification_model"] = {
+            "name": classification.model.name,
+            "version": classification.model.version,
+        }
+        entry["findings"] = [
+            {
+                "key": score.finding.key,
+                "name": score.finding.display_name,
+                "code": {
+                    "value": score.finding.code.value,
+                    "scheme": score.finding.code.scheme_designator,
+                    "meaning": score.finding.code.meaning,
+                },
+                "probability": round(float(score.probability), 6),
+                "present": bool(score.present),
+                "peak_frame": {
+                    "sop_instance_uid": series.frames[score.peak_frame_index].sop_instance_uid,
+                    "frame_number": series.frames[score.peak_frame_index].frame_number,
+                },
+                "frame_probabilities": [round(float(p), 6) for p in score.frame_probabilities],
+                "relevance_map": score.finding.key in classification.relevance_maps,
+            }
+            for score in classification.scores
+        ]
         if embeddings_file is not None:
             entry["embeddings_file"] = embeddings_file.name
-        self.series.append(entry)
+
+    def add_report(self, series: Series, report: dict[str, Any]) -> None:
+        """Record a series' draft report (text, prompt, settings, stats) under ``report``."""
+        self.series_entry(series)["report"] = report
 
     @property
     def random_weights(self) -> bool:
@@ -170,3 +190,18 @@ class RunResults:
         tmp.replace(target)
         logger.info("wrote %s", target)
         return target
+
+
+def series_rejection(series: Series, stage: str, error: Exception) -> Rejection:
+    """A series-level failure as a rejection: the file/UID an ``InputError`` names, else the series."""
+    if isinstance(error, InputError):
+        source, reason = error.source, error.reason
+    else:
+        source, reason = f"series {series.series_instance_uid}", " ".join(str(error).split())
+    return Rejection(
+        source=source,
+        reason=reason,
+        stage=stage,
+        study_instance_uid=series.study_instance_uid,
+        series_instance_uid=series.series_instance_uid,
+    )

@@ -1,0 +1,231 @@
+"""Pipeline engines: load the models once, then turn one input path after another into results.
+
+Triton-style lifecycle (``open`` → ``process`` many → ``close``), used by the CLI, the combined
+study app and the DICOM listener. One engine class runs any mix of the two pipelines:
+
+- classify: MedSigLIP findings → relevance SEG + TID 1500 SR;
+- report: MedGemma draft → UNVERIFIED TID 2000 report SR, optionally grounded on MedSigLIP's
+  findings for the same series (then MedSigLIP runs too, but its SR/SEG are only written when the
+  classify pipeline is on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from medgemma_deploy.errors import UsageError
+from medgemma_deploy.model_dir import resolve_model_dir
+from medgemma_deploy.operators.classify_pipeline import (
+    ClassifyOptions,
+    classify_study_input,
+    record_input,
+    write_findings_reports,
+    write_segmentations,
+)
+from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER
+from medgemma_deploy.operators.dicom_input import load_study_input
+from medgemma_deploy.operators.domain import LabelSet, Series
+from medgemma_deploy.operators.labels import load_label_sets
+from medgemma_deploy.operators.report_inputs import PromptBook
+from medgemma_deploy.operators.report_pipeline import (
+    ReportOptions,
+    TokenSink,
+    generate_reports,
+    write_report_srs,
+)
+from medgemma_deploy.operators.results import RunResults
+
+__all__ = ["PipelineEngine", "check_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_device(device: str | None) -> str | None:
+    """Refuse ``cuda`` up front, with one line, when this machine has no usable GPU."""
+    if device is None or device == "cpu":
+        return device
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {device}: no CUDA GPU is available on this machine (use cpu)")
+    return device
+
+
+class PipelineEngine:
+    """Loaded models plus configuration, processing one input path after another.
+
+    Parameters
+    ----------
+    models_path:
+        A model directory or a models root holding ``medsiglip/`` and ``medgemma/``.
+    classify, report:
+        Which pipelines write outputs.
+    medsiglip_path:
+        The MedSigLIP directory when ``models_path`` is the MedGemma directory itself.
+    """
+
+    command = "run"
+
+    def __init__(
+        self,
+        models_path: Path,
+        *,
+        classify: bool,
+        report: bool,
+        label_files: Sequence[Path] | None = None,
+        prompts_file: Path | None = None,
+        device: str | None = None,
+        classify_options: ClassifyOptions | None = None,
+        report_options: ReportOptions | None = None,
+        medsiglip_path: Path | None = None,
+    ) -> None:
+        if not (classify or report):
+            raise ValueError("an engine must run the classify or the report pipeline, or both")
+        self.models_path = Path(models_path)
+        self.medsiglip_path = Path(medsiglip_path) if medsiglip_path else self.models_path
+        self.write_findings = classify
+        self.report = report
+        self.classify_options = classify_options or ClassifyOptions()
+        self.report_options = report_options or ReportOptions()
+        self.needs_medsiglip = classify or (report and self.report_options.with_findings)
+        self.label_files = list(label_files) if label_files else None
+        self.prompts_file = prompts_file
+        self.device = device
+        self.label_sets: list[LabelSet] = []
+        self.prompts: PromptBook | None = None
+        self.medsiglip = None
+        self.medgemma = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def open(self) -> PipelineEngine:
+        """Read the configuration and load each model once (raises UsageError on any problem)."""
+        device = check_device(self.device)
+        try:
+            if self.needs_medsiglip:
+                self.label_sets = load_label_sets(self.label_files)
+            if self.report:
+                self.prompts = PromptBook.load(self.prompts_file)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"configuration: {exc}") from exc
+        try:
+            if self.needs_medsiglip:
+                from medgemma_deploy.operators.medsiglip import MedSigLIPRunner
+
+                self.medsiglip = MedSigLIPRunner(
+                    resolve_model_dir(self.medsiglip_path, "medsiglip"), device=device
+                )
+                self.medsiglip.load()
+            if self.report:
+                from medgemma_deploy.operators.medgemma import MedGemmaRunner
+
+                self.medgemma = MedGemmaRunner(resolve_model_dir(self.models_path, "medgemma"), device=device)
+                self.medgemma.load()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for runner in (self.medsiglip, self.medgemma):
+            if runner is not None:
+                runner.close()
+        self.medsiglip = self.medgemma = None
+
+    def __enter__(self) -> PipelineEngine:
+        return self.open()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- work --------------------------------------------------------------------------------
+    def process(
+        self,
+        input_path: Path,
+        output_dir: Path,
+        *,
+        result_version: int | None = None,
+        on_token: TokenSink | None = None,
+    ) -> RunResults:
+        """Run the pipelines on every series under ``input_path``; write outputs and ``results.json``.
+
+        ``result_version`` enters the derived SOP Instance UIDs, so a new version of a study's
+        results never collides with the previous one while a retry reproduces the same UIDs.
+        """
+        if (self.needs_medsiglip and self.medsiglip is None) or (self.report and self.medgemma is None):
+            raise RuntimeError(f"{type(self).__name__}.process called before open()")
+        input_path, output_dir = Path(input_path), Path(output_dir)
+        if not input_path.exists():
+            raise UsageError(f"input path {input_path} does not exist")
+        classify_options, report_options = self.classify_options, self.report_options
+        if result_version is not None:
+            classify_options = dataclasses.replace(classify_options, result_version=result_version)
+            report_options = dataclasses.replace(report_options, result_version=result_version)
+        models = [runner.identity for runner in (self.medsiglip, self.medgemma) if runner is not None]
+        results = RunResults(command=self.command, disclaimer=AI_DISCLAIMER, models=models)
+        started = time.perf_counter()
+        study_input = load_study_input(input_path, progress=_file_progress)
+        record_input(study_input, results)
+        classifications = []
+        if self.medsiglip is not None:
+            classifications = classify_study_input(
+                study_input,
+                self.medsiglip,
+                self.medsiglip.identity,
+                self.label_sets,
+                classify_options,
+                results,
+                progress=_progress("classifying"),
+            )
+        if self.write_findings:
+            segmentations = write_segmentations(classifications, output_dir, classify_options, results)
+            write_findings_reports(classifications, segmentations, output_dir, classify_options, results)
+        if self.medgemma is not None and self.prompts is not None:
+            reports = generate_reports(
+                study_input,
+                self.medgemma,
+                self.prompts,
+                report_options,
+                results,
+                classifications={c.series.series_instance_uid: c for c in classifications},
+                on_token=on_token,
+                progress=_progress("drafting report for"),
+            )
+            write_report_srs(reports, output_dir, report_options, results)
+        results.write(output_dir)
+        logger.info(
+            "%s: %d series in %.1f s: %d objects written, %d rejected, %d skipped",
+            self.command,
+            len(results.series),
+            time.perf_counter() - started,
+            len(results.outputs),
+            len(results.rejected),
+            len(results.skipped),
+        )
+        return results
+
+
+def _file_progress(done: int, total: int) -> None:
+    if total >= 50 and (done % 50 == 0 or done == total):
+        logger.info("read %d/%d files", done, total)
+
+
+def _progress(verb: str) -> Callable[[int, int, Series], None]:
+    def report(index: int, total: int, series: Series) -> None:
+        logger.info(
+            "[%d/%d] %s %s series %s (%d frames)",
+            index + 1,
+            total,
+            verb,
+            series.modality,
+            series.series_instance_uid,
+            len(series.frames),
+        )
+
+    return report

@@ -1,0 +1,39 @@
+"""The combined study pipeline: findings SR + relevance SEG + draft report SR for one study."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from medgemma_deploy.engine import PipelineEngine
+from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
+from medgemma_deploy.operators.report_pipeline import ReportOptions
+
+__all__ = ["StudyEngine"]
+
+
+class StudyEngine(PipelineEngine):
+    """Classify and report in one pass over the study, every output referencing the same sources."""
+
+    command = "study"
+
+    def __init__(
+        self,
+        models_path: Path,
+        *,
+        label_files: Sequence[Path] | None = None,
+        prompts_file: Path | None = None,
+        device: str | None = None,
+        classify_options: ClassifyOptions | None = None,
+        report_options: ReportOptions | None = None,
+    ) -> None:
+        super().__init__(
+            models_path,
+            classify=True,
+            report=True,
+            label_files=label_files,
+            prompts_file=prompts_file,
+            device=device,
+            classify_options=classify_options,
+            report_options=report_options,
+        )
