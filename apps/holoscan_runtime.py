@@ -1,10 +1,13 @@
-"""What every MONAI Deploy (Holoscan) app of ours needs before it starts.
+"""What every MONAI Deploy (Holoscan) app of ours needs around ``compose()``.
 
 - Holoscan wants a 32 MiB stack (it crashes or warns below that); the main thread's stack size is
   fixed when the process starts, so a too-small limit is raised and the app re-executes itself.
 - MONAI Deploy's argument parser exits on any flag it does not know, so our own flags are split
   off first and only ``-i/-o/-m/-l/-w`` reach it.
-- Usage errors (bad model directory, bad settings) end the app with one line and exit code 2.
+- Models are loaded once, in ``compose()``, through :class:`~medgemma_deploy.engine.PipelineEngine`
+  (the same loading code as the CLI and the listener) and unloaded when the app ends.
+- Usage errors (bad model directory, bad settings) end the app with one line and exit code 2; the
+  exit code is otherwise the run's (0 everything processed, 3 some inputs rejected).
 """
 
 from __future__ import annotations
@@ -15,13 +18,40 @@ import os
 import resource
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
 
-__all__ = ["HOLOSCAN_STACK_BYTES", "add_run_arguments", "ensure_stack_size", "split_app_arguments"]
+from medgemma_deploy.engine import PipelineEngine
+from medgemma_deploy.errors import UsageError
+from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
+from medgemma_deploy.operators.report_inputs import GenerationSettings
+from medgemma_deploy.operators.report_pipeline import ReportOptions
+from medgemma_deploy.operators.results import EXIT_USAGE, RunResults
+from medgemma_deploy.settings import RunSettings, resolve_settings
+
+__all__ = [
+    "HOLOSCAN_STACK_BYTES",
+    "ModelApp",
+    "classify_options",
+    "input_and_output",
+    "open_engine",
+    "run_app",
+]
 
 logger = logging.getLogger(__name__)
 
 HOLOSCAN_STACK_BYTES = 32 * 1024 * 1024
 _REEXEC_MARK = "MEDGEMMA_DEPLOY_STACK_RAISED"
+
+
+class ModelApp(Protocol):
+    """What :func:`run_app` needs of an app: its engine (to close) and its final results."""
+
+    engine: PipelineEngine | None
+
+    def final_results(self) -> RunResults | None: ...
+
+    def run(self) -> None: ...
 
 
 def ensure_stack_size(module: str, argv: Sequence[str]) -> None:
@@ -39,23 +69,73 @@ def ensure_stack_size(module: str, argv: Sequence[str]) -> None:
     os.execv(sys.executable, [sys.executable, "-m", module, *argv])
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Our flags, shared by the apps; each has an environment variable (see settings.py)."""
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (env MEDGEMMA_DEPLOY_DEVICE)")
-    parser.add_argument(
-        "--labels",
-        type=str,
-        action="append",
-        default=None,
-        help="label-set YAML (env MEDGEMMA_DEPLOY_LABELS)",
-    )
+def _our_arguments() -> argparse.ArgumentParser:
+    """Our flags, shared by the apps; each also has an environment variable (settings.py)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--labels", action="append", default=None)
     parser.add_argument("--relevance-top-k", type=int, default=None, dest="relevance_top_k")
     parser.add_argument("--embeddings", action="store_true", default=None, dest="write_embeddings")
+    parser.add_argument("--prompts", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None, dest="max_new_tokens")
+    parser.add_argument("--with-findings", action="store_true", default=None, dest="with_findings")
+    return parser
 
 
-def split_app_arguments(
-    argv: Sequence[str], parser: argparse.ArgumentParser
-) -> tuple[argparse.Namespace, list[str]]:
-    """Parse our flags out of ``argv`` and return them with the rest (for MONAI Deploy)."""
-    ours, rest = parser.parse_known_args(list(argv))
-    return ours, rest
+def open_engine(
+    settings: RunSettings, model_path: str | Path, *, classify: bool, report: bool
+) -> PipelineEngine:
+    """Load the models an app needs, once (raises UsageError with one line on any problem)."""
+    try:
+        generation = GenerationSettings(max_new_tokens=settings.max_new_tokens)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    engine = PipelineEngine(
+        Path(model_path),
+        classify=classify,
+        report=report,
+        label_files=settings.labels,
+        prompts_file=settings.prompts,
+        device=settings.device,
+        classify_options=classify_options(settings),
+        report_options=ReportOptions(settings=generation, with_findings=settings.with_findings),
+    )
+    return engine.open()
+
+
+def classify_options(settings: RunSettings) -> ClassifyOptions:
+    return ClassifyOptions(
+        relevance_top_k=settings.relevance_top_k, write_embeddings=settings.write_embeddings
+    )
+
+
+def run_app(app_class: type, module: str, argv: Sequence[str] | None = None) -> int:
+    """Run a MONAI Deploy app class with our flags split off; return the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ensure_stack_size(module, argv)
+    ours, rest = _our_arguments().parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    app: ModelApp | None = None
+    try:
+        settings = resolve_settings(vars(ours))
+        app = app_class([sys.executable, module, *rest], settings=settings)
+        app.run()
+    except UsageError as exc:
+        print(f"{module}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if app is not None and app.engine is not None:
+            app.engine.close()
+    results = app.final_results()
+    if results is None:
+        print(f"{module}: error: the pipeline produced no results", file=sys.stderr)
+        return 1
+    return results.exit_code
+
+
+def input_and_output(app_context: object) -> tuple[Path, Path]:
+    """The app's input path (checked) and output folder, from MONAI Deploy's app context."""
+    input_path = Path(app_context.input_path)
+    if not input_path.exists():
+        raise UsageError(f"input path {input_path} does not exist")
+    return input_path, Path(app_context.output_path)

@@ -58,6 +58,7 @@ class ClassificationOutcome:
     """What travels between the pipeline's operators: the run's results so far and its findings."""
 
     results: RunResults
+    study_input: StudyInput
     classifications: list[SeriesClassification]
     segmentations: dict[str, list[Segmentation]] = field(default_factory=dict)
 

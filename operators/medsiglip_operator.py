@@ -39,12 +39,14 @@ class MedSigLIPClassifierOperator(Operator):
         model: ModelIdentity,
         label_sets: Sequence[LabelSet],
         options: ClassifyOptions,
+        command: str = "classify",
         **kwargs: object,
     ) -> None:
         self.scorer = scorer
         self.model = model
         self.label_sets = list(label_sets)
         self.options = options
+        self.command = command
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -53,9 +55,9 @@ class MedSigLIPClassifierOperator(Operator):
 
     def compute(self, op_input: object, op_output: object, context: object) -> None:
         study_input = receive_typed(op_input, self.INPUT_NAME, StudyInput)
-        results = RunResults(command="classify", disclaimer=AI_DISCLAIMER, models=[self.model])
+        results = RunResults(command=self.command, disclaimer=AI_DISCLAIMER, models=[self.model])
         record_input(study_input, results)
         classifications = classify_study_input(
             study_input, self.scorer, self.model, self.label_sets, self.options, results
         )
-        op_output.emit(ClassificationOutcome(results, classifications), self.OUTPUT_NAME)
+        op_output.emit(ClassificationOutcome(results, study_input, classifications), self.OUTPUT_NAME)

@@ -18,29 +18,44 @@ __all__ = ["FindingsSRWriterOperator"]
 
 
 class FindingsSRWriterOperator(Operator):
-    """Receives ``segmented`` (a ClassificationOutcome with its SEGs); writes SRs and ``results.json``.
+    """Receives ``segmented`` (a ClassificationOutcome with its SEGs) and writes the findings SRs.
 
-    It is the last operator of the classify app, so it also writes the run's ``results.json``.
+    As the last operator of an app (``finalize=True``, the classify app) it also writes the run's
+    ``results.json``; otherwise it passes the outcome on through ``findings`` (the study app, whose
+    report operator comes next).
     """
 
     INPUT_NAME = "segmented"
+    OUTPUT_NAME = "findings"
 
     def __init__(
-        self, fragment: Fragment, *args: object, output_dir: Path, options: ClassifyOptions, **kwargs: object
+        self,
+        fragment: Fragment,
+        *args: object,
+        output_dir: Path,
+        options: ClassifyOptions,
+        finalize: bool = True,
+        **kwargs: object,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.options = options
-        #: The results of the last run, for the app's exit code.
+        self.finalize = finalize
+        #: The results of the last run, for the app's exit code (set when ``finalize``).
         self.last_results: RunResults | None = None
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input(self.INPUT_NAME)
+        if not self.finalize:
+            spec.output(self.OUTPUT_NAME)
 
     def compute(self, op_input: object, op_output: object, context: object) -> None:
         outcome = receive_typed(op_input, self.INPUT_NAME, ClassificationOutcome)
         write_findings_reports(
             outcome.classifications, outcome.segmentations, self.output_dir, self.options, outcome.results
         )
-        outcome.results.write(self.output_dir)
-        self.last_results = outcome.results
+        if self.finalize:
+            outcome.results.write(self.output_dir)
+            self.last_results = outcome.results
+        else:
+            op_output.emit(outcome, self.OUTPUT_NAME)

@@ -10,31 +10,21 @@ does. ``-m`` is the MedSigLIP directory or a models root holding ``medsiglip/``.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from holoscan.conditions import CountCondition
 from monai.deploy.core import Application
 
-from medgemma_deploy.apps.holoscan_runtime import add_run_arguments, ensure_stack_size, split_app_arguments
-from medgemma_deploy.errors import UsageError
-from medgemma_deploy.model_dir import resolve_model_dir
-from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
-from medgemma_deploy.operators.labels import load_label_sets
-from medgemma_deploy.operators.medsiglip import MedSigLIPRunner
+from medgemma_deploy.apps.holoscan_runtime import classify_options, input_and_output, open_engine, run_app
+from medgemma_deploy.engine import PipelineEngine
 from medgemma_deploy.operators.medsiglip_operator import MedSigLIPClassifierOperator
-from medgemma_deploy.operators.results import EXIT_USAGE
+from medgemma_deploy.operators.results import RunResults
 from medgemma_deploy.operators.seg_writer_operator import RelevanceSegWriterOperator
 from medgemma_deploy.operators.sr_writer_operator import FindingsSRWriterOperator
 from medgemma_deploy.operators.study_loader_operator import DicomStudyLoaderOperator
-from medgemma_deploy.settings import RunSettings, resolve_settings
+from medgemma_deploy.settings import RunSettings
 
 __all__ = ["ClassifyApp", "main"]
-
-logger = logging.getLogger(__name__)
 
 
 class ClassifyApp(Application):
@@ -42,34 +32,25 @@ class ClassifyApp(Application):
 
     def __init__(self, *args: object, settings: RunSettings | None = None, **kwargs: object) -> None:
         self.settings = settings or RunSettings()
-        self.runner: MedSigLIPRunner | None = None
+        self.engine: PipelineEngine | None = None
         self.sr_writer: FindingsSRWriterOperator | None = None
         super().__init__(*args, **kwargs)
 
+    def final_results(self) -> RunResults | None:
+        return self.sr_writer.last_results if self.sr_writer is not None else None
+
     def compose(self) -> None:
         app_context = Application.init_app_context(self.argv)
-        input_path = Path(app_context.input_path)
-        output_dir = Path(app_context.output_path)
-        if not input_path.exists():
-            raise UsageError(f"input path {input_path} does not exist")
-        options = ClassifyOptions(
-            relevance_top_k=self.settings.relevance_top_k, write_embeddings=self.settings.write_embeddings
-        )
-        try:
-            label_sets = load_label_sets(list(self.settings.labels) or None)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"label sets: {exc}") from exc
-        self.runner = MedSigLIPRunner(
-            resolve_model_dir(app_context.model_path, "medsiglip"), device=self.settings.device
-        )
-        self.runner.load()
+        input_path, output_dir = input_and_output(app_context)
+        self.engine = open_engine(self.settings, app_context.model_path, classify=True, report=False)
+        options = classify_options(self.settings)
 
         loader = DicomStudyLoaderOperator(self, CountCondition(self, 1), input_path=input_path, name="loader")
         classifier = MedSigLIPClassifierOperator(
             self,
-            scorer=self.runner,
-            model=self.runner.identity,
-            label_sets=label_sets,
+            scorer=self.engine.medsiglip,
+            model=self.engine.medsiglip.identity,
+            label_sets=self.engine.label_sets,
             options=options,
             name="medsiglip",
         )
@@ -86,25 +67,4 @@ class ClassifyApp(Application):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m medgemma_deploy.apps.classify``; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ensure_stack_size("medgemma_deploy.apps.classify", argv)
-    parser = argparse.ArgumentParser(prog="medgemma_deploy.apps.classify", add_help=False)
-    add_run_arguments(parser)
-    ours, rest = split_app_arguments(argv, parser)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    app: ClassifyApp | None = None
-    try:
-        settings = resolve_settings(vars(ours))
-        app = ClassifyApp([sys.executable, "medgemma_deploy.apps.classify", *rest], settings=settings)
-        app.run()
-    except UsageError as exc:
-        print(f"medgemma_deploy.apps.classify: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        if app is not None and app.runner is not None:
-            app.runner.close()
-    results = app.sr_writer.last_results if app.sr_writer is not None else None
-    if results is None:
-        print("medgemma_deploy.apps.classify: error: the pipeline produced no results", file=sys.stderr)
-        return 1
-    return results.exit_code
+    return run_app(ClassifyApp, "medgemma_deploy.apps.classify", argv)

@@ -1,0 +1,219 @@
+"""Series classification from per-image zero-shot scores: aggregation, presence, relevance maps.
+
+The scorer is anything with MedSigLIP's two methods (:class:`ImageScorer`): the in-process
+:class:`~medgemma_deploy.operators.medsiglip.MedSigLIPRunner`, or a client of the gRPC worker.
+This module needs neither torch nor a model.
+
+Aggregation over a series (recorded in every result as ``series_aggregation: max over frames``):
+
+- a finding's series probability is the **maximum over the frames** of the frame probabilities,
+  because a finding seen on one slice of a CT (or one view of a radiograph study) is present in
+  the series; the frame where the maximum is reached is the peak frame. The maximum of many
+  uncalibrated frame scores drifts upwards with the number of frames, so thresholds tuned on single
+  images are optimistic for long series;
+- ``present`` is ``probability >= label_set.threshold``;
+- relevance maps are made for every finding that is present plus the ``relevance_top_k`` most
+  probable findings (present or not), for every frame of the series.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from medgemma_deploy.operators.domain import (
+    FindingScore,
+    LabelSet,
+    ModelIdentity,
+    Series,
+    SeriesClassification,
+)
+
+__all__ = ["ImageScorer", "ImageScores", "classify_series", "relevance_keys"]
+
+logger = logging.getLogger(__name__)
+
+# Scores and maps from a remote scorer may carry float rounding just outside [0, 1].
+_RANGE_TOLERANCE = 1e-4
+
+
+@dataclass
+class ImageScores:
+    """Zero-shot scores of a batch of images against one label set, one row per image in order.
+
+    Attributes
+    ----------
+    probabilities:
+        ``(n_images, n_findings)`` float32 in [0, 1], columns in ``label_set.findings`` order.
+    embeddings:
+        ``(n_images, embedding_dim)`` float32, each row L2-normalised (MedSigLIP's image embedding).
+    """
+
+    probabilities: np.ndarray
+    embeddings: np.ndarray
+
+
+@runtime_checkable
+class ImageScorer(Protocol):
+    """What :func:`classify_series` needs from a model: in process or over the network."""
+
+    def score(self, images: Sequence[np.ndarray], label_set: LabelSet) -> ImageScores:
+        """Probabilities and embeddings of display images in [0, 1] (grey or RGB), in order."""
+        ...
+
+    def relevance_maps(
+        self, images: Sequence[np.ndarray], label_set: LabelSet, finding_keys: Sequence[str]
+    ) -> list[np.ndarray]:
+        """Per image, ``(len(finding_keys), rows, columns)`` float32 maps in [0, 1] on its own pixels."""
+        ...
+
+
+def classify_series(
+    scorer: ImageScorer,
+    series: Series,
+    label_set: LabelSet,
+    *,
+    relevance_top_k: int = 3,
+    with_embeddings: bool = False,
+    model: ModelIdentity,
+) -> SeriesClassification:
+    """Score every frame of ``series`` and aggregate to series findings (module docstring).
+
+    Parameters
+    ----------
+    scorer:
+        The model (:class:`ImageScorer`).
+    series:
+        Its frames' ``display`` images are scored, in frame order.
+    label_set:
+        The findings, scoring and threshold (see :func:`~medgemma_deploy.operators.labels.select_label_set`).
+    relevance_top_k:
+        How many of the most probable findings get relevance maps besides the present ones; 0 maps
+        only present findings.
+    with_embeddings:
+        Keep the frames' image embeddings in the result.
+    model:
+        The identity of the model behind ``scorer``, recorded in the result.
+
+    Returns
+    -------
+    SeriesClassification
+        Scores in label-set order; maps keyed by finding key, each ``(n_frames, rows, columns)``.
+        A series whose frames differ in size gets no maps (a warning is logged), because one map
+        array per finding must cover all frames.
+
+    Raises
+    ------
+    ValueError
+        The series has no frames, ``relevance_top_k`` is negative, or the scorer returned arrays of
+        the wrong shape or range (the message names the scorer's output).
+    """
+    if not series.frames:
+        raise ValueError(f"series {series.series_instance_uid} has no frames to classify")
+    if relevance_top_k < 0:
+        raise ValueError(f"relevance_top_k must be 0 or more, got {relevance_top_k}")
+    images = [frame.display for frame in series.frames]
+    scores = scorer.score(images, label_set)
+    probabilities = _checked_probabilities(scores, len(images), label_set)
+
+    finding_scores = []
+    for column, finding in enumerate(label_set.findings):
+        per_frame = probabilities[:, column]
+        peak = int(np.argmax(per_frame))
+        probability = float(per_frame[peak])
+        finding_scores.append(
+            FindingScore(
+                finding=finding,
+                probability=probability,
+                present=probability >= label_set.threshold,
+                frame_probabilities=[float(p) for p in per_frame],
+                peak_frame_index=peak,
+            )
+        )
+
+    embeddings = None
+    if with_embeddings:
+        embeddings = _checked_embeddings(scores, len(images))
+
+    keys = relevance_keys(finding_scores, relevance_top_k)
+    maps: dict[str, np.ndarray] = {}
+    shapes = {image.shape[:2] for image in images}
+    if keys and len(shapes) > 1:
+        logger.warning(
+            "series %s: frames have different sizes %s, so no relevance maps are made for it",
+            series.series_instance_uid,
+            sorted(shapes),
+        )
+    elif keys:
+        per_frame_maps = scorer.relevance_maps(images, label_set, keys)
+        maps = _stack_maps(per_frame_maps, keys, images)
+
+    return SeriesClassification(
+        series=series,
+        label_set=label_set,
+        model=model,
+        scores=finding_scores,
+        embeddings=embeddings,
+        relevance_maps=maps,
+    )
+
+
+def relevance_keys(scores: Sequence[FindingScore], top_k: int) -> list[str]:
+    """Keys that get maps: present findings, then the ``top_k`` most probable; most probable first."""
+    ranked = sorted(scores, key=lambda score: score.probability, reverse=True)
+    chosen = {score.finding.key for score in ranked if score.present}
+    chosen.update(score.finding.key for score in ranked[:top_k])
+    return [score.finding.key for score in ranked if score.finding.key in chosen]
+
+
+def _checked_probabilities(scores: ImageScores, n_images: int, label_set: LabelSet) -> np.ndarray:
+    probabilities = np.asarray(scores.probabilities, dtype=np.float32)
+    expected = (n_images, len(label_set.findings))
+    if probabilities.shape != expected:
+        raise ValueError(
+            f"scorer returned probabilities of shape {probabilities.shape}, expected {expected} "
+            f"({n_images} frames x {len(label_set.findings)} findings of {label_set.name!r})"
+        )
+    if not np.isfinite(probabilities).all():
+        raise ValueError("scorer returned NaN or infinite probabilities")
+    low, high = float(probabilities.min()), float(probabilities.max())
+    if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+        raise ValueError(f"scorer returned probabilities in [{low:g}, {high:g}], outside [0, 1]")
+    return np.clip(probabilities, 0.0, 1.0)
+
+
+def _checked_embeddings(scores: ImageScores, n_images: int) -> np.ndarray:
+    embeddings = np.asarray(scores.embeddings, dtype=np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[0] != n_images:
+        raise ValueError(
+            f"scorer returned embeddings of shape {embeddings.shape}, expected ({n_images}, dim)"
+        )
+    return embeddings
+
+
+def _stack_maps(
+    per_frame: Sequence[np.ndarray], keys: Sequence[str], images: Sequence[np.ndarray]
+) -> dict[str, np.ndarray]:
+    if len(per_frame) != len(images):
+        raise ValueError(
+            f"scorer returned relevance maps for {len(per_frame)} frames, expected {len(images)}"
+        )
+    for index, (frame_maps, image) in enumerate(zip(per_frame, images, strict=True)):
+        expected = (len(keys), *image.shape[:2])
+        if np.shape(frame_maps) != expected:
+            raise ValueError(
+                f"scorer returned relevance maps of shape {np.shape(frame_maps)} for frame {index}, "
+                f"expected {expected} (one map per finding on the frame's pixels)"
+            )
+    stacked = np.stack([np.asarray(m, dtype=np.float32) for m in per_frame], axis=1)  # (keys, frames, r, c)
+    if not np.isfinite(stacked).all():
+        raise ValueError("scorer returned relevance maps with NaN or infinite values")
+    low, high = float(stacked.min()), float(stacked.max())
+    if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+        raise ValueError(f"scorer returned relevance maps in [{low:g}, {high:g}], outside [0, 1]")
+    np.clip(stacked, 0.0, 1.0, out=stacked)
+    return {key: stacked[index] for index, key in enumerate(keys)}

@@ -1,0 +1,589 @@
+"""MedSigLIP runner: load once, score batches of images against label sets, close.
+
+Lifecycle (Triton-style): :meth:`MedSigLIPRunner.load` reads a local model directory (a copy of
+``google/medsiglip-448``, or the tiny test model), checks the model's I/O contract, warms up and
+logs the time; :meth:`~MedSigLIPRunner.score`, :meth:`~MedSigLIPRunner.relevance_maps` and
+:meth:`~MedSigLIPRunner.embed_images` serve any number of calls; :meth:`~MedSigLIPRunner.close`
+frees the weights and the GPU memory. The same runner serves the in-process operator and the gRPC
+worker.
+
+Scoring
+-------
+Prompts are tokenised like SigLIP was trained (and as Google's MedSigLIP server does): padded to
+the model's ``max_position_embeddings`` (64) with ``padding="max_length"`` and passed without an
+attention mask. With ``e`` the L2-normalised image embedding (the vision tower's pooled output),
+``t_i`` the L2-normalised embedding of prompt ``i``, and the model's own ``logit_scale`` and
+``logit_bias``::
+
+    logit_i = exp(logit_scale) * (e · t_i) + logit_bias      # = SiglipModel(...).logits_per_image
+    l+ = mean of logit_i over the finding's positive prompts
+    l- = mean of logit_i over its negative prompts
+    softmax scoring:  p = softmax([l+, l-])[0] = sigmoid(l+ - l-)
+    sigmoid scoring:  p = sigmoid(l+)
+
+Because the logit is linear in ``t_i``, ``l+ = exp(logit_scale) * (e · mean_i t_i) + logit_bias``:
+the runner keeps one mean prompt embedding per finding and polarity, which gives the same numbers
+as averaging the columns of ``logits_per_image`` (the parity test does exactly that).
+
+Relevance maps
+--------------
+SigLIP pools its patch tokens with one attention head (a learned probe attends to all tokens, then
+a layer norm and an MLP with a residual). If the probe attended to patch ``j`` alone, the pooled
+embedding would be ``p_j = z_j + MLP(LN(z_j))`` with ``z_j = out_proj(v_proj(x_j))``: the
+embedding the model itself would produce from that patch, in the joint image-text space
+(:func:`patch_embeddings`; the same idea as MaskCLIP's dense features from the value path).
+A finding's map is ``p̂_j · (mean_i t+_i - mean_i t-_i)`` with ``p̂_j`` normalised: the patch's own
+``(l+ - l-) / exp(logit_scale)``, positive exactly where that patch alone would give the finding a
+softmax probability above 0.5 (without negative prompts: ``p̂_j · mean_i t+_i`` minus its mean over
+the image). It is rectified, divided by its maximum (so it spans [0, 1], or is all zero when no
+patch alone favours the finding), resized from the patch grid to the padded square and cropped
+back to the source pixels. It costs one matrix product per image on top of the forward pass, needs
+no gradients, is deterministic, and depends on the finding only through its text embeddings.
+A map shows *where* the image looks like the finding; *whether* it is there is the probability's job.
+
+:meth:`MedSigLIPRunner.score` keeps each image's patch-grid maps for all findings in a small LRU
+cache (keyed by the image's bytes and the label set), so the usual ``score`` then
+``relevance_maps`` on the same frames runs the vision tower once.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medgemma_deploy.errors import ModelLoadError
+from medgemma_deploy.model_dir import model_identity, resolve_model_dir
+from medgemma_deploy.operators.classification import ImageScores
+from medgemma_deploy.operators.domain import LabelSet, ModelIdentity
+from medgemma_deploy.operators.preprocess import MedSigLIPPreprocessor, PadGeometry
+
+__all__ = [
+    "MedSigLIPRunner",
+    "RunnerNotLoadedError",
+    "TextEmbeddings",
+    "patch_embeddings",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class RunnerNotLoadedError(RuntimeError):
+    """The runner was used before :meth:`MedSigLIPRunner.load` or after :meth:`~MedSigLIPRunner.close`."""
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """A label set's prompt ensembles, encoded once (float32, on the model's device).
+
+    ``positive[k]`` and ``negative[k]`` are the means of the L2-normalised prompt embeddings of
+    finding ``k`` (not re-normalised: see the module docstring); ``negative[k]`` is zero where
+    ``has_negative[k]`` is false.
+    """
+
+    label_set: str
+    version: str
+    finding_keys: tuple[str, ...]
+    positive: torch.Tensor
+    negative: torch.Tensor
+    has_negative: torch.Tensor
+    n_prompts: int
+
+
+def patch_embeddings(head: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Each patch token pushed through SigLIP's attention-pooling head as if it alone were attended.
+
+    Parameters
+    ----------
+    head:
+        ``SiglipMultiheadAttentionPoolingHead`` (``vision_model.head``).
+    tokens:
+        ``(n, patches, width)``: the vision tower's ``last_hidden_state`` (after ``post_layernorm``).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n, patches, width)``; entry ``j`` equals ``head(tokens[:, j:j+1])``, because attention over a
+        single key gives it weight 1 in every head.
+    """
+    attention = head.attention
+    width = attention.embed_dim
+    if attention.in_proj_weight is not None:
+        value_weight = attention.in_proj_weight[2 * width :]
+    else:
+        value_weight = attention.v_proj_weight
+    value_bias = attention.in_proj_bias[2 * width :] if attention.in_proj_bias is not None else None
+    pooled = attention.out_proj(F.linear(tokens, value_weight, value_bias))
+    return pooled + head.mlp(head.layernorm(pooled))
+
+
+class MedSigLIPRunner:
+    """MedSigLIP zero-shot scoring, embeddings and relevance maps (see the module docstring).
+
+    Parameters
+    ----------
+    model_dir:
+        The model directory, or a models root holding ``medsiglip/``.
+    device:
+        ``"cuda"``, ``"cuda:1"``, ``"cpu"``…; default: CUDA when available, else CPU.
+    dtype:
+        Weights and activations; default bfloat16 on CUDA, float32 on CPU. Similarities and
+        probabilities are always computed in float32.
+    max_batch_size:
+        Images (and prompts) per forward pass.
+    relevance_cache_size:
+        Images whose patch-grid maps are kept between :meth:`score` and :meth:`relevance_maps`
+        (4 KiB per finding and image on MedSigLIP-448's 32x32 grid, so 1024 chest images with 13
+        findings hold about 53 MiB of CPU memory); 0 disables the cache.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        max_batch_size: int = 32,
+        relevance_cache_size: int = 1024,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if relevance_cache_size < 0:
+            raise ValueError(f"relevance_cache_size must be 0 or more, got {relevance_cache_size}")
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device) if device else _default_device()
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.max_batch_size = max_batch_size
+        self.relevance_cache_size = relevance_cache_size
+        self._identity: ModelIdentity | None = None
+        self._model: torch.nn.Module | None = None
+        self._tokenizer = None
+        self._preprocessor: MedSigLIPPreprocessor | None = None
+        self._text_length = 0
+        self._grid = 0
+        self._logit_scale = 0.0
+        self._logit_bias = 0.0
+        self._text_cache: dict[tuple, TextEmbeddings] = {}
+        self._grid_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def load(self) -> MedSigLIPRunner:
+        """Load weights, tokenizer and preprocessing once; check the I/O contract; warm up.
+
+        Raises
+        ------
+        ModelLoadError
+            The directory is missing or not a SigLIP model, a file does not load, the device is
+            not available, or the preprocessing does not fit the model; the message names the path.
+        """
+        if self._model is not None:
+            return self
+        started = time.perf_counter()
+        model_dir = resolve_model_dir(self.model_dir, "medsiglip")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"device {self.device}: CUDA is not available on this machine (use cpu)")
+        import transformers
+        from safetensors import SafetensorError
+
+        try:
+            model = transformers.SiglipModel.from_pretrained(model_dir, **{_dtype_argument(): self.dtype})
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+            raise ModelLoadError(
+                f"{model_dir}: cannot load MedSigLIP ({type(exc).__name__}: {' '.join(str(exc).split())})"
+            ) from exc
+        preprocessor = MedSigLIPPreprocessor.from_pretrained(model_dir, device=self.device, dtype=self.dtype)
+        config = model.config
+        _check_contract(model_dir, config, preprocessor)
+        self._model = model.to(self.device).eval()
+        self._tokenizer = tokenizer
+        self._preprocessor = preprocessor
+        self._text_length = int(config.text_config.max_position_embeddings)
+        self._grid = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+        self._logit_scale = float(model.logit_scale.detach().float().exp())
+        self._logit_bias = float(model.logit_bias.detach().float())
+        self._identity = model_identity(model_dir)
+        self.model_dir = model_dir
+        loaded = time.perf_counter()
+        self._warm_up()
+        logger.info(
+            "MedSigLIP %s %s loaded from %s on %s (%s) in %.1f s, warm-up %.1f s",
+            self._identity.name,
+            self._identity.version,
+            model_dir,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            loaded - started,
+            time.perf_counter() - loaded,
+        )
+        if self._identity.random_weights:
+            logger.warning("MedSigLIP %s has RANDOM weights: every score is meaningless", self._identity.name)
+        return self
+
+    def close(self) -> None:
+        """Free the model, the caches and (on CUDA) the cached GPU memory. Safe to call twice."""
+        if self._model is None:
+            return
+        with self._lock:
+            self._model = None
+            self._tokenizer = None
+            self._preprocessor = None
+            self._text_cache.clear()
+            self._grid_cache.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("MedSigLIP unloaded from %s", self.device)
+
+    def __enter__(self) -> MedSigLIPRunner:
+        return self.load()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """Name, version and path of the model (read from the directory even before loading)."""
+        if self._identity is None:
+            self._identity = model_identity(resolve_model_dir(self.model_dir, "medsiglip"))
+        return self._identity
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self._loaded().config.vision_config.hidden_size)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The model input's (height, width), from its ``preprocessor_config.json``."""
+        self._loaded()
+        assert self._preprocessor is not None
+        return self._preprocessor.size
+
+    # ---- text -----------------------------------------------------------------------------------
+
+    def text_embeddings(self, label_set: LabelSet) -> TextEmbeddings:
+        """Encode all prompts of ``label_set`` once; later calls with the same set hit a cache.
+
+        The cache key is the name, the version and the findings themselves, so a set edited
+        without a version bump is re-encoded rather than served stale.
+        """
+        model = self._loaded()
+        key = (label_set.name, label_set.version, label_set.findings)
+        cached = self._text_cache.get(key)
+        if cached is not None:
+            return cached
+        # One row per prompt: (finding index, 0 positive / 1 negative, text).
+        rows = [
+            (index, polarity, prompt)
+            for index, finding in enumerate(label_set.findings)
+            for polarity, prompts in ((0, finding.positive_prompts), (1, finding.negative_prompts))
+            for prompt in prompts
+        ]
+        prompts = [prompt for _, _, prompt in rows]
+        self._warn_truncated(label_set, rows)
+        encoded = torch.cat(
+            [
+                self._encode_text(model, prompts[start : start + self.max_batch_size])
+                for start in range(0, len(prompts), self.max_batch_size)
+            ]
+        )
+        n_findings = len(label_set.findings)
+        slots = torch.tensor(
+            [polarity * n_findings + index for index, polarity, _ in rows], device=self.device
+        )
+        sums = torch.zeros((2 * n_findings, encoded.shape[1]), device=self.device).index_add_(
+            0, slots, encoded
+        )
+        counts = torch.bincount(slots, minlength=2 * n_findings).float()
+        means = (sums / counts.clamp(min=1)[:, None]).view(2, n_findings, -1)
+        embeddings = TextEmbeddings(
+            label_set=label_set.name,
+            version=label_set.version,
+            finding_keys=tuple(f.key for f in label_set.findings),
+            positive=means[0],
+            negative=means[1],
+            has_negative=counts[n_findings:] > 0,
+            n_prompts=len(prompts),
+        )
+        self._text_cache[key] = embeddings
+        logger.info(
+            "encoded %d prompts of label set %s %s (%d findings)",
+            len(prompts),
+            label_set.name,
+            label_set.version,
+            n_findings,
+        )
+        return embeddings
+
+    # ---- images ---------------------------------------------------------------------------------
+
+    def score(self, images: Sequence[np.ndarray], label_set: LabelSet) -> ImageScores:
+        """Probabilities of every finding of ``label_set`` and the embedding of every image.
+
+        Parameters
+        ----------
+        images:
+            Display images in [0, 1]: grey ``(rows, columns)`` or RGB ``(rows, columns, 3)``, any
+            sizes; processed in batches of ``max_batch_size``.
+        label_set:
+            Findings and scoring (module docstring).
+
+        Returns
+        -------
+        ImageScores
+            One row per image, in order.
+
+        Raises
+        ------
+        ValueError
+            An image cannot be preprocessed (the message names its index).
+        RunnerNotLoadedError
+            :meth:`load` has not been called.
+        """
+        model = self._loaded()
+        text = self.text_embeddings(label_set)
+        probabilities: list[np.ndarray] = []
+        embeddings: list[np.ndarray] = []
+        for start in range(0, len(images), self.max_batch_size):
+            chunk = images[start : start + self.max_batch_size]
+            indices = range(start, start + len(chunk))
+            pooled, patches = self._encode_images(model, chunk, indices, with_patches=True)
+            positive = self._logit_scale * pooled @ text.positive.T + self._logit_bias
+            if label_set.scoring == "softmax":
+                negative = self._logit_scale * pooled @ text.negative.T + self._logit_bias
+                chunk_probabilities = torch.sigmoid(positive - negative)
+            else:
+                chunk_probabilities = torch.sigmoid(positive)
+            probabilities.append(chunk_probabilities.cpu().numpy())
+            embeddings.append(pooled.cpu().numpy())
+            if self.relevance_cache_size:
+                grids = self._relevance_grids(patches, text)
+                for image, grid in zip(chunk, grids, strict=True):
+                    self._remember(_grid_key(label_set, image), grid)
+        if not images:
+            return ImageScores(
+                probabilities=np.zeros((0, len(label_set.findings)), np.float32),
+                embeddings=np.zeros((0, self.embedding_dim), np.float32),
+            )
+        return ImageScores(
+            probabilities=np.concatenate(probabilities).astype(np.float32),
+            embeddings=np.concatenate(embeddings).astype(np.float32),
+        )
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """``(n_images, embedding_dim)`` float32 L2-normalised image embeddings, in order."""
+        model = self._loaded()
+        rows = [
+            self._encode_images(
+                model,
+                images[start : start + self.max_batch_size],
+                range(start, min(start + self.max_batch_size, len(images))),
+                with_patches=False,
+            )[0]
+            for start in range(0, len(images), self.max_batch_size)
+        ]
+        if not rows:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        return torch.cat(rows).cpu().numpy().astype(np.float32)
+
+    def relevance_maps(
+        self, images: Sequence[np.ndarray], label_set: LabelSet, finding_keys: Sequence[str]
+    ) -> list[np.ndarray]:
+        """Per image, ``(len(finding_keys), rows, columns)`` float32 maps in [0, 1] on its own pixels.
+
+        Raises
+        ------
+        ValueError
+            A key is not a finding of ``label_set``, or an image cannot be preprocessed.
+        """
+        model = self._loaded()
+        columns = {finding.key: index for index, finding in enumerate(label_set.findings)}
+        unknown = [key for key in finding_keys if key not in columns]
+        if unknown:
+            raise ValueError(
+                f"finding keys {unknown} are not in label set {label_set.name!r} (it has {sorted(columns)})"
+            )
+        selected = [columns[key] for key in finding_keys]
+        grids: list[torch.Tensor | None] = []
+        keys = [_grid_key(label_set, image) if self.relevance_cache_size else () for image in images]
+        with self._lock:
+            for key in keys:
+                grid = self._grid_cache.get(key)
+                if grid is not None:
+                    self._grid_cache.move_to_end(key)
+                grids.append(grid)
+        missing = [index for index, grid in enumerate(grids) if grid is None]
+        if missing:
+            text = self.text_embeddings(label_set)
+            for start in range(0, len(missing), self.max_batch_size):
+                indices = missing[start : start + self.max_batch_size]
+                chunk = [images[i] for i in indices]
+                _, patches = self._encode_images(model, chunk, indices, with_patches=True)
+                for index, grid in zip(indices, self._relevance_grids(patches, text), strict=True):
+                    grids[index] = grid
+                    self._remember(keys[index], grid)
+        maps = []
+        for image, grid in zip(images, grids, strict=True):
+            assert grid is not None
+            geometry = PadGeometry.for_shape(image.shape[0], image.shape[1])
+            chosen = grid[selected].to(self.device)
+            maps.append(geometry.to_source(chosen).clamp_(0.0, 1.0).cpu().numpy().astype(np.float32))
+        return maps
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _loaded(self) -> torch.nn.Module:
+        if self._model is None:
+            raise RunnerNotLoadedError(f"MedSigLIP from {self.model_dir} is not loaded (call load() first)")
+        return self._model
+
+    def _encode_text(self, model: torch.nn.Module, prompts: Sequence[str]) -> torch.Tensor:
+        tokens = self._tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self._text_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            # No attention mask: SigLIP was trained attending to its padding (it pools the last token).
+            output = model.text_model(input_ids=tokens["input_ids"].to(self.device))
+            return F.normalize(output.pooler_output.float(), dim=-1)
+
+    def _encode_images(
+        self,
+        model: torch.nn.Module,
+        images: Sequence[np.ndarray],
+        indices: Sequence[int],
+        *,
+        with_patches: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        assert self._preprocessor is not None
+        batch = self._preprocessor(images, indices=indices)
+        with torch.inference_mode():
+            output = model.vision_model(pixel_values=batch.pixel_values)
+            pooled = F.normalize(output.pooler_output.float(), dim=-1)
+            if not with_patches:
+                return pooled, None
+            patches = patch_embeddings(model.vision_model.head, output.last_hidden_state)
+            return pooled, F.normalize(patches.float(), dim=-1)
+
+    def _relevance_grids(self, patches: torch.Tensor, text: TextEmbeddings) -> list[torch.Tensor]:
+        """Per image, ``(n_findings, grid, grid)`` float32 maps in [0, 1] on the CPU."""
+        with torch.inference_mode():
+            positive = patches @ text.positive.T  # (n, patches, findings)
+            negative = patches @ text.negative.T
+            contrast = positive - negative
+            # Without negative prompts, contrast each patch with the image's average patch.
+            centred = positive - positive.mean(dim=1, keepdim=True)
+            similarity = torch.where(text.has_negative, contrast, centred).clamp(min=0.0)
+            peak = similarity.amax(dim=1, keepdim=True)
+            normalised = torch.where(
+                peak > 0, similarity / peak.clamp(min=1e-12), torch.zeros_like(similarity)
+            )
+            n, n_patches, n_findings = normalised.shape
+            if n_patches != self._grid * self._grid:
+                raise RuntimeError(
+                    f"vision tower gave {n_patches} tokens, not a {self._grid}x{self._grid} grid"
+                )
+            grids = normalised.permute(0, 2, 1).reshape(n, n_findings, self._grid, self._grid).cpu()
+        return list(grids)
+
+    def _remember(self, key: tuple, grid: torch.Tensor) -> None:
+        if not self.relevance_cache_size:
+            return
+        with self._lock:
+            self._grid_cache[key] = grid
+            self._grid_cache.move_to_end(key)
+            while len(self._grid_cache) > self.relevance_cache_size:
+                self._grid_cache.popitem(last=False)
+
+    def _warn_truncated(self, label_set: LabelSet, rows: list[tuple[int, int, str]]) -> None:
+        lengths = [len(ids) for ids in self._tokenizer([prompt for _, _, prompt in rows])["input_ids"]]
+        for length, (index, _, prompt) in zip(lengths, rows, strict=True):
+            if length > self._text_length:
+                logger.warning(
+                    "label set %s, finding %s: prompt %r has %d tokens, truncated to the model's %d",
+                    label_set.name,
+                    label_set.findings[index].key,
+                    prompt,
+                    length,
+                    self._text_length,
+                )
+
+    def _warm_up(self) -> None:
+        """One tiny forward pass of each tower, so the first real request is not the slow one."""
+        model = self._loaded()
+        height, width = self.image_size
+        self._encode_images(model, [np.zeros((height, width), np.float32)], [0], with_patches=True)
+        self._encode_text(model, ["warm-up"])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _check_contract(model_dir: Path, config: Any, preprocessor: MedSigLIPPreprocessor) -> None:
+    """The model's declared I/O must fit what this runner feeds it and reads from it."""
+    vision = config.vision_config
+    text = config.text_config
+    if not getattr(vision, "vision_use_head", True):
+        raise ModelLoadError(
+            f"{model_dir / 'config.json'}: vision_use_head is false; MedSigLIP's pooled image embedding "
+            "comes from the attention-pooling head"
+        )
+    image_size = int(vision.image_size)
+    if preprocessor.size != (image_size, image_size):
+        raise ModelLoadError(
+            f"{model_dir / 'preprocessor_config.json'}: size {preprocessor.size} does not match the "
+            f"model's image_size {image_size} in config.json"
+        )
+    if image_size % int(vision.patch_size):
+        raise ModelLoadError(
+            f"{model_dir / 'config.json'}: image_size {image_size} is not a multiple of "
+            f"patch_size {vision.patch_size}"
+        )
+    projection = int(getattr(text, "projection_size", None) or text.hidden_size)
+    if projection != int(vision.hidden_size):
+        raise ModelLoadError(
+            f"{model_dir / 'config.json'}: text embeddings have {projection} dimensions but image "
+            f"embeddings {vision.hidden_size}; they must share one space"
+        )
+
+
+def _grid_key(label_set: LabelSet, image: np.ndarray) -> tuple:
+    """Cache key of an image's relevance grids: its exact pixels and the label set's findings."""
+    array = np.ascontiguousarray(image)
+    digest = hashlib.blake2b(array.view(np.uint8).reshape(-1), digest_size=16)
+    digest.update(f"{array.shape}{array.dtype}".encode())
+    return (label_set.name, label_set.version, label_set.findings, digest.digest())
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype_argument() -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
