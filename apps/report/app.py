@@ -1,0 +1,80 @@
+"""The report app: DICOM study → MedGemma draft per series → UNVERIFIED report SR + results.json.
+
+Run it as a MONAI Deploy app::
+
+    python -m medgemma_deploy.apps.report -i IN -o OUT -m MODELS [--with-findings]
+
+or with the ``HOLOSCAN_*_PATH`` variables, as a MAP does. ``-m`` is the MedGemma directory or a
+models root holding ``medgemma/`` (and ``medsiglip/`` for ``--with-findings``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from holoscan.conditions import CountCondition
+from monai.deploy.core import Application
+
+from medgemma_deploy.apps.holoscan_runtime import classify_options, input_and_output, open_engine, run_app
+from medgemma_deploy.engine import PipelineEngine
+from medgemma_deploy.operators.medgemma_operator import MedGemmaReportOperator, ReportSRWriterOperator
+from medgemma_deploy.operators.medsiglip_operator import MedSigLIPClassifierOperator
+from medgemma_deploy.operators.results import RunResults
+from medgemma_deploy.operators.study_loader_operator import DicomStudyLoaderOperator
+from medgemma_deploy.settings import RunSettings
+
+__all__ = ["ReportApp", "main"]
+
+
+class ReportApp(Application):
+    """Loader → [MedSigLIP, for grounding] → MedGemma → report SR writer; models loaded once."""
+
+    command = "report"
+
+    def __init__(self, *args: object, settings: RunSettings | None = None, **kwargs: object) -> None:
+        self.settings = settings or RunSettings()
+        self.engine: PipelineEngine | None = None
+        self.report_writer: ReportSRWriterOperator | None = None
+        super().__init__(*args, **kwargs)
+
+    def final_results(self) -> RunResults | None:
+        return self.report_writer.last_results if self.report_writer is not None else None
+
+    def compose(self) -> None:
+        app_context = Application.init_app_context(self.argv)
+        input_path, output_dir = input_and_output(app_context)
+        self.engine = open_engine(self.settings, app_context.model_path, classify=False, report=True)
+        engine = self.engine
+
+        loader = DicomStudyLoaderOperator(self, CountCondition(self, 1), input_path=input_path, name="loader")
+        reporter = MedGemmaReportOperator(
+            self,
+            generator=engine.medgemma,
+            prompts=engine.prompts,
+            options=engine.report_options,
+            command=self.command,
+            name="medgemma",
+        )
+        self.report_writer = ReportSRWriterOperator(
+            self, output_dir=output_dir, options=engine.report_options, name="report_writer"
+        )
+        if engine.medsiglip is not None:  # grounded on findings: classify first, write nothing of it
+            classifier = MedSigLIPClassifierOperator(
+                self,
+                scorer=engine.medsiglip,
+                model=engine.medsiglip.identity,
+                label_sets=engine.label_sets,
+                options=classify_options(self.settings),
+                command=self.command,
+                name="medsiglip",
+            )
+            self.add_flow(loader, classifier, {(loader.OUTPUT_NAME, classifier.INPUT_NAME)})
+            self.add_flow(classifier, reporter, {(classifier.OUTPUT_NAME, reporter.INPUT_NAME)})
+        else:
+            self.add_flow(loader, reporter, {(loader.OUTPUT_NAME, reporter.INPUT_NAME)})
+        self.add_flow(reporter, self.report_writer, {(reporter.OUTPUT_NAME, self.report_writer.INPUT_NAME)})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m medgemma_deploy.apps.report``; returns the exit code."""
+    return run_app(ReportApp, "medgemma_deploy.apps.report", argv)

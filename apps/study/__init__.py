@@ -1,0 +1,1 @@
+"""Findings SR + relevance SEG + draft report SR in one MONAI Deploy application (``app.py``)."""

@@ -1,0 +1,87 @@
+"""The study app: findings SR + relevance SEG + draft report SR for one study, in one MONAI Deploy app.
+
+Every output references the same source images. Run it as::
+
+    python -m medgemma_deploy.apps.study -i IN -o OUT -m MODELS [--with-findings]
+
+``-m`` is a models root holding ``medsiglip/`` and ``medgemma/`` (``/opt/holoscan/models`` in a MAP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from holoscan.conditions import CountCondition
+from monai.deploy.core import Application
+
+from medgemma_deploy.apps.holoscan_runtime import classify_options, input_and_output, open_engine, run_app
+from medgemma_deploy.engine import PipelineEngine
+from medgemma_deploy.operators.medgemma_operator import MedGemmaReportOperator, ReportSRWriterOperator
+from medgemma_deploy.operators.medsiglip_operator import MedSigLIPClassifierOperator
+from medgemma_deploy.operators.results import RunResults
+from medgemma_deploy.operators.seg_writer_operator import RelevanceSegWriterOperator
+from medgemma_deploy.operators.sr_writer_operator import FindingsSRWriterOperator
+from medgemma_deploy.operators.study_loader_operator import DicomStudyLoaderOperator
+from medgemma_deploy.settings import RunSettings
+
+__all__ = ["StudyApp", "main"]
+
+
+class StudyApp(Application):
+    """Loader → MedSigLIP → SEG writer → findings SR writer → MedGemma → report SR writer."""
+
+    command = "study"
+
+    def __init__(self, *args: object, settings: RunSettings | None = None, **kwargs: object) -> None:
+        self.settings = settings or RunSettings()
+        self.engine: PipelineEngine | None = None
+        self.report_writer: ReportSRWriterOperator | None = None
+        super().__init__(*args, **kwargs)
+
+    def final_results(self) -> RunResults | None:
+        return self.report_writer.last_results if self.report_writer is not None else None
+
+    def compose(self) -> None:
+        app_context = Application.init_app_context(self.argv)
+        input_path, output_dir = input_and_output(app_context)
+        self.engine = open_engine(self.settings, app_context.model_path, classify=True, report=True)
+        engine = self.engine
+        options = classify_options(self.settings)
+
+        loader = DicomStudyLoaderOperator(self, CountCondition(self, 1), input_path=input_path, name="loader")
+        classifier = MedSigLIPClassifierOperator(
+            self,
+            scorer=engine.medsiglip,
+            model=engine.medsiglip.identity,
+            label_sets=engine.label_sets,
+            options=options,
+            command=self.command,
+            name="medsiglip",
+        )
+        seg_writer = RelevanceSegWriterOperator(
+            self, output_dir=output_dir, options=options, name="seg_writer"
+        )
+        sr_writer = FindingsSRWriterOperator(
+            self, output_dir=output_dir, options=options, finalize=False, name="sr_writer"
+        )
+        reporter = MedGemmaReportOperator(
+            self,
+            generator=engine.medgemma,
+            prompts=engine.prompts,
+            options=engine.report_options,
+            command=self.command,
+            name="medgemma",
+        )
+        self.report_writer = ReportSRWriterOperator(
+            self, output_dir=output_dir, options=engine.report_options, name="report_writer"
+        )
+        self.add_flow(loader, classifier, {(loader.OUTPUT_NAME, classifier.INPUT_NAME)})
+        self.add_flow(classifier, seg_writer, {(classifier.OUTPUT_NAME, seg_writer.INPUT_NAME)})
+        self.add_flow(seg_writer, sr_writer, {(seg_writer.OUTPUT_NAME, sr_writer.INPUT_NAME)})
+        self.add_flow(sr_writer, reporter, {(sr_writer.OUTPUT_NAME, reporter.INPUT_NAME)})
+        self.add_flow(reporter, self.report_writer, {(reporter.OUTPUT_NAME, self.report_writer.INPUT_NAME)})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m medgemma_deploy.apps.study``; returns the exit code."""
+    return run_app(StudyApp, "medgemma_deploy.apps.study", argv)

@@ -1,0 +1,500 @@
+"""MedGemma runner: draft report text from a prepared request (load → generate → close).
+
+The runner knows nothing about DICOM: :mod:`medgemma_deploy.operators.report_inputs` turns a
+series into a :class:`ReportRequest` (chat messages with images, prompt id, generation settings)
+and :mod:`medgemma_deploy.operators.report_sr_writer` turns the :class:`ReportResult` into an SR.
+The same runner serves the in-process operator and the gRPC worker.
+
+Decisions callers can rely on:
+
+* The model's own processor and chat template build the prompt
+  (``processor.apply_chat_template(..., add_generation_prompt=True, tokenize=True)``), so a
+  hospital's copy of ``google/medgemma-4b-it`` is prompted exactly as Google's examples do.
+* Greedy decoding is the default; sampling settings from the checkpoint's
+  ``generation_config.json`` (top-k/top-p) apply only when ``do_sample`` is asked for. Every
+  setting used is recorded in the result and, through it, in the SR.
+* A prompt that does not fit the model's context is an :class:`InputError` naming the series and
+  the counts (never silently truncated: cutting images or the instruction would change what the
+  report is about). When the prompt fits but prompt + ``max_new_tokens`` does not, the budget is
+  reduced to what fits and the result says so in ``warnings``.
+* Empty text, text cut at ``max_new_tokens`` and a reduced budget are flagged in
+  ``ReportResult.warnings`` for the caller to report.
+* ``on_token`` receives decoded text pieces as they are generated; their concatenation is
+  ``ReportResult.text``. Raising from ``on_token`` aborts the generation (client cancelled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers.generation.streamers import BaseStreamer
+
+from medgemma_deploy.errors import InputError, ModelLoadError
+from medgemma_deploy.model_dir import model_identity, resolve_model_dir
+from medgemma_deploy.operators.domain import ModelIdentity
+from medgemma_deploy.operators.report_inputs import GenerationSettings, ReportRequest
+
+# GenerationSettings and ReportRequest are defined with the request builder and re-exported here.
+__all__ = ["GenerationSettings", "MedGemmaRunner", "ReportRequest", "ReportResult"]
+
+logger = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length"]
+
+_DTYPES = ("float32", "bfloat16", "float16")
+#: Generation options that only apply when sampling.
+_SAMPLING_OPTIONS = ("temperature", "top_p", "top_k")
+
+
+@dataclass
+class ReportResult:
+    """MedGemma's output for one request, with what it cost and how it ended.
+
+    ``text`` is the decoded generated text (special tokens dropped, otherwise as generated);
+    ``token_ids`` are the generated ids, the stop token included when ``finish_reason`` is
+    ``"stop"``. ``seconds`` times ``generate`` only (prefill + decode); ``preprocess_seconds``
+    the chat template and image processing.
+    """
+
+    text: str
+    token_ids: list[int]
+    n_prompt_tokens: int
+    n_generated_tokens: int
+    finish_reason: FinishReason
+    seconds: float
+    tokens_per_second: float
+    settings: GenerationSettings
+    prompt_id: str
+    prompt_version: str = ""
+    preprocess_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready summary (no token ids), for results.json."""
+        return {
+            "text": self.text,
+            "n_prompt_tokens": self.n_prompt_tokens,
+            "n_generated_tokens": self.n_generated_tokens,
+            "finish_reason": self.finish_reason,
+            "seconds": round(self.seconds, 3),
+            "preprocess_seconds": round(self.preprocess_seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            "settings": self.settings.to_json(),
+            "prompt_id": self.prompt_id,
+            "prompt_version": self.prompt_version,
+            "warnings": list(self.warnings),
+        }
+
+
+class MedGemmaRunner:
+    """Loads a MedGemma checkpoint once and drafts reports with it.
+
+    Parameters
+    ----------
+    model_dir:
+        The model directory (``config.json`` of ``model_type`` ``gemma3``) or a models root
+        holding ``medgemma/``.
+    device:
+        ``"cuda"``, ``"cuda:1"``, ``"cpu"``…; None picks CUDA when available.
+    dtype:
+        ``torch.dtype`` or its name (``"bfloat16"``, ``"float16"``, ``"float32"``); None means
+        bfloat16 on CUDA and float32 on CPU.
+
+    Raises
+    ------
+    ModelLoadError
+        The directory is missing or holds no MedGemma (``resolve_model_dir``), or ``dtype`` is unknown.
+
+    Examples
+    --------
+    >>> with MedGemmaRunner(model_dir) as runner:          # doctest: +SKIP
+    ...     result = runner.generate(request, on_token=print)
+    """
+
+    def __init__(self, model_dir: str | Path, *, device: str | None = None, dtype: Any = None) -> None:
+        self.model_dir = resolve_model_dir(model_dir, "medgemma")
+        self.identity: ModelIdentity = model_identity(self.model_dir)
+        self._requested_device = device
+        self._requested_dtype = _dtype_name(dtype, self.model_dir)
+        self._model: Any = None
+        self._processor: Any = None
+        self._device: Any = None
+        self._lock = threading.Lock()
+        self.context_length: int | None = None
+        self.eos_token_ids: tuple[int, ...] = ()
+        self._sampling_defaults: dict[str, Any] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def device(self) -> str | None:
+        """The device the model is on once loaded."""
+        return None if self._device is None else str(self._device)
+
+    @property
+    def processor(self) -> Any:
+        """The checkpoint's ``Gemma3Processor`` (after :meth:`load`)."""
+        self._require_loaded()
+        return self._processor
+
+    @property
+    def model(self) -> Any:
+        """The ``Gemma3ForConditionalGeneration`` (after :meth:`load`)."""
+        self._require_loaded()
+        return self._model
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The checkpoint's temperature/top_p/top_k (``generation_config.json``), used only when
+        sampling and a request leaves them unset; None where the checkpoint sets none."""
+        return dict(self._sampling_defaults)
+
+    def load(self) -> MedGemmaRunner:
+        """Load the model and processor from the model directory (once; later calls do nothing).
+
+        Returns
+        -------
+        MedGemmaRunner
+            ``self``, so ``runner = MedGemmaRunner(d).load()`` works.
+
+        Raises
+        ------
+        ModelLoadError
+            The weights, configuration or processor files cannot be loaded, the checkpoint is
+            not a Gemma 3 image-text model, or the device has not enough memory; the message
+            names the directory and the reason.
+        """
+        with self._lock:
+            if self._model is None:
+                self._load()
+        return self
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+        started = time.perf_counter()
+        device = torch.device(self._requested_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype_name = self._requested_dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        dtype = getattr(torch, dtype_name)
+        try:
+            processor = AutoProcessor.from_pretrained(self.model_dir)
+            model = Gemma3ForConditionalGeneration.from_pretrained(
+                self.model_dir, dtype=dtype, attn_implementation="sdpa"
+            )
+            model.to(device).eval()
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as exc:
+            raise ModelLoadError(
+                f"{self.model_dir}: cannot load MedGemma on {device} as {dtype_name}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        for attribute in ("image_processor", "tokenizer", "chat_template"):
+            if getattr(processor, attribute, None) is None:
+                raise ModelLoadError(
+                    f"{self.model_dir}: the processor has no {attribute}; MedGemma needs the "
+                    "checkpoint's processor_config.json, tokenizer and chat template"
+                )
+        self._model = model
+        self._processor = processor
+        self._device = device
+        self.context_length = int(model.config.get_text_config().max_position_embeddings)
+        self.eos_token_ids = _eos_ids(model.generation_config.eos_token_id, processor.tokenizer)
+        # transformers fills unset generate() options from model.generation_config, so the
+        # checkpoint's sampling defaults would reach (and warn in) greedy runs; keep them aside
+        # and apply them only when sampling.
+        self._sampling_defaults = {
+            name: getattr(model.generation_config, name, None) for name in _SAMPLING_OPTIONS
+        }
+        for name in _SAMPLING_OPTIONS:
+            setattr(model.generation_config, name, None)
+        model.generation_config.do_sample = False
+        n_parameters = sum(parameter.numel() for parameter in model.parameters())
+        logger.info(
+            "MedGemma %s (%s) loaded from %s on %s as %s in %.1f s: %.1fM parameters, context %d tokens",
+            self.identity.name, self.identity.version, self.model_dir, device, dtype_name,
+            time.perf_counter() - started, n_parameters / 1e6, self.context_length,
+        )
+        if self.identity.random_weights:
+            logger.warning("MedGemma %s has RANDOM WEIGHTS: its reports are meaningless", self.identity.name)
+
+    def close(self) -> None:
+        """Free the model (and GPU memory); :meth:`load` may be called again afterwards."""
+        with self._lock:
+            if self._model is None:
+                return
+            device = self._device
+            self._model = None
+            self._processor = None
+            self._device = None
+            gc.collect()
+            if device is not None and device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+            logger.info("MedGemma %s unloaded", self.identity.name)
+
+    def __enter__(self) -> MedGemmaRunner:
+        return self.load()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- run ---------------------------------------------------------------------------------
+
+    def prepare_inputs(self, request: ReportRequest) -> Any:
+        """The processor's model inputs for ``request`` (token ids, pixel values…), on the CPU.
+
+        Raises
+        ------
+        InputError
+            The processor refuses the messages (e.g. an image it cannot read); ``source`` is
+            ``request.source``.
+        """
+        self._require_loaded()
+        try:
+            return self._processor.apply_chat_template(
+                request.messages,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InputError(
+                request.source, f"the MedGemma processor cannot build the prompt ({request.prompt_id}): {exc}"
+            ) from exc
+
+    def generate(
+        self, request: ReportRequest, *, on_token: Callable[[str], None] | None = None
+    ) -> ReportResult:
+        """Generate the report text of one request.
+
+        Parameters
+        ----------
+        request:
+            Messages, prompt id and settings, from ``report_inputs.build_report_request``.
+        on_token:
+            Called with each new piece of decoded text while generating (the pieces concatenate
+            to ``ReportResult.text``). An exception raised by it stops the generation and
+            propagates.
+
+        Returns
+        -------
+        ReportResult
+
+        Raises
+        ------
+        RuntimeError
+            :meth:`load` was not called, or the device ran out of memory (the message names the
+            series and the prompt size).
+        InputError
+            The prompt (images and text) is longer than the model's context.
+        """
+        if not isinstance(request, ReportRequest):
+            raise TypeError(f"request must be a ReportRequest, got {type(request).__name__}")
+        with self._lock:
+            return self._generate(request, on_token)
+
+    def generate_batch(self, requests: Sequence[ReportRequest]) -> list[ReportResult | InputError]:
+        """One result per request, in order: a ``ReportResult`` or the request's ``InputError``."""
+        results: list[ReportResult | InputError] = []
+        for request in requests:
+            try:
+                results.append(self.generate(request))
+            except InputError as exc:
+                logger.warning("report for %s not generated: %s", exc.source, exc.reason)
+                results.append(exc)
+        return results
+
+    def _generate(self, request: ReportRequest, on_token: Callable[[str], None] | None) -> ReportResult:
+        import torch
+
+        started = time.perf_counter()
+        inputs = self.prepare_inputs(request)
+        n_prompt = int(inputs["input_ids"].shape[1])
+        settings = self._effective_settings(request.settings)
+        warnings = list(request.warnings)
+        max_new_tokens = self._token_budget(request, n_prompt, warnings)
+        inputs = inputs.to(self._device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+        generation_config = self._generation_config(settings, max_new_tokens)
+        streamer = _IncrementalTextStreamer(self._processor.tokenizer, on_token) if on_token else None
+        preprocess_seconds = time.perf_counter() - started
+        generate_started = time.perf_counter()
+        try:
+            with self._seeded(settings), torch.inference_mode():
+                output = self._model.generate(
+                    **inputs, generation_config=generation_config, streamer=streamer
+                )
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise RuntimeError(
+                f"out of GPU memory drafting the report of {request.source}: {n_prompt} prompt tokens "
+                f"({request.n_images} images) + {max_new_tokens} new tokens"
+            ) from exc
+        seconds = time.perf_counter() - generate_started
+        token_ids = [int(token) for token in output[0, n_prompt:].tolist()]
+        text = self._processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+        stopped = bool(token_ids) and token_ids[-1] in self.eos_token_ids
+        finish_reason: FinishReason = "stop" if stopped else "length"
+        if streamer is not None and streamer.streamed_text != text:
+            # Only possible with a tokenizer whose decoding of a prefix is not a prefix of the decoding.
+            warnings.append("the streamed text differs from the final text; use the final text")
+        if not text.strip():
+            warnings.append(
+                f"MedGemma generated no text ({len(token_ids)} token(s), finish reason {finish_reason}); "
+                "there is no draft to report"
+            )
+        if finish_reason == "length":
+            warnings.append(f"cut off at max_new_tokens={max_new_tokens}: the draft may be incomplete")
+        result = ReportResult(
+            text=text,
+            token_ids=token_ids,
+            n_prompt_tokens=n_prompt,
+            n_generated_tokens=len(token_ids),
+            finish_reason=finish_reason,
+            seconds=seconds,
+            tokens_per_second=len(token_ids) / seconds if seconds > 0 else 0.0,
+            settings=settings,
+            prompt_id=request.prompt_id,
+            prompt_version=request.prompt_version,
+            preprocess_seconds=preprocess_seconds,
+            warnings=warnings,
+        )
+        logger.info(
+            "%s: %d prompt tokens (%d images), %d generated in %.2f s (%.1f tok/s), finish %s",
+            request.source, n_prompt, request.n_images, len(token_ids), seconds,
+            result.tokens_per_second, finish_reason,
+        )
+        return result
+
+    def _token_budget(self, request: ReportRequest, n_prompt: int, warnings: list[str]) -> int:
+        context = self.context_length or 0
+        wanted = request.settings.max_new_tokens
+        if n_prompt >= context:
+            raise InputError(
+                request.source,
+                f"the prompt is {n_prompt} tokens ({request.n_images} images plus text, prompt "
+                f"{request.prompt_id}) and MedGemma's context is {context} tokens: send fewer images "
+                "(max_images in prompts.yaml) or a shorter prompt",
+            )
+        if n_prompt + wanted > context:
+            budget = context - n_prompt
+            warnings.append(
+                f"max_new_tokens reduced from {wanted} to {budget}: the {n_prompt}-token prompt leaves "
+                f"only that much of the {context}-token context"
+            )
+            return budget
+        return wanted
+
+    def _effective_settings(self, settings: GenerationSettings) -> GenerationSettings:
+        """``settings`` with the checkpoint's sampling defaults filled in, so results record them."""
+        if not settings.do_sample:
+            return settings
+        filled = {
+            name: self._sampling_defaults[name]
+            for name in _SAMPLING_OPTIONS
+            if getattr(settings, name) is None and self._sampling_defaults.get(name) is not None
+        }
+        return replace(settings, **filled) if filled else settings
+
+    def _generation_config(self, settings: GenerationSettings, max_new_tokens: int) -> Any:
+        config = copy.deepcopy(self._model.generation_config)
+        config.max_new_tokens = max_new_tokens
+        config.max_length = None
+        config.do_sample = settings.do_sample
+        config.num_beams = 1
+        if settings.do_sample:
+            for name in _SAMPLING_OPTIONS:
+                setattr(config, name, getattr(settings, name))
+        if settings.repetition_penalty is not None:
+            config.repetition_penalty = settings.repetition_penalty
+        return config
+
+    @contextlib.contextmanager
+    def _seeded(self, settings: GenerationSettings) -> Iterator[None]:
+        """Seed a sampled generation without disturbing the caller's random state."""
+        if not (settings.do_sample and settings.seed is not None):
+            yield
+            return
+        import torch
+
+        cuda_devices = []
+        if self._device.type == "cuda":
+            index = self._device.index
+            cuda_devices = [index if index is not None else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(settings.seed)
+            yield
+
+    def _require_loaded(self) -> None:
+        if self._model is None:
+            raise RuntimeError(
+                f"MedGemmaRunner({self.model_dir}) is not loaded: call load() or use it in a with block"
+            )
+
+
+class _IncrementalTextStreamer(BaseStreamer):
+    """Hands newly decoded text to a callback, token by token, without a thread.
+
+    ``generate`` first puts the prompt (skipped), then each new token. The generated ids so far
+    are decoded as a whole each time and the new suffix is passed on, except while the text ends
+    in an incomplete UTF-8 sequence (byte-fallback tokens of a multi-byte character), which is
+    held back until its last byte arrives; ``end`` flushes whatever is left.
+    """
+
+    def __init__(self, tokenizer: Any, on_token: Callable[[str], None]) -> None:
+        self._tokenizer = tokenizer
+        self._on_token = on_token
+        self._prompt_seen = False
+        self._token_ids: list[int] = []
+        self.streamed_text = ""
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self._token_ids.extend(int(token) for token in value.reshape(-1).tolist())
+        self._flush(final=False)
+
+    def end(self) -> None:
+        self._flush(final=True)
+
+    def _flush(self, *, final: bool) -> None:
+        text = self._tokenizer.decode(self._token_ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return
+        if text.startswith(self.streamed_text) and len(text) > len(self.streamed_text):
+            piece = text[len(self.streamed_text):]
+            self.streamed_text = text
+            self._on_token(piece)
+
+
+def _dtype_name(dtype: Any, model_dir: Path) -> str | None:
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ModelLoadError(f"{model_dir}: dtype {dtype!r} is not supported; use {', '.join(_DTYPES)}")
+    return name
+
+
+def _eos_ids(configured: int | list[int] | None, tokenizer: Any) -> tuple[int, ...]:
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if not ids and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id]
+    return tuple(int(token) for token in ids)

@@ -1,0 +1,318 @@
+"""MedGemma runner on the tiny random model: greedy parity, streaming, limits, errors, lifecycle.
+
+The tiny model is the real ``Gemma3ForConditionalGeneration`` with the real processor classes,
+built once per session (``tiny_medgemma_dir``). Parity tests compare the runner with plain
+``model.generate`` on processor inputs built here, independently of the runner.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import highdicom
+import pytest
+import torch
+from transformers import AutoProcessor, Gemma3ForConditionalGeneration, Gemma3Processor
+
+from medgemma_deploy.errors import InputError, ModelLoadError
+from medgemma_deploy.model_dir import model_identity
+from medgemma_deploy.operators.dicom_common import RANDOM_WEIGHTS_WARNING
+from medgemma_deploy.operators.domain import AlgorithmInfo
+from medgemma_deploy.operators.medgemma import MedGemmaRunner, ReportResult
+from medgemma_deploy.operators.report_inputs import (
+    GenerationSettings,
+    PromptBook,
+    ReportRequest,
+    build_report_request,
+)
+from medgemma_deploy.operators.report_sr_writer import build_report_sr
+from medgemma_deploy.operators.report_text import split_report
+from medgemma_deploy.testmodels.gemma import TINY_MEDGEMMA_NAME, make_test_medgemma
+from tests.dciodvfy import requires_dciodvfy, run_dciodvfy
+from tests.test_report_inputs import make_cr_series, make_ct_series
+
+
+@pytest.fixture(scope="session")
+def tiny_medgemma_dir(tmp_path_factory) -> Path:
+    """The tiny random MedGemma (real ``Gemma3ForConditionalGeneration``), built once per session."""
+    return make_test_medgemma(tmp_path_factory.mktemp("models") / "medgemma", seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The tiny model is far faster on one thread on a busy 2-core machine (no spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_medgemma_dir):
+    with MedGemmaRunner(tiny_medgemma_dir, device="cpu") as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def prompts() -> PromptBook:
+    return PromptBook.load()
+
+
+def _plain_generate(model_dir: Path, request: ReportRequest, max_new_tokens: int) -> list[int]:
+    """Token ids from a fresh processor and model, the way a Hugging Face user would do it."""
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = Gemma3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    inputs = processor.apply_chat_template(
+        request.messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+    return output[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+# -- the tiny model ----------------------------------------------------------------------------
+
+
+def test_tiny_model_is_deterministic_and_marked_random(tiny_medgemma_dir, tmp_path):
+    identity = model_identity(tiny_medgemma_dir)
+    assert identity.name == TINY_MEDGEMMA_NAME
+    assert identity.random_weights is True
+    again = make_test_medgemma(tmp_path / "again", seed=0)
+    assert model_identity(again).version == identity.version
+    weights = (tiny_medgemma_dir / "model.safetensors").read_bytes()
+    assert (again / "model.safetensors").read_bytes() == weights
+    other = make_test_medgemma(tmp_path / "other", seed=1)
+    assert model_identity(other).version != identity.version
+    generation = json.loads((tiny_medgemma_dir / "generation_config.json").read_text())
+    processor = AutoProcessor.from_pretrained(tiny_medgemma_dir)
+    eos = processor.tokenizer.convert_tokens_to_ids(["<eos>", "<end_of_turn>"])
+    assert generation["eos_token_id"] == eos
+
+
+def test_tiny_processor_expands_images_and_folds_the_system_prompt(tiny_medgemma_dir, prompts):
+    processor = AutoProcessor.from_pretrained(tiny_medgemma_dir)
+    assert isinstance(processor, Gemma3Processor)
+    config = json.loads((tiny_medgemma_dir / "config.json").read_text())
+    tokenizer = processor.tokenizer
+    for token in ("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                  "<end_of_image>", "<image_soft_token>"):
+        assert tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id, token
+    assert config["image_token_index"] == tokenizer.convert_tokens_to_ids("<image_soft_token>")
+    assert config["boi_token_index"] == tokenizer.convert_tokens_to_ids("<start_of_image>")
+    request = build_report_request(make_ct_series(3), prompts, settings=GenerationSettings())
+    inputs = processor.apply_chat_template(
+        request.messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.count(config["image_token_index"]) == 3 * config["mm_tokens_per_image"]
+    assert ids.count(config["boi_token_index"]) == 3
+    assert ids.count(tokenizer.bos_token_id) == 1
+    assert inputs["pixel_values"].shape[0] == 3
+    text = processor.decode(ids)
+    assert text.startswith("<bos><start_of_turn>user\nYou are an expert radiologist.\n\nYou are analyzing")
+    assert text.endswith("<end_of_turn>\n<start_of_turn>model\n")
+
+
+# -- generation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["cr", "ct"])
+def test_greedy_generation_matches_plain_transformers(runner, tiny_medgemma_dir, prompts, kind):
+    series = make_cr_series(grey=0.3) if kind == "cr" else make_ct_series(4)
+    settings = GenerationSettings(max_new_tokens=12)
+    request = build_report_request(series, prompts, settings=settings)
+    result = runner.generate(request)
+    expected = _plain_generate(tiny_medgemma_dir, request, 12)
+    assert result.token_ids == expected
+    assert result.n_generated_tokens == len(expected)
+    assert result.n_prompt_tokens == runner.prepare_inputs(request)["input_ids"].shape[1]
+    assert result.text == runner.processor.tokenizer.decode(expected, skip_special_tokens=True)
+    assert result.settings is settings
+    assert result.prompt_id == request.prompt_id
+    if result.finish_reason == "length":
+        assert result.n_generated_tokens == 12
+        assert any("max_new_tokens=12" in warning for warning in result.warnings)
+    else:
+        assert result.token_ids[-1] in runner.eos_token_ids
+    assert result.seconds > 0
+    assert result.tokens_per_second == pytest.approx(result.n_generated_tokens / result.seconds)
+
+
+def test_the_image_changes_the_report(runner, prompts):
+    """The projector is random, not zero: different pixels give different greedy tokens."""
+    settings = GenerationSettings(max_new_tokens=16)
+    dark = runner.generate(build_report_request(make_cr_series(grey=0.0), prompts, settings=settings))
+    bright = runner.generate(build_report_request(make_cr_series(grey=1.0), prompts, settings=settings))
+    assert dark.token_ids != bright.token_ids
+
+
+def test_streamed_pieces_concatenate_to_the_final_text(runner, prompts):
+    pieces: list[str] = []
+    request = build_report_request(make_ct_series(3), prompts, settings=GenerationSettings(max_new_tokens=24))
+    result = runner.generate(request, on_token=pieces.append)
+    assert "".join(pieces) == result.text
+    assert len(pieces) > 1
+    assert all(pieces)
+    assert result.token_ids == runner.generate(request).token_ids  # streaming changes nothing
+
+
+def test_an_exception_in_on_token_cancels_generation(runner, prompts):
+    class CancelledError(Exception):
+        pass
+
+    def cancel(piece: str) -> None:
+        raise CancelledError(piece)
+
+    request = build_report_request(make_cr_series(), prompts, settings=GenerationSettings(max_new_tokens=8))
+    with pytest.raises(CancelledError):
+        runner.generate(request, on_token=cancel)
+    assert runner.generate(request).n_generated_tokens > 0  # the runner still works afterwards
+
+
+def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(runner, tiny_medgemma_dir, prompts):
+    settings = GenerationSettings(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50, seed=7)
+    request = build_report_request(make_cr_series(), prompts, settings=settings)
+    state = torch.random.get_rng_state()
+    first = runner.generate(request)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert runner.generate(request).token_ids == first.token_ids
+    # What was set is kept; what was not comes from the checkpoint and is recorded as used.
+    checkpoint = json.loads((tiny_medgemma_dir / "generation_config.json").read_text())
+    assert first.settings.do_sample is True
+    assert (first.settings.temperature, first.settings.top_k, first.settings.seed) == (1.5, 50, 7)
+    assert first.settings.top_p == checkpoint["top_p"]
+    greedy = runner.generate(build_report_request(make_cr_series(), prompts,
+                                                  settings=GenerationSettings(max_new_tokens=10)))
+    assert greedy.settings.top_p is None
+
+
+def test_stop_token_gives_finish_reason_stop(tiny_medgemma_dir, prompts):
+    request = build_report_request(make_cr_series(), prompts, settings=GenerationSettings(max_new_tokens=8))
+    with MedGemmaRunner(tiny_medgemma_dir, device="cpu") as forced:
+        first_token = forced.generate(request).token_ids[0]
+        # Make the first greedy token a stop token: generation must end there with "stop".
+        forced.model.generation_config.eos_token_id = [first_token]
+        forced.eos_token_ids = (first_token,)
+        result = forced.generate(request)
+    assert result.token_ids == [first_token]
+    assert result.finish_reason == "stop"
+
+
+def test_empty_generation_is_flagged(tiny_medgemma_dir, prompts):
+    request = build_report_request(make_cr_series(), prompts, settings=GenerationSettings(max_new_tokens=1))
+    with MedGemmaRunner(tiny_medgemma_dir, device="cpu") as forced:
+        # Force <end_of_turn> as the last (here: only) token: the model says nothing.
+        end_of_turn = forced.processor.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        forced.model.generation_config.forced_eos_token_id = end_of_turn
+        result = forced.generate(request)
+    assert result.token_ids == [end_of_turn]
+    assert result.text == ""
+    assert result.finish_reason == "stop"
+    assert any("generated no text" in warning for warning in result.warnings)
+
+
+def test_prompt_longer_than_the_context_is_an_input_error(tiny_medgemma_dir, prompts):
+    series = make_ct_series(5)
+    request = build_report_request(series, prompts, settings=GenerationSettings(max_new_tokens=50))
+    with MedGemmaRunner(tiny_medgemma_dir, device="cpu") as small:
+        n_prompt = small.prepare_inputs(request)["input_ids"].shape[1]
+        small.context_length = n_prompt - 1
+        with pytest.raises(InputError) as raised:
+            small.generate(request)
+        assert raised.value.source == series.series_instance_uid
+        assert f"the prompt is {n_prompt} tokens" in raised.value.reason
+        assert "5 images" in raised.value.reason
+        # Fits, but not with 50 new tokens: the budget shrinks, and the result says so.
+        small.context_length = n_prompt + 3
+        result = small.generate(request)
+        assert result.n_generated_tokens <= 3
+        assert any("max_new_tokens reduced from 50 to 3" in warning for warning in result.warnings)
+        short = build_report_request(make_cr_series(), prompts, settings=GenerationSettings(max_new_tokens=2))
+        outcomes = small.generate_batch([request, short])
+        small.context_length = n_prompt - 1
+        outcomes_after = small.generate_batch([request])
+    assert isinstance(outcomes[0], ReportResult)
+    assert isinstance(outcomes[1], ReportResult)
+    assert isinstance(outcomes_after[0], InputError)
+
+
+# -- lifecycle and errors ------------------------------------------------------------------------
+
+
+def test_lifecycle(tiny_medgemma_dir, prompts):
+    runner = MedGemmaRunner(tiny_medgemma_dir, device="cpu")
+    assert runner.identity.random_weights is True
+    request = build_report_request(make_cr_series(), prompts, settings=GenerationSettings(max_new_tokens=2))
+    with pytest.raises(RuntimeError, match="not loaded"):
+        runner.generate(request)
+    assert runner.load() is runner
+    assert runner.is_loaded
+    assert runner.device == "cpu"
+    assert runner.model.dtype == torch.float32
+    assert runner.model.config._attn_implementation == "sdpa"
+    assert runner.context_length == runner.model.config.text_config.max_position_embeddings
+    runner.close()
+    assert not runner.is_loaded
+    with pytest.raises(RuntimeError, match="not loaded"):
+        runner.generate(request)
+
+
+def test_models_root_is_accepted(tiny_medgemma_dir):
+    runner = MedGemmaRunner(tiny_medgemma_dir.parent, device="cpu")
+    assert runner.model_dir == tiny_medgemma_dir
+
+
+def test_load_errors_name_the_directory(tmp_path, tiny_medgemma_dir):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        MedGemmaRunner(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_medgemma_dir / "config.json").read_text())
+    runner = MedGemmaRunner(broken, device="cpu")
+    with pytest.raises(ModelLoadError) as raised:
+        runner.load()
+    assert str(broken) in str(raised.value)
+    assert not runner.is_loaded
+    with pytest.raises(ModelLoadError, match="dtype"):
+        MedGemmaRunner(tiny_medgemma_dir, dtype="int8")
+
+
+def test_bfloat16_on_cpu_when_asked(tiny_medgemma_dir, prompts):
+    request = build_report_request(make_cr_series(), prompts, settings=GenerationSettings(max_new_tokens=3))
+    with MedGemmaRunner(tiny_medgemma_dir, device="cpu", dtype=torch.bfloat16) as runner:
+        assert runner.model.dtype == torch.bfloat16
+        result = runner.generate(request)
+    assert 1 <= result.n_generated_tokens <= 3
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+
+@requires_dciodvfy
+def test_generated_draft_becomes_a_validator_clean_report_sr(runner, prompts, tmp_path):
+    series = make_ct_series(6)
+    request = build_report_request(
+        series, prompts, settings=GenerationSettings(max_new_tokens=40),
+        findings_context=[("pulmonary nodule", 0.7)],
+    )
+    result = runner.generate(request)
+    sections = split_report(result.text)
+    if sections.is_empty:
+        pytest.skip("the random model generated no text for this input; nothing to write")
+    algorithm = AlgorithmInfo(runner.identity.name, runner.identity.version)
+    path = tmp_path / "draft.dcm"
+    document = build_report_sr(series, result, request, runner.identity, algorithm)
+    document.save_as(path, enforce_file_format=True)
+    assert run_dciodvfy(path) == []
+    read = highdicom.sr.srread(path)
+    section_texts = [
+        str(child.TextValue)
+        for item in read.ContentSequence
+        if item.ValueType == "CONTAINER"
+        for child in item.ContentSequence
+    ]
+    assert section_texts == [text for text in (sections.findings, sections.impression) if text]
+    comments = " ".join(str(item.TextValue) for item in read.ContentSequence if item.ValueType == "TEXT")
+    assert RANDOM_WEIGHTS_WARNING in comments
+    assert "pulmonary nodule (p=0.70)" in comments
