@@ -76,3 +76,28 @@ def test_app_without_models_exits_2_with_one_line(study, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "not a medsiglip model directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("app", "extra", "kinds"),
+    [
+        ("report", ["--with-findings"], ["REPORT-SR", "REPORT-SR"]),
+        ("study", [], ["REPORT-SR", "REPORT-SR", "SEG", "SEG", "SR", "SR"]),
+    ],
+)
+def test_report_and_study_apps_run_end_to_end(app, extra, kinds, study, tiny_models_root, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", f"medgemma_deploy.apps.{app}", "-i", str(study), "-o", str(out),
+         "-m", str(tiny_models_root), "--max-new-tokens", "8", *extra],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"] == app
+    assert sorted(o["kind"] for o in results["outputs"]) == kinds
+    for series in results["series"]:
+        assert series["report"]["findings_grounded"] is (app == "report")
+        assert series["report"]["settings"]["max_new_tokens"] == 8
+    for output in results["outputs"]:
+        assert run_dciodvfy(out / output["path"]) == [], output["path"]
