@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from medgemma_deploy.engine import PipelineEngine
+from medgemma_deploy.engine import PipelineEngine, check_input_path
 from medgemma_deploy.errors import UsageError
 from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
 from medgemma_deploy.operators.report_inputs import GenerationSettings
@@ -135,7 +135,4 @@ def run_app(app_class: type, module: str, argv: Sequence[str] | None = None) -> 
 
 def input_and_output(app_context: object) -> tuple[Path, Path]:
     """The app's input path (checked) and output folder, from MONAI Deploy's app context."""
-    input_path = Path(app_context.input_path)
-    if not input_path.exists():
-        raise UsageError(f"input path {input_path} does not exist")
-    return input_path, Path(app_context.output_path)
+    return check_input_path(Path(app_context.input_path)), Path(app_context.output_path)

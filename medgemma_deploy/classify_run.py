@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from medgemma_deploy.engine import PipelineEngine, check_device
-from medgemma_deploy.errors import UsageError
+from medgemma_deploy.engine import PipelineEngine, check_device, check_input_path
 from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
 from medgemma_deploy.operators.results import RunResults
 
@@ -46,7 +45,6 @@ def run_classify(
     options: ClassifyOptions | None = None,
 ) -> RunResults:
     """One-shot :class:`ClassifyEngine`: load, process ``input_path``, unload."""
-    if not Path(input_path).exists():
-        raise UsageError(f"input path {input_path} does not exist")
+    check_input_path(input_path)
     with ClassifyEngine(models_path, label_files=label_files, device=device, options=options) as engine:
         return engine.process(input_path, output_dir)

@@ -126,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_pipeline(args: argparse.Namespace) -> int:
     from medgemma_deploy.classify_run import ClassifyEngine
+    from medgemma_deploy.engine import check_input_path
     from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
     from medgemma_deploy.settings import resolve_settings
 
@@ -140,8 +141,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
             "with_findings": getattr(args, "with_findings", None),
         }
     )
-    if not args.input.exists():
-        raise UsageError(f"input path {args.input} does not exist")
+    check_input_path(args.input)
     classify_options = ClassifyOptions(
         relevance_top_k=settings.relevance_top_k, write_embeddings=settings.write_embeddings
     )

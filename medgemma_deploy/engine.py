@@ -40,7 +40,7 @@ from medgemma_deploy.operators.report_pipeline import (
 )
 from medgemma_deploy.operators.results import RunResults
 
-__all__ = ["PipelineEngine", "check_device"]
+__all__ = ["PipelineEngine", "check_device", "check_input_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,16 @@ def check_device(device: str | None) -> str | None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {device}: no CUDA GPU is available on this machine (use cpu)")
     return device
+
+
+def check_input_path(input_path: Path) -> Path:
+    """The input file or folder, refused with one line when missing or without any file in it."""
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise UsageError(f"input path {input_path} does not exist")
+    if input_path.is_dir() and not any(p.is_file() for p in input_path.rglob("*")):
+        raise UsageError(f"input folder {input_path} is empty: there are no files to process")
+    return input_path
 
 
 class PipelineEngine:
@@ -160,9 +170,7 @@ class PipelineEngine:
         """
         if (self.needs_medsiglip and self.medsiglip is None) or (self.report and self.medgemma is None):
             raise RuntimeError(f"{type(self).__name__}.process called before open()")
-        input_path, output_dir = Path(input_path), Path(output_dir)
-        if not input_path.exists():
-            raise UsageError(f"input path {input_path} does not exist")
+        input_path, output_dir = check_input_path(input_path), Path(output_dir)
         classify_options, report_options = self.classify_options, self.report_options
         if result_version is not None:
             classify_options = dataclasses.replace(classify_options, result_version=result_version)

@@ -34,6 +34,7 @@ __all__ = [
     "SPECIFIC_CHARACTER_SET",
     "algorithm_identification",
     "check_numbering",
+    "declare_private_schemes",
     "derived_uid",
     "device_observer_context",
     "manufacturer_attributes",
@@ -329,3 +330,32 @@ def _check_algorithm_info(info: AlgorithmInfo) -> None:
         raise ValueError(
             f"algorithm must have a name and a version, got name={info.name!r} version={info.version!r}"
         )
+
+
+#: Private coding schemes our label sets may use (PS3.16 8.2: designators starting with "99").
+PRIVATE_CODING_SCHEMES: dict[str, tuple[str, str]] = {
+    "99MEDGEMMA": ("medgemma-deploy findings", "medgemma-deploy project"),
+}
+
+
+def declare_private_schemes(dataset: Dataset, codes: Sequence[Code]) -> None:
+    """Add a Coding Scheme Identification item (PS3.3 C.12.1) for each private scheme in ``codes``.
+
+    Receivers can only interpret a private code when the object names its scheme; standard schemes
+    (SCT, DCM, LN, RADLEX…) are known from PS3.16 and need no entry.
+    """
+    designators = sorted({c.scheme_designator for c in codes if c.scheme_designator.startswith("99")})
+    if not designators:
+        return
+    sequence = list(dataset.get("CodingSchemeIdentificationSequence", []))
+    present = {str(item.CodingSchemeDesignator) for item in sequence}
+    for designator in designators:
+        if designator in present:
+            continue
+        name, organization = PRIVATE_CODING_SCHEMES.get(designator, (designator, "unknown (site-defined)"))
+        item = Dataset()
+        item.CodingSchemeDesignator = designator
+        item.CodingSchemeName = name
+        item.CodingSchemeResponsibleOrganization = organization
+        sequence.append(item)
+    dataset.CodingSchemeIdentificationSequence = sequence

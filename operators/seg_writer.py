@@ -46,6 +46,7 @@ from medgemma_deploy.operators.dicom_common import (
     RANDOM_WEIGHTS_WARNING,
     SPECIFIC_CHARACTER_SET,
     check_numbering,
+    declare_private_schemes,
     derived_uid,
     manufacturer_attributes,
     prepare_sources,
@@ -172,6 +173,8 @@ def build_relevance_segmentations(
         )
         for number, group in enumerate(groups, start=1)
     ]
+    for segmentation in segmentations:
+        declare_private_schemes(segmentation, [findings[key].code for key in keys])
     logger.info(
         "series %s: %d relevance SEG(s), %d segment(s) each",
         series.series_instance_uid, len(segmentations), len(keys),

@@ -43,6 +43,7 @@ from medgemma_deploy.operators.dicom_common import (
     SPECIFIC_CHARACTER_SET,
     algorithm_identification,
     check_numbering,
+    declare_private_schemes,
     derived_uid,
     device_observer_context,
     manufacturer_attributes,
@@ -192,6 +193,7 @@ def build_findings_sr(
             f"highdicom cannot derive the findings SR of series {series.series_instance_uid} from its "
             f"{len(source_uids)} source image(s), starting with this one: {type(exc).__name__}: {exc}",
         ) from exc
+    declare_private_schemes(document, [score.finding.code for score in classification.scores])
     logger.info(
         "series %s: findings SR with %d finding(s), %d SEG reference(s)",
         series.series_instance_uid, len(groups), len(referenced),

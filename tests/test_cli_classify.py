@@ -115,8 +115,12 @@ def _cli(*args):
 
 
 def _io(tmp, models, input_name=None, models_path=None):
+    if input_name is None:  # a non-empty input folder; the model check comes first anyway
+        input_name = "in"
+        (tmp / "in").mkdir(exist_ok=True)
+        (tmp / "in" / "file.dcm").write_bytes(b"not read")
     return [
-        "-i", str(tmp / input_name) if input_name else str(tmp),
+        "-i", str(tmp / input_name),
         "-o", str(tmp / "o"),
         "-m", str(models_path(tmp) if models_path else models),
     ]  # fmt: skip
@@ -129,8 +133,9 @@ def _io(tmp, models, input_name=None, models_path=None):
         (lambda tmp, models: _io(tmp, models, models_path=lambda t: t / "no-models"), "does not exist"),
         (lambda tmp, models: _io(tmp, models, models_path=lambda t: t), "not a medsiglip model"),
         (lambda tmp, models: [*_io(tmp, models), "--device", "tpu"], "device"),
+        (lambda tmp, models: _io(tmp, models, input_name=(tmp / "empty").mkdir() or "empty"), "is empty"),
     ],
-    ids=["missing-input", "missing-models", "not-a-model-dir", "bad-device"],
+    ids=["missing-input", "missing-models", "not-a-model-dir", "bad-device", "empty-input"],
 )
 def test_usage_errors_exit_2_with_one_line_and_no_traceback(make_args, message, tiny_models_root, tmp_path):
     proc = _cli("classify", *make_args(tmp_path, tiny_models_root))

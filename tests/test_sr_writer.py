@@ -340,3 +340,19 @@ def test_highdicom_refusal_becomes_an_input_error_naming_the_source(
     with pytest.raises(InputError, match="bad patient attribute") as raised:
         build_findings_sr(make_classification(ct_series), ALGORITHM)
     assert raised.value.source == ct_series.frames[0].sop_instance_uid
+
+
+def test_private_finding_codes_declare_their_coding_scheme(cr_series, make_classification):
+    from medgemma_deploy.operators.dicom_common import declare_private_schemes
+    from medgemma_deploy.operators.domain import Code
+
+    classification = make_classification(cr_series)
+    ds = build_findings_sr(classification, ALGORITHM)
+    standard_only = {c.scheme_designator for c in (s.finding.code for s in classification.scores)}
+    declared = {str(i.CodingSchemeDesignator) for i in ds.get("CodingSchemeIdentificationSequence", [])}
+    assert not {d for d in standard_only if d.startswith("99")} - declared
+    declare_private_schemes(ds, [Code("MGD0001", "99MEDGEMMA", "private finding")])
+    declare_private_schemes(ds, [Code("MGD0002", "99MEDGEMMA", "another")])  # declared once only
+    items = [i for i in ds.CodingSchemeIdentificationSequence if i.CodingSchemeDesignator == "99MEDGEMMA"]
+    assert len(items) == 1 and items[0].CodingSchemeName == "medgemma-deploy findings"
+    assert_dciodvfy_clean(ds)

@@ -1,0 +1,7 @@
+"""``python -m medgemma_deploy.apps.listener``: the same as ``medgemma-deploy listen``."""
+
+import sys
+
+from medgemma_deploy.commands.listen import main
+
+sys.exit(main())
