@@ -32,67 +32,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
-
-from transformers.generation.streamers import BaseStreamer
+from typing import Any
 
 from medgemma_deploy.errors import InputError, ModelLoadError
 from medgemma_deploy.model_dir import model_identity, resolve_model_dir
 from medgemma_deploy.operators.domain import ModelIdentity
+from medgemma_deploy.operators.medgemma_generation import (
+    FinishReason,
+    IncrementalTextStreamer,
+    ReportResult,
+    dtype_name,
+    eos_ids,
+)
 from medgemma_deploy.operators.report_inputs import GenerationSettings, ReportRequest
 
-# GenerationSettings and ReportRequest are defined with the request builder and re-exported here.
+# GenerationSettings and ReportRequest are defined with the request builder, ReportResult in
+# medgemma_generation.py; all three are re-exported here.
 __all__ = ["GenerationSettings", "MedGemmaRunner", "ReportRequest", "ReportResult"]
 
 logger = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length"]
-
-_DTYPES = ("float32", "bfloat16", "float16")
 #: Generation options that only apply when sampling.
 _SAMPLING_OPTIONS = ("temperature", "top_p", "top_k")
-
-
-@dataclass
-class ReportResult:
-    """MedGemma's output for one request, with what it cost and how it ended.
-
-    ``text`` is the decoded generated text (special tokens dropped, otherwise as generated);
-    ``token_ids`` are the generated ids, the stop token included when ``finish_reason`` is
-    ``"stop"``. ``seconds`` times ``generate`` only (prefill + decode); ``preprocess_seconds``
-    the chat template and image processing.
-    """
-
-    text: str
-    token_ids: list[int]
-    n_prompt_tokens: int
-    n_generated_tokens: int
-    finish_reason: FinishReason
-    seconds: float
-    tokens_per_second: float
-    settings: GenerationSettings
-    prompt_id: str
-    prompt_version: str = ""
-    preprocess_seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready summary (no token ids), for results.json."""
-        return {
-            "text": self.text,
-            "n_prompt_tokens": self.n_prompt_tokens,
-            "n_generated_tokens": self.n_generated_tokens,
-            "finish_reason": self.finish_reason,
-            "seconds": round(self.seconds, 3),
-            "preprocess_seconds": round(self.preprocess_seconds, 3),
-            "tokens_per_second": round(self.tokens_per_second, 2),
-            "settings": self.settings.to_json(),
-            "prompt_id": self.prompt_id,
-            "prompt_version": self.prompt_version,
-            "warnings": list(self.warnings),
-        }
 
 
 class MedGemmaRunner:
@@ -124,7 +87,7 @@ class MedGemmaRunner:
         self.model_dir = resolve_model_dir(model_dir, "medgemma")
         self.identity: ModelIdentity = model_identity(self.model_dir)
         self._requested_device = device
-        self._requested_dtype = _dtype_name(dtype, self.model_dir)
+        self._requested_dtype = dtype_name(dtype, self.model_dir)
         self._model: Any = None
         self._processor: Any = None
         self._device: Any = None
@@ -211,7 +174,7 @@ class MedGemmaRunner:
         self._processor = processor
         self._device = device
         self.context_length = int(model.config.get_text_config().max_position_embeddings)
-        self.eos_token_ids = _eos_ids(model.generation_config.eos_token_id, processor.tokenizer)
+        self.eos_token_ids = eos_ids(model.generation_config.eos_token_id, processor.tokenizer)
         # transformers fills unset generate() options from model.generation_config, so the
         # checkpoint's sampling defaults would reach (and warn in) greedy runs; keep them aside
         # and apply them only when sampling.
@@ -332,7 +295,7 @@ class MedGemmaRunner:
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
         generation_config = self._generation_config(settings, max_new_tokens)
-        streamer = _IncrementalTextStreamer(self._processor.tokenizer, on_token) if on_token else None
+        streamer = IncrementalTextStreamer(self._processor.tokenizer, on_token) if on_token else None
         preprocess_seconds = time.perf_counter() - started
         generate_started = time.perf_counter()
         try:
@@ -446,55 +409,3 @@ class MedGemmaRunner:
             raise RuntimeError(
                 f"MedGemmaRunner({self.model_dir}) is not loaded: call load() or use it in a with block"
             )
-
-
-class _IncrementalTextStreamer(BaseStreamer):
-    """Hands newly decoded text to a callback, token by token, without a thread.
-
-    ``generate`` first puts the prompt (skipped), then each new token. The generated ids so far
-    are decoded as a whole each time and the new suffix is passed on, except while the text ends
-    in an incomplete UTF-8 sequence (byte-fallback tokens of a multi-byte character), which is
-    held back until its last byte arrives; ``end`` flushes whatever is left.
-    """
-
-    def __init__(self, tokenizer: Any, on_token: Callable[[str], None]) -> None:
-        self._tokenizer = tokenizer
-        self._on_token = on_token
-        self._prompt_seen = False
-        self._token_ids: list[int] = []
-        self.streamed_text = ""
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self._token_ids.extend(int(token) for token in value.reshape(-1).tolist())
-        self._flush(final=False)
-
-    def end(self) -> None:
-        self._flush(final=True)
-
-    def _flush(self, *, final: bool) -> None:
-        text = self._tokenizer.decode(self._token_ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):
-            return
-        if text.startswith(self.streamed_text) and len(text) > len(self.streamed_text):
-            piece = text[len(self.streamed_text):]
-            self.streamed_text = text
-            self._on_token(piece)
-
-
-def _dtype_name(dtype: Any, model_dir: Path) -> str | None:
-    if dtype is None:
-        return None
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ModelLoadError(f"{model_dir}: dtype {dtype!r} is not supported; use {', '.join(_DTYPES)}")
-    return name
-
-
-def _eos_ids(configured: int | list[int] | None, tokenizer: Any) -> tuple[int, ...]:
-    ids = [configured] if isinstance(configured, int) else list(configured or [])
-    if not ids and tokenizer.eos_token_id is not None:
-        ids = [tokenizer.eos_token_id]
-    return tuple(int(token) for token in ids)

@@ -27,33 +27,18 @@ as averaging the columns of ``logits_per_image`` (the parity test does exactly t
 
 Relevance maps
 --------------
-SigLIP pools its patch tokens with one attention head (a learned probe attends to all tokens, then
-a layer norm and an MLP with a residual). If the probe attended to patch ``j`` alone, the pooled
-embedding would be ``p_j = z_j + MLP(LN(z_j))`` with ``z_j = out_proj(v_proj(x_j))``: the
-embedding the model itself would produce from that patch, in the joint image-text space
-(:func:`patch_embeddings`; the same idea as MaskCLIP's dense features from the value path).
-A finding's map is ``p̂_j · (mean_i t+_i - mean_i t-_i)`` with ``p̂_j`` normalised: the patch's own
-``(l+ - l-) / exp(logit_scale)``, positive exactly where that patch alone would give the finding a
-softmax probability above 0.5 (without negative prompts: ``p̂_j · mean_i t+_i`` minus its mean over
-the image). It is rectified, divided by its maximum (so it spans [0, 1], or is all zero when no
-patch alone favours the finding), resized from the patch grid to the padded square and cropped
-back to the source pixels. It costs one matrix product per image on top of the forward pass, needs
-no gradients, is deterministic, and depends on the finding only through its text embeddings.
-A map shows *where* the image looks like the finding; *whether* it is there is the probability's job.
-
-:meth:`MedSigLIPRunner.score` keeps each image's patch-grid maps for all findings in a small LRU
-cache (keyed by the image's bytes and the label set), so the usual ``score`` then
-``relevance_maps`` on the same frames runs the vision tower once.
+:meth:`MedSigLIPRunner.relevance_maps` shows *where* an image looks like a finding, from the vision
+tower's patch tokens rather than its pooled embedding. The method, its derivation and the cache that
+lets ``score`` then ``relevance_maps`` on the same frames run the vision tower once are in
+:mod:`medgemma_deploy.operators.relevance`, which defines :func:`patch_embeddings` (re-exported here).
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +53,16 @@ from medgemma_deploy.errors import ModelLoadError
 from medgemma_deploy.model_dir import model_identity, resolve_model_dir
 from medgemma_deploy.operators.classification import ImageScores
 from medgemma_deploy.operators.domain import LabelSet, ModelIdentity
-from medgemma_deploy.operators.preprocess import MedSigLIPPreprocessor, PadGeometry
+from medgemma_deploy.operators.preprocess import MedSigLIPPreprocessor
+from medgemma_deploy.operators.relevance import (
+    RelevanceGridCache,
+    grid_key,
+    grids_to_images,
+    patch_embeddings,
+    relevance_grids,
+)
 
+# patch_embeddings is defined with the rest of the relevance maps in relevance.py and re-exported here.
 __all__ = [
     "MedSigLIPRunner",
     "RunnerNotLoadedError",
@@ -100,33 +93,6 @@ class TextEmbeddings:
     negative: torch.Tensor
     has_negative: torch.Tensor
     n_prompts: int
-
-
-def patch_embeddings(head: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Each patch token pushed through SigLIP's attention-pooling head as if it alone were attended.
-
-    Parameters
-    ----------
-    head:
-        ``SiglipMultiheadAttentionPoolingHead`` (``vision_model.head``).
-    tokens:
-        ``(n, patches, width)``: the vision tower's ``last_hidden_state`` (after ``post_layernorm``).
-
-    Returns
-    -------
-    torch.Tensor
-        ``(n, patches, width)``; entry ``j`` equals ``head(tokens[:, j:j+1])``, because attention over a
-        single key gives it weight 1 in every head.
-    """
-    attention = head.attention
-    width = attention.embed_dim
-    if attention.in_proj_weight is not None:
-        value_weight = attention.in_proj_weight[2 * width :]
-    else:
-        value_weight = attention.v_proj_weight
-    value_bias = attention.in_proj_bias[2 * width :] if attention.in_proj_bias is not None else None
-    pooled = attention.out_proj(F.linear(tokens, value_weight, value_bias))
-    return pooled + head.mlp(head.layernorm(pooled))
 
 
 class MedSigLIPRunner:
@@ -176,7 +142,7 @@ class MedSigLIPRunner:
         self._logit_scale = 0.0
         self._logit_bias = 0.0
         self._text_cache: dict[tuple, TextEmbeddings] = {}
-        self._grid_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._grid_cache = RelevanceGridCache(relevance_cache_size)
         self._lock = threading.Lock()
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -377,9 +343,9 @@ class MedSigLIPRunner:
             probabilities.append(chunk_probabilities.cpu().numpy())
             embeddings.append(pooled.cpu().numpy())
             if self.relevance_cache_size:
-                grids = self._relevance_grids(patches, text)
+                grids = relevance_grids(patches, text, self._grid)
                 for image, grid in zip(chunk, grids, strict=True):
-                    self._remember(_grid_key(label_set, image), grid)
+                    self._grid_cache.remember(grid_key(label_set, image), grid)
         if not images:
             return ImageScores(
                 probabilities=np.zeros((0, len(label_set.findings)), np.float32),
@@ -424,14 +390,8 @@ class MedSigLIPRunner:
                 f"finding keys {unknown} are not in label set {label_set.name!r} (it has {sorted(columns)})"
             )
         selected = [columns[key] for key in finding_keys]
-        grids: list[torch.Tensor | None] = []
-        keys = [_grid_key(label_set, image) if self.relevance_cache_size else () for image in images]
-        with self._lock:
-            for key in keys:
-                grid = self._grid_cache.get(key)
-                if grid is not None:
-                    self._grid_cache.move_to_end(key)
-                grids.append(grid)
+        keys = [grid_key(label_set, image) if self.relevance_cache_size else () for image in images]
+        grids = self._grid_cache.lookup(keys)
         missing = [index for index, grid in enumerate(grids) if grid is None]
         if missing:
             text = self.text_embeddings(label_set)
@@ -439,16 +399,10 @@ class MedSigLIPRunner:
                 indices = missing[start : start + self.max_batch_size]
                 chunk = [images[i] for i in indices]
                 _, patches = self._encode_images(model, chunk, indices, with_patches=True)
-                for index, grid in zip(indices, self._relevance_grids(patches, text), strict=True):
+                for index, grid in zip(indices, relevance_grids(patches, text, self._grid), strict=True):
                     grids[index] = grid
-                    self._remember(keys[index], grid)
-        maps = []
-        for image, grid in zip(images, grids, strict=True):
-            assert grid is not None
-            geometry = PadGeometry.for_shape(image.shape[0], image.shape[1])
-            chosen = grid[selected].to(self.device)
-            maps.append(geometry.to_source(chosen).clamp_(0.0, 1.0).cpu().numpy().astype(np.float32))
-        return maps
+                    self._grid_cache.remember(keys[index], grid)
+        return grids_to_images(images, grids, selected, self.device)
 
     # ---- internals ------------------------------------------------------------------------------
 
@@ -487,36 +441,6 @@ class MedSigLIPRunner:
                 return pooled, None
             patches = patch_embeddings(model.vision_model.head, output.last_hidden_state)
             return pooled, F.normalize(patches.float(), dim=-1)
-
-    def _relevance_grids(self, patches: torch.Tensor, text: TextEmbeddings) -> list[torch.Tensor]:
-        """Per image, ``(n_findings, grid, grid)`` float32 maps in [0, 1] on the CPU."""
-        with torch.inference_mode():
-            positive = patches @ text.positive.T  # (n, patches, findings)
-            negative = patches @ text.negative.T
-            contrast = positive - negative
-            # Without negative prompts, contrast each patch with the image's average patch.
-            centred = positive - positive.mean(dim=1, keepdim=True)
-            similarity = torch.where(text.has_negative, contrast, centred).clamp(min=0.0)
-            peak = similarity.amax(dim=1, keepdim=True)
-            normalised = torch.where(
-                peak > 0, similarity / peak.clamp(min=1e-12), torch.zeros_like(similarity)
-            )
-            n, n_patches, n_findings = normalised.shape
-            if n_patches != self._grid * self._grid:
-                raise RuntimeError(
-                    f"vision tower gave {n_patches} tokens, not a {self._grid}x{self._grid} grid"
-                )
-            grids = normalised.permute(0, 2, 1).reshape(n, n_findings, self._grid, self._grid).cpu()
-        return list(grids)
-
-    def _remember(self, key: tuple, grid: torch.Tensor) -> None:
-        if not self.relevance_cache_size:
-            return
-        with self._lock:
-            self._grid_cache[key] = grid
-            self._grid_cache.move_to_end(key)
-            while len(self._grid_cache) > self.relevance_cache_size:
-                self._grid_cache.popitem(last=False)
 
     def _warn_truncated(self, label_set: LabelSet, rows: list[tuple[int, int, str]]) -> None:
         lengths = [len(ids) for ids in self._tokenizer([prompt for _, _, prompt in rows])["input_ids"]]
@@ -567,14 +491,6 @@ def _check_contract(model_dir: Path, config: Any, preprocessor: MedSigLIPPreproc
             f"{model_dir / 'config.json'}: text embeddings have {projection} dimensions but image "
             f"embeddings {vision.hidden_size}; they must share one space"
         )
-
-
-def _grid_key(label_set: LabelSet, image: np.ndarray) -> tuple:
-    """Cache key of an image's relevance grids: its exact pixels and the label set's findings."""
-    array = np.ascontiguousarray(image)
-    digest = hashlib.blake2b(array.view(np.uint8).reshape(-1), digest_size=16)
-    digest.update(f"{array.shape}{array.dtype}".encode())
-    return (label_set.name, label_set.version, label_set.findings, digest.digest())
 
 
 def _default_device() -> torch.device:

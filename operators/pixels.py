@@ -36,13 +36,24 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, convert_color_space
+from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space
 from pydicom.pixels.decoders.base import Decoder, get_decoder
 from pydicom.uid import UID
 
 from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.domain import ImageFrame
+from medgemma_deploy.operators.voi import (
+    CT_BODY_PART_WINDOWS,
+    CT_DEFAULT_WINDOWS,
+    apply_window,
+    ct_default_window,
+    frame_view,
+    scale_to_unit,
+    voi_display,
+)
 
+# CT_BODY_PART_WINDOWS, CT_DEFAULT_WINDOWS, apply_window and ct_default_window are defined with the
+# rest of the VOI LUT stage in voi.py and re-exported here.
 __all__ = [
     "CT_BODY_PART_WINDOWS",
     "CT_DEFAULT_WINDOWS",
@@ -75,34 +86,6 @@ _decoding = threading.local()
 logging.getLogger("pydicom.pixels.decoders.base").addFilter(_PluginFailureFilter())
 _OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
-#: Hounsfield windows (center, width) used for CT instances that carry no window of their own.
-#: soft tissue: the usual abdomen/mediastinum window; lung: parenchyma; bone: cortical and trabecular
-#: bone; brain: grey/white matter. These are the common radiology reading defaults.
-CT_DEFAULT_WINDOWS: dict[str, tuple[float, float]] = {
-    "soft_tissue": (40, 400),
-    "lung": (-600, 1500),
-    "bone": (300, 1500),
-    "brain": (40, 80),
-}
-
-# fmt: off
-_BONE_BODY_PARTS = (
-    "EXTREMITY", "UPRLIMB", "LOWRLIMB", "ARM", "LEG", "HAND", "FOOT", "WRIST", "ANKLE", "ELBOW", "KNEE",
-    "HIP", "SHOULDER", "FEMUR", "TIBIA", "FIBULA", "HUMERUS", "RADIUS", "ULNA", "SCAPULA", "CLAVICLE",
-    "PELVIS", "SKELETON",
-)
-# fmt: on
-
-#: Body Part Examined (0018,0015) → key of :data:`CT_DEFAULT_WINDOWS`. Defined Terms from PS3.16
-#: Annex L; a body part not listed here gets the soft tissue window. Chest CT defaults to the lung
-#: window because chest findings are mostly parenchymal; head CT to the brain window; bones of the
-#: limbs to the bone window.
-CT_BODY_PART_WINDOWS: dict[str, str] = {
-    **dict.fromkeys(("HEAD", "BRAIN", "SKULL"), "brain"),
-    **dict.fromkeys(("CHEST", "LUNG", "THORAX"), "lung"),
-    **dict.fromkeys(_BONE_BODY_PARTS, "bone"),
-}
-
 #: Largest Rows or Columns accepted; larger values are corrupt headers, not images.
 MAX_DIMENSION = 32768
 #: Largest Number of Frames accepted.
@@ -116,70 +99,6 @@ SUPPORTED_PHOTOMETRIC_INTERPRETATIONS: dict[str, int] = {
     **dict.fromkeys(("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"), 1),
     **dict.fromkeys(("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"), 3),
 }
-
-_VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
-#: Attributes that decide a frame's Modality and VOI LUT (top level or functional groups).
-# fmt: off
-_FRAME_ATTRIBUTES = (
-    "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence", "VOILUTSequence",
-    "WindowCenter", "WindowWidth", "VOILUTFunction", "PixelRepresentation", "BitsStored",
-)
-# fmt: on
-
-
-def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Map ``values`` through a LINEAR window to float32 in [0, 1].
-
-    DICOM PS3.3 C.11.2.1.2.1 with y_min = 0 and y_max = 1::
-
-        x <= c - 0.5 - (w - 1) / 2  →  0
-        x >  c - 0.5 + (w - 1) / 2  →  1
-        otherwise                   →  ((x - (c - 0.5)) / (w - 1) + 0.5)
-
-    Parameters
-    ----------
-    values:
-        Pixel values after the Modality LUT (Hounsfield units for CT), any shape.
-    center:
-        Window Center (0028,1050).
-    width:
-        Window Width (0028,1051); must be >= 1.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 array of the same shape as ``values``, in [0, 1].
-
-    Raises
-    ------
-    ValueError
-        ``width`` is below 1 (not a valid LINEAR window).
-    """
-    center = float(center)
-    width = float(width)
-    if not width >= 1:
-        raise ValueError(f"apply_window: width {width:g} is invalid, a LINEAR window needs a width >= 1")
-    x = np.asarray(values, dtype=np.float64)
-    if width == 1:
-        # The ramp has no extent: everything above c - 0.5 is y_max.
-        return (x > center - 0.5).astype(np.float32)
-    display = (x - (center - 0.5)) / (width - 1) + 0.5
-    return np.clip(display, 0.0, 1.0).astype(np.float32)
-
-
-def ct_default_window(body_part_examined: str | None) -> tuple[str, float, float]:
-    """The default CT window for a Body Part Examined: ``(name, center, width)``.
-
-    Parameters
-    ----------
-    body_part_examined:
-        The (0018,0015) value, or ``None``; matched case-insensitively against
-        :data:`CT_BODY_PART_WINDOWS`. Unknown or missing → ``soft_tissue``.
-    """
-    key = (body_part_examined or "").strip().upper()
-    name = CT_BODY_PART_WINDOWS.get(key, "soft_tissue")
-    center, width = CT_DEFAULT_WINDOWS[name]
-    return name, float(center), float(width)
 
 
 def check_pixel_module(dataset: Dataset, path: Path) -> int:
@@ -398,7 +317,7 @@ def _render(
         rgb = apply_color_lut(raw, dataset)
         entry_bits = int(dataset.RedPaletteColorLookupTableDescriptor[2])
         values = rgb.astype(np.float32)
-        return values, _scale(values, 2**entry_bits - 1), "palette color LUT"
+        return values, scale_to_unit(values, 2**entry_bits - 1), "palette color LUT"
     if raw.ndim == 3:
         if photometric in ("YBR_FULL", "YBR_FULL_422"):
             # Only reached when the decoder left the data in YBR (PS3.3 C.7.6.3.1.2).
@@ -408,115 +327,11 @@ def _render(
             peak = float(2 ** int(dataset.BitsStored) - 1)
         else:
             peak = float(values.max()) if values.size and values.max() > 0 else 1.0
-        return values, _scale(values, peak), "RGB"
-    frame_view = _frame_view(dataset, index)
-    values = np.asarray(apply_modality_lut(raw, frame_view), dtype=np.float32)
-    display, window_source = _voi(values, frame_view, dataset, path)
+        return values, scale_to_unit(values, peak), "RGB"
+    view = frame_view(dataset, index)
+    values = np.asarray(apply_modality_lut(raw, view), dtype=np.float32)
+    display, window_source = voi_display(values, view, dataset, path)
     if str(dataset.PhotometricInterpretation).strip() == "MONOCHROME1":
         display = 1.0 - display
         window_source += ", MONOCHROME1 inverted"
     return values, display.astype(np.float32, copy=False), window_source
-
-
-def _scale(values: np.ndarray, peak: float) -> np.ndarray:
-    return np.clip(values / np.float32(peak), 0.0, 1.0).astype(np.float32)
-
-
-def _frame_view(dataset: Dataset, index: int) -> Dataset:
-    """The Modality/VOI LUT attributes that apply to frame ``index`` as one flat dataset.
-
-    Top-level attributes first, overridden by the shared and then the per-frame functional groups
-    (PS3.3 C.7.6.16: Pixel Value Transformation and Frame VOI LUT macros) of enhanced objects.
-    """
-    view = Dataset()
-    if hasattr(dataset, "file_meta"):
-        view.file_meta = dataset.file_meta
-    for keyword in _FRAME_ATTRIBUTES:
-        if keyword in dataset:
-            view[keyword] = dataset[keyword]
-    groups: list[Dataset] = []
-    if dataset.get("SharedFunctionalGroupsSequence"):
-        groups.append(dataset.SharedFunctionalGroupsSequence[0])
-    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and index < len(per_frame):
-        groups.append(per_frame[index])
-    for group in groups:
-        for sequence in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
-            if group.get(sequence):
-                for element in group[sequence][0]:
-                    if element.keyword in _FRAME_ATTRIBUTES:
-                        view[element.keyword] = element
-    return view
-
-
-def _voi(values: np.ndarray, view: Dataset, dataset: Dataset, path: Path) -> tuple[np.ndarray, str]:
-    if view.get("VOILUTSequence"):
-        lut_item = view.VOILUTSequence[0]
-        descriptor = lut_item.get("LUTDescriptor")
-        if descriptor is not None and lut_item.get("LUTData") is not None:
-            mapped = apply_voi(np.rint(values).astype(np.int64), view, 0)
-            bits = int(descriptor[2])
-            return _scale(mapped.astype(np.float32), 2**bits - 1), "instance VOI LUT"
-        logger.warning("%s: VOI LUT Sequence item has no LUT Descriptor/Data; ignored", path)
-    window = _instance_window(view, path)
-    if window is not None:
-        center, width, function = window
-        suffix = "" if function == "LINEAR" else f" {function}"
-        source = f"instance window {center:g}/{width:g}{suffix}"
-        return _window_function(values, center, width, function), source
-    if str(dataset.get("Modality", "")).upper() == "CT":
-        name, center, width = ct_default_window(dataset.get("BodyPartExamined"))
-        source = f"CT default {name.replace('_', ' ')} {center:g}/{width:g}"
-        return apply_window(values, center, width), source
-    return _min_max(values)
-
-
-def _instance_window(view: Dataset, path: Path) -> tuple[float, float, str] | None:
-    """The first Window Center/Width pair and VOI LUT Function, or ``None`` when absent or unusable."""
-    if view.get("WindowCenter") in (None, "") or view.get("WindowWidth") in (None, ""):
-        return None
-    center = _first_value(view.WindowCenter)
-    width = _first_value(view.WindowWidth)
-    function = str(view.get("VOILUTFunction") or "LINEAR").strip().upper()
-    if function not in _VOI_FUNCTIONS:
-        logger.warning("%s: (0028,1056) VOI LUT Function '%s' is unknown; LINEAR used", path, function)
-        function = "LINEAR"
-    if center is None or width is None or not (np.isfinite(center) and np.isfinite(width)):
-        logger.warning("%s: window %s/%s is not numeric; instance window ignored", path, center, width)
-        return None
-    if (function == "LINEAR" and width < 1) or width <= 0:
-        logger.warning(
-            "%s: Window Width %g is invalid for %s; instance window ignored", path, width, function
-        )
-        return None
-    return center, width, function
-
-
-def _first_value(value: object) -> float | None:
-    if isinstance(value, (list, tuple)) or (hasattr(value, "__getitem__") and not isinstance(value, str)):
-        value = value[0] if len(value) else None  # type: ignore[index, arg-type]
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
-def _window_function(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """PS3.3 C.11.2.1.2 (LINEAR), C.11.2.1.3.2 (LINEAR_EXACT) and C.11.2.1.3.1 (SIGMOID) into [0, 1]."""
-    if function == "LINEAR":
-        return apply_window(values, center, width)
-    x = values.astype(np.float64)
-    if function == "LINEAR_EXACT":
-        display = (x - center) / width + 0.5
-    else:
-        display = 1.0 / (1.0 + np.exp(np.clip(-4.0 * (x - center) / width, -700, 700)))
-    return np.clip(display, 0.0, 1.0).astype(np.float32)
-
-
-def _min_max(values: np.ndarray) -> tuple[np.ndarray, str]:
-    low = float(values.min())
-    high = float(values.max())
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.float32), "min-max (constant frame)"
-    display = (values.astype(np.float64) - low) / (high - low)
-    return display.astype(np.float32), "min-max"

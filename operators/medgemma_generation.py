@@ -1,0 +1,128 @@
+"""What one MedGemma generation returns, and the pieces of it that need no loaded runner.
+
+:class:`ReportResult` (with :data:`FinishReason`) is the runner's output for one request;
+:class:`IncrementalTextStreamer` hands decoded text to ``on_token`` while ``generate`` runs;
+:func:`eos_ids` finds the tokens that end a report and :func:`dtype_name` checks the ``dtype``
+argument. They are separate from :mod:`~medgemma_deploy.operators.medgemma`, which re-exports
+:class:`ReportResult`, so that the runner module holds the model's lifecycle and the generate call
+only; none of them touches the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers.generation.streamers import BaseStreamer
+
+from medgemma_deploy.errors import ModelLoadError
+from medgemma_deploy.operators.report_inputs import GenerationSettings
+
+__all__ = ["FinishReason", "IncrementalTextStreamer", "ReportResult", "dtype_name", "eos_ids"]
+
+#: Why a generation ended: a stop token (``"stop"``) or ``max_new_tokens`` (``"length"``).
+FinishReason = Literal["stop", "length"]
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ReportResult:
+    """MedGemma's output for one request, with what it cost and how it ended.
+
+    ``text`` is the decoded generated text (special tokens dropped, otherwise as generated);
+    ``token_ids`` are the generated ids, the stop token included when ``finish_reason`` is
+    ``"stop"``. ``seconds`` times ``generate`` only (prefill + decode); ``preprocess_seconds``
+    the chat template and image processing.
+    """
+
+    text: str
+    token_ids: list[int]
+    n_prompt_tokens: int
+    n_generated_tokens: int
+    finish_reason: FinishReason
+    seconds: float
+    tokens_per_second: float
+    settings: GenerationSettings
+    prompt_id: str
+    prompt_version: str = ""
+    preprocess_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready summary (no token ids), for results.json."""
+        return {
+            "text": self.text,
+            "n_prompt_tokens": self.n_prompt_tokens,
+            "n_generated_tokens": self.n_generated_tokens,
+            "finish_reason": self.finish_reason,
+            "seconds": round(self.seconds, 3),
+            "preprocess_seconds": round(self.preprocess_seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            "settings": self.settings.to_json(),
+            "prompt_id": self.prompt_id,
+            "prompt_version": self.prompt_version,
+            "warnings": list(self.warnings),
+        }
+
+
+class IncrementalTextStreamer(BaseStreamer):
+    """Hands newly decoded text to a callback, token by token, without a thread.
+
+    ``generate`` first puts the prompt (skipped), then each new token. The generated ids so far
+    are decoded as a whole each time and the new suffix is passed on, except while the text ends
+    in an incomplete UTF-8 sequence (byte-fallback tokens of a multi-byte character), which is
+    held back until its last byte arrives; ``end`` flushes whatever is left.
+    """
+
+    def __init__(self, tokenizer: Any, on_token: Callable[[str], None]) -> None:
+        self._tokenizer = tokenizer
+        self._on_token = on_token
+        self._prompt_seen = False
+        self._token_ids: list[int] = []
+        self.streamed_text = ""
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self._token_ids.extend(int(token) for token in value.reshape(-1).tolist())
+        self._flush(final=False)
+
+    def end(self) -> None:
+        self._flush(final=True)
+
+    def _flush(self, *, final: bool) -> None:
+        text = self._tokenizer.decode(self._token_ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return
+        if text.startswith(self.streamed_text) and len(text) > len(self.streamed_text):
+            piece = text[len(self.streamed_text):]
+            self.streamed_text = text
+            self._on_token(piece)
+
+
+def dtype_name(dtype: Any, model_dir: Path) -> str | None:
+    """``dtype`` (a ``torch.dtype`` or its name) as ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+
+    Raises
+    ------
+    ModelLoadError
+        ``dtype`` is not one of them; the message names ``model_dir``. None is returned as None.
+    """
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ModelLoadError(f"{model_dir}: dtype {dtype!r} is not supported; use {', '.join(_DTYPES)}")
+    return name
+
+
+def eos_ids(configured: int | list[int] | None, tokenizer: Any) -> tuple[int, ...]:
+    """The generation config's end-of-sequence id(s), else the tokenizer's, as a tuple."""
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if not ids and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id]
+    return tuple(int(token) for token in ids)
