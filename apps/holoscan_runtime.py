@@ -72,6 +72,7 @@ def ensure_stack_size(module: str, argv: Sequence[str]) -> None:
 def _our_arguments() -> argparse.ArgumentParser:
     """Our flags, shared by the apps; each also has an environment variable (settings.py)."""
     parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--backend", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--labels", action="append", default=None)
     parser.add_argument("--relevance-top-k", type=int, default=None, dest="relevance_top_k")
@@ -94,6 +95,7 @@ def open_engine(
         Path(model_path),
         classify=classify,
         report=report,
+        backend=settings.backend,
         label_files=settings.labels,
         prompts_file=settings.prompts,
         device=settings.device,

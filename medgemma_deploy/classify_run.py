@@ -19,14 +19,16 @@ class ClassifyEngine(PipelineEngine):
 
     def __init__(
         self,
-        models_path: Path,
+        models_path: Path | None,
         *,
+        backend: str = "local",
         label_files: Sequence[Path] | None = None,
         device: str | None = None,
         options: ClassifyOptions | None = None,
     ) -> None:
         super().__init__(
             models_path,
+            backend=backend,
             classify=True,
             report=False,
             label_files=label_files,

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medgemma_deploy.errors import UsageError
+from medgemma_deploy.operators.backends import BACKEND_HELP
 
 __all__ = ["build_parser", "main"]
 
@@ -43,10 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="MedGemma draft report → UNVERIFIED report SR (TID 2000)")
     _add_io_arguments(report)
     _add_report_arguments(report)
-    report.add_argument("--labels", type=Path, action="append", metavar="YAML",
-                        help="label sets for --with-findings (default: the packaged ones)")
-    report.add_argument("--medsiglip", type=Path, metavar="DIR",
-                        help="MedSigLIP directory for --with-findings when -m is the MedGemma directory")
+    report.add_argument(
+        "--labels",
+        type=Path,
+        action="append",
+        metavar="YAML",
+        help="label sets for --with-findings (default: the packaged ones)",
+    )
+    report.add_argument(
+        "--medsiglip",
+        type=Path,
+        metavar="DIR",
+        help="MedSigLIP directory for --with-findings when -m is the MedGemma directory",
+    )
 
     study = sub.add_parser("study", help="classify + report in one pass: findings SR, SEG and report SR")
     _add_io_arguments(study)
@@ -72,32 +82,58 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--input", type=Path, required=True, help="DICOM file or folder (recursive)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     parser.add_argument(
-        "-m", "--models", type=Path, required=True,
-        help="the model directory itself, or a models root holding medsiglip/ and medgemma/",
+        "-m",
+        "--models",
+        type=Path,
+        default=None,
+        help="the model directory itself, or a models root holding medsiglip/ and medgemma/ "
+        "(needed with the local backend)",
     )
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--backend", default=None, help=BACKEND_HELP)
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
+    )
 
 
 def _add_classify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--labels", type=Path, action="append", metavar="YAML",
+        "--labels",
+        type=Path,
+        action="append",
+        metavar="YAML",
         help="label-set YAML file (repeatable); default: the packaged chest X-ray, CT and dermatology sets",
     )
-    parser.add_argument("--relevance-top-k", type=int, default=None, metavar="N",
-                        help="relevance maps for present findings plus the N most probable (default 3)")
-    parser.add_argument("--embeddings", action="store_true", default=None,
-                        help="also write each series' image embeddings as OUT/embeddings-<series>.npy")
+    parser.add_argument(
+        "--relevance-top-k",
+        type=int,
+        default=None,
+        metavar="N",
+        help="relevance maps for present findings plus the N most probable (default 3)",
+    )
+    parser.add_argument(
+        "--embeddings",
+        action="store_true",
+        default=None,
+        help="also write each series' image embeddings as OUT/embeddings-<series>.npy",
+    )
 
 
 def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompts", type=Path, metavar="YAML",
-                        help="prompt book overriding the packaged prompts.yaml")
+    parser.add_argument(
+        "--prompts", type=Path, metavar="YAML", help="prompt book overriding the packaged prompts.yaml"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="default 512")
-    parser.add_argument("--with-findings", action="store_true", default=None,
-                        help="give MedGemma MedSigLIP's top findings as context (recorded in the SR)")
-    parser.add_argument("--quiet-tokens", action="store_true",
-                        help="do not stream the report text to the terminal as it is generated")
+    parser.add_argument(
+        "--with-findings",
+        action="store_true",
+        default=None,
+        help="give MedGemma MedSigLIP's top findings as context (recorded in the SR)",
+    )
+    parser.add_argument(
+        "--quiet-tokens",
+        action="store_true",
+        help="do not stream the report text to the terminal as it is generated",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,6 +168,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
     settings = resolve_settings(
         {
+            "backend": args.backend,
             "device": args.device,
             "labels": getattr(args, "labels", None),
             "relevance_top_k": getattr(args, "relevance_top_k", None),
@@ -147,7 +184,11 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     )
     if args.command == "classify":
         engine = ClassifyEngine(
-            args.models, label_files=settings.labels, device=settings.device, options=classify_options
+            args.models,
+            backend=settings.backend,
+            label_files=settings.labels,
+            device=settings.device,
+            options=classify_options,
         )
     else:
         engine = _report_engine(args, settings, classify_options)
@@ -180,6 +221,7 @@ def _report_engine(args: argparse.Namespace, settings: object, classify_options:
     if args.command == "study":
         return StudyEngine(
             args.models,
+            backend=settings.backend,
             label_files=settings.labels,
             prompts_file=settings.prompts,
             device=settings.device,
@@ -188,6 +230,7 @@ def _report_engine(args: argparse.Namespace, settings: object, classify_options:
         )
     return ReportEngine(
         args.models,
+        backend=settings.backend,
         prompts_file=settings.prompts,
         label_files=settings.labels,
         device=settings.device,

@@ -75,6 +75,9 @@ class PipelineEngine:
         A model directory or a models root holding ``medsiglip/`` and ``medgemma/``.
     classify, report:
         Which pipelines write outputs.
+    backend:
+        ``local`` (models in this process, from ``models_path``) or ``grpc://HOST:PORT`` /
+        ``grpcs://HOST:PORT`` (a shared GPU worker; ``models_path`` is not used).
     medsiglip_path:
         The MedSigLIP directory when ``models_path`` is the MedGemma directory itself.
     """
@@ -83,10 +86,11 @@ class PipelineEngine:
 
     def __init__(
         self,
-        models_path: Path,
+        models_path: Path | None,
         *,
         classify: bool,
         report: bool,
+        backend: str = "local",
         label_files: Sequence[Path] | None = None,
         prompts_file: Path | None = None,
         device: str | None = None,
@@ -96,7 +100,10 @@ class PipelineEngine:
     ) -> None:
         if not (classify or report):
             raise ValueError("an engine must run the classify or the report pipeline, or both")
-        self.models_path = Path(models_path)
+        self.backend = (backend or "local").strip()
+        if self.backend == "local" and models_path is None:
+            raise UsageError("the local backend needs the models path (-m/--models or HOLOSCAN_MODEL_PATH)")
+        self.models_path = Path(models_path) if models_path is not None else None
         self.medsiglip_path = Path(medsiglip_path) if medsiglip_path else self.models_path
         self.write_findings = classify
         self.report = report
@@ -110,6 +117,7 @@ class PipelineEngine:
         self.prompts: PromptBook | None = None
         self.medsiglip = None
         self.medgemma = None
+        self._remote = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> PipelineEngine:
@@ -122,6 +130,8 @@ class PipelineEngine:
                 self.prompts = PromptBook.load(self.prompts_file)
         except (OSError, ValueError) as exc:
             raise UsageError(f"configuration: {exc}") from exc
+        if self.backend != "local":
+            return self._open_remote()
         try:
             if self.needs_medsiglip:
                 from medgemma_deploy.operators.medsiglip import MedSigLIPRunner
@@ -140,11 +150,31 @@ class PipelineEngine:
             raise
         return self
 
+    def _open_remote(self) -> PipelineEngine:
+        """Models on a shared worker: the same calls, over gRPC (retrying while it starts)."""
+        from medgemma_deploy.operators.backends import make_backend
+
+        self._remote = make_backend(self.backend, None, None)
+        try:
+            if self.needs_medsiglip:
+                self.medsiglip = self._remote.medsiglip
+                self.medsiglip.load()
+            if self.report:
+                self.medgemma = self._remote.medgemma
+                self.medgemma.load()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
     def close(self) -> None:
         for runner in (self.medsiglip, self.medgemma):
             if runner is not None:
                 runner.close()
         self.medsiglip = self.medgemma = None
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None
 
     def __enter__(self) -> PipelineEngine:
         return self.open()

@@ -18,8 +18,9 @@ class ReportEngine(PipelineEngine):
 
     def __init__(
         self,
-        models_path: Path,
+        models_path: Path | None,
         *,
+        backend: str = "local",
         prompts_file: Path | None = None,
         label_files: Sequence[Path] | None = None,
         device: str | None = None,
@@ -28,6 +29,7 @@ class ReportEngine(PipelineEngine):
     ) -> None:
         super().__init__(
             models_path,
+            backend=backend,
             classify=False,
             report=True,
             label_files=label_files,

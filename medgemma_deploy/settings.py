@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 #: setting name → (environment variable, default). Paths lists use os.pathsep in the environment.
 SETTINGS_TABLE: dict[str, tuple[str, Any]] = {
+    "backend": ("MEDGEMMA_DEPLOY_BACKEND", "local"),
     "device": ("MEDGEMMA_DEPLOY_DEVICE", None),
     "labels": ("MEDGEMMA_DEPLOY_LABELS", ()),
     "relevance_top_k": ("MEDGEMMA_DEPLOY_RELEVANCE_TOP_K", 3),
@@ -43,6 +44,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 class RunSettings:
     """The resolved settings of one run (logged at start-up; holds no secrets)."""
 
+    backend: str = "local"
     device: str | None = None
     labels: tuple[Path, ...] = ()
     relevance_top_k: int = 3
@@ -80,6 +82,10 @@ def resolve_settings(
             continue
         values[name] = _convert(name, raw, source)
     settings = RunSettings(**values)
+    if settings.backend != "local" and not settings.backend.startswith(("grpc://", "grpcs://")):
+        raise UsageError(
+            f"backend must be local, grpc://HOST:PORT or grpcs://HOST:PORT, got {settings.backend!r}"
+        )
     if settings.device not in (None, "cpu", "cuda") and not str(settings.device).startswith("cuda:"):
         raise UsageError(f"device must be cpu, cuda or cuda:N, got {settings.device!r}")
     if settings.relevance_top_k < 0:

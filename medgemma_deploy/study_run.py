@@ -19,8 +19,9 @@ class StudyEngine(PipelineEngine):
 
     def __init__(
         self,
-        models_path: Path,
+        models_path: Path | None,
         *,
+        backend: str = "local",
         label_files: Sequence[Path] | None = None,
         prompts_file: Path | None = None,
         device: str | None = None,
@@ -29,6 +30,7 @@ class StudyEngine(PipelineEngine):
     ) -> None:
         super().__init__(
             models_path,
+            backend=backend,
             classify=True,
             report=True,
             label_files=label_files,

@@ -1,0 +1,341 @@
+"""The gRPC servicer: protobuf ↔ core types, one exception → status table, nothing else.
+
+All model work happens in :class:`~medgemma_deploy.serving.image_service.ImageService` and
+:class:`~medgemma_deploy.serving.report_service.ReportService`; the worker lifecycle (loading,
+draining) in :mod:`medgemma_deploy.serving.server`. Each RPC here validates its fields (naming the
+field in INVALID_ARGUMENT), queues the work with the call's deadline, frees the work when the
+client goes away (``context.add_callback``), and converts the result.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import grpc
+import numpy as np
+import torch
+
+from medgemma_deploy import __version__
+from medgemma_deploy._proto import worker_pb2 as pb
+from medgemma_deploy._proto import worker_pb2_grpc
+from medgemma_deploy.errors import InputError
+from medgemma_deploy.serving import chat_convert, convert
+from medgemma_deploy.serving.batcher import BatchedRequest
+from medgemma_deploy.serving.errors import (
+    BadRequestError,
+    DeadlineExpiredError,
+    ModelNotAvailableError,
+    NotReadyError,
+    QueueFullError,
+    RequestCancelledError,
+)
+from medgemma_deploy.serving.image_service import ClassifyWork, ImageService
+from medgemma_deploy.serving.metrics import WorkerMetrics
+from medgemma_deploy.serving.report_scheduler import Admitted, Finished, Tokens
+from medgemma_deploy.serving.report_service import ReportService
+
+__all__ = [
+    "API_VERSION",
+    "QUEUE_FULL_PUSHBACK_MS",
+    "RETRY_PUSHBACK_KEY",
+    "STATUS_TABLE",
+    "WorkerCore",
+    "WorkerServicer",
+    "status_for",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The proto package, reported by ModelInfo.
+API_VERSION = pb.DESCRIPTOR.package
+
+#: Exception class → gRPC status, first match wins (subclasses before their bases).
+STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (BadRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (torch.cuda.OutOfMemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (ModelNotAvailableError, grpc.StatusCode.FAILED_PRECONDITION),
+    (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (RequestCancelledError, grpc.StatusCode.CANCELLED),
+)
+
+#: Trailing metadata of gRPC's retry policy: how long to wait before retrying (queue full).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+QUEUE_FULL_PUSHBACK_MS = 250
+
+#: A call that ends this close to its deadline ended because of it.
+_DEADLINE_SLACK_S = 0.1
+
+#: How often a waiting handler checks that its client is still there.
+_POLL_S = 0.25
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and one-line message for an exception (INTERNAL when not in the table)."""
+    for error_type, code in STATUS_TABLE:
+        if isinstance(error, error_type):
+            return code, str(error)
+    return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+class WorkerCore(Protocol):
+    """What the servicer needs of the worker (implemented by ``WorkerServer``)."""
+
+    metrics: WorkerMetrics
+
+    def image_service(self) -> ImageService: ...
+
+    def report_service(self) -> ReportService: ...
+
+    def describe(self) -> pb.ModelInfoResponse: ...
+
+    def limits(self) -> pb.Limits: ...
+
+    def rpc_started(self) -> None: ...
+
+    def rpc_finished(self) -> None: ...
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """``medgemma_deploy.v1.Worker`` over a :class:`WorkerCore`."""
+
+    def __init__(self, core: WorkerCore) -> None:
+        self.core = core
+
+    # Unary RPCs -----------------------------------------------------------------------------
+
+    def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:  # noqa: N802
+        with self._rpc("Classify", context):
+            service = self.core.image_service()
+            limits = self.core.limits()
+            images = self._images(request.images, limits)
+            choice = request.WhichOneof("label_set_choice")
+            if choice == "label_set":
+                label_set = service.register_label_set(convert.label_set_from_proto(request.label_set))
+            elif choice == "label_set_name":
+                label_set = service.find_label_set(request.label_set_name)
+            else:
+                raise BadRequestError("label_set_choice", "give label_set (a definition) or label_set_name")
+            keys = convert.check_finding_keys(
+                request.relevance_finding_keys, label_set, "relevance_finding_keys"
+            )
+            if request.omit_probabilities and not keys and not request.return_embeddings:
+                raise BadRequestError(
+                    "omit_probabilities", "nothing left to compute: ask for embeddings or relevance maps"
+                )
+            self.core.metrics.images.labels("Classify").inc(len(images))
+            work = ClassifyWork(
+                images=images,
+                label_set=label_set,
+                return_embeddings=request.return_embeddings,
+                relevance_keys=tuple(keys),
+                omit_probabilities=request.omit_probabilities,
+            )
+            queued = service.classify(
+                work, deadline=_deadline(context), is_cancelled=lambda: not context.is_active()
+            )
+            outcome = self._wait(queued, context)
+            response = pb.ClassifyResponse(
+                model=convert.identity_to_proto(service.identity),
+                label_set_name=label_set.name,
+                label_set_version=label_set.version,
+                finding_keys=convert.finding_keys(label_set),
+                timing=_timing(queued),
+            )
+            if outcome.probabilities is not None:
+                response.probabilities.CopyFrom(convert.array_to_proto(outcome.probabilities))
+            if outcome.embeddings is not None:
+                response.embeddings.CopyFrom(convert.array_to_proto(outcome.embeddings))
+            response.relevance_maps.extend(
+                convert.array_to_proto(np.asarray(m)) for m in outcome.relevance_maps
+            )
+            return response
+
+    def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:  # noqa: N802
+        with self._rpc("Embed", context):
+            service = self.core.image_service()
+            images = self._images(request.images, self.core.limits())
+            self.core.metrics.images.labels("Embed").inc(len(images))
+            queued = service.embed(
+                images, deadline=_deadline(context), is_cancelled=lambda: not context.is_active()
+            )
+            embeddings = self._wait(queued, context)
+            return pb.EmbedResponse(
+                model=convert.identity_to_proto(service.identity),
+                embeddings=convert.array_to_proto(embeddings),
+                timing=_timing(queued),
+            )
+
+    def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:  # noqa: N802
+        with self._rpc("ModelInfo", context):
+            response = self.core.describe()
+            response.api_version = API_VERSION
+            response.server_version = __version__
+            return response
+
+    # Streaming RPC --------------------------------------------------------------------------
+
+    def GenerateReport(  # noqa: N802
+        self, request: pb.GenerateReportRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateReportResponse]:
+        with self._rpc("GenerateReport", context):
+            service = self.core.report_service()
+            limits = self.core.limits()
+            messages = chat_convert.chat_from_proto(request.messages, max_pixels=limits.max_image_pixels)
+            n_images = sum(
+                1 for message in messages for part in message["content"] if part["type"] == "image"
+            )
+            if n_images > limits.max_images_per_request:
+                raise BadRequestError(
+                    "messages", f"{n_images} images exceed the limit of {limits.max_images_per_request}"
+                )
+            settings = chat_convert.sampling_from_proto(
+                request.settings, service.default_max_new_tokens, service.max_new_tokens
+            )
+            prepared = service.prepare(
+                messages, settings, prompt_id=request.prompt_id, source=request.request_id or "grpc request"
+            )
+            stream = service.submit(prepared, deadline=_deadline(context))
+            context.add_callback(stream.cancel)
+            decoder = service.detokenizer()
+            generated: list[int] = []
+            queue_seconds = 0.0
+            pending = None
+            while True:
+                event, pending = pending or stream.next_event(timeout=_POLL_S), None
+                if event is None:
+                    if not context.is_active():
+                        stream.cancel()
+                        raise _gone(context)
+                    continue
+                if isinstance(event, Admitted):
+                    queue_seconds = event.queue_seconds
+                    yield pb.GenerateReportResponse(
+                        admitted=pb.ReportAdmitted(
+                            n_prompt_tokens=event.n_prompt_tokens,
+                            queue_seconds=event.queue_seconds,
+                            running=event.running,
+                        )
+                    )
+                elif isinstance(event, Tokens):
+                    # Tokens already waiting go out in the same message (a slow reader gets fewer,
+                    # larger deltas); the text is still decoded token by token, as in process.
+                    ids, pieces = [], []
+                    while isinstance(event, Tokens):
+                        ids.extend(event.token_ids)
+                        pieces.append(decoder.push(event.token_ids))
+                        event = stream.next_event(timeout=0)
+                    pending = event
+                    generated.extend(ids)
+                    yield pb.GenerateReportResponse(delta=pb.ReportDelta(text="".join(pieces), token_ids=ids))
+                elif isinstance(event, Finished):
+                    tail = decoder.flush()
+                    if tail:
+                        yield pb.GenerateReportResponse(delta=pb.ReportDelta(text=tail))
+                    result = service.finish(prepared, generated, event, streamed_text=decoder.text)
+                    yield pb.GenerateReportResponse(
+                        final=pb.ReportFinal(
+                            text=result.text,
+                            token_ids=generated,
+                            n_prompt_tokens=prepared.prompt.n_tokens,
+                            n_generated_tokens=len(generated),
+                            finish_reason=event.finish_reason,
+                            seconds=event.seconds,
+                            tokens_per_second=len(generated) / event.seconds if event.seconds > 0 else 0.0,
+                            warnings=result.warnings,
+                            model=convert.identity_to_proto(service.identity),
+                            timing=pb.Timing(
+                                queue_seconds=queue_seconds,
+                                compute_seconds=event.seconds,
+                                batch_size=round(event.mean_batch_size),
+                            ),
+                        )
+                    )
+                    return
+                else:  # Failed
+                    raise event.error
+
+    # Helpers --------------------------------------------------------------------------------
+
+    @contextmanager
+    def _rpc(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """Count the call, time it, and turn any exception into its status (one table)."""
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        self.core.rpc_started()
+        try:
+            yield
+        except Exception as error:
+            code, message = status_for(error)
+            if isinstance(error, QueueFullError):
+                # gRPC's retry pushback: a client may retry after this many milliseconds.
+                context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(QUEUE_FULL_PUSHBACK_MS)),))
+            if code == grpc.StatusCode.INTERNAL:
+                logger.exception("%s failed", method)
+            else:
+                logger.info("%s: %s: %s", method, code.name, message)
+            context.abort(code, message)
+        finally:
+            if code == grpc.StatusCode.OK and not context.is_active():
+                code = status_for(_gone(context))[0]  # a stream closed under us: deadline or cancel
+            self.core.rpc_finished()
+            self.core.metrics.request_done(method, code.name, time.monotonic() - started)
+
+    def _images(self, messages: list, limits: pb.Limits) -> list[np.ndarray]:
+        if not messages:
+            raise BadRequestError("images", "is empty")
+        if len(messages) > limits.max_images_per_request:
+            raise BadRequestError(
+                "images", f"{len(messages)} images exceed the limit of {limits.max_images_per_request}"
+            )
+        return [
+            convert.display_image_from_proto(message, f"images[{index}]", max_pixels=limits.max_image_pixels)
+            for index, message in enumerate(messages)
+        ]
+
+    def _wait(self, queued: BatchedRequest, context: grpc.ServicerContext) -> object:
+        """The queued request's result, giving up when the client goes away or the deadline passes."""
+        context.add_callback(queued.cancel)
+        while True:
+            try:
+                return queued.future.result(timeout=_POLL_S)
+            except concurrent.futures.TimeoutError:
+                if not context.is_active():
+                    queued.cancel()
+                    raise _gone(context) from None
+                if queued.deadline is not None and time.monotonic() > queued.deadline + 1.0:
+                    queued.cancel()
+                    raise DeadlineExpiredError("the deadline passed while the request was running") from None
+
+
+def _gone(context: grpc.ServicerContext) -> Exception:
+    """Why an RPC stopped being active: its deadline passed, or the client cancelled."""
+    remaining = context.time_remaining()
+    # The client cancels at its own deadline, which precedes ours by the transit time.
+    if remaining is not None and remaining <= _DEADLINE_SLACK_S:
+        return DeadlineExpiredError("the call's deadline passed; its work was dropped")
+    return RequestCancelledError("the client went away; its work was dropped")
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline on this process's monotonic clock (None without a deadline)."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 1e8:
+        return None
+    return time.monotonic() + max(0.0, remaining)
+
+
+def _timing(queued: BatchedRequest) -> pb.Timing:
+    started = queued.started_at or queued.enqueued_at
+    return pb.Timing(
+        queue_seconds=started - queued.enqueued_at,
+        compute_seconds=queued.compute_seconds,
+        batch_size=queued.batch_size,
+    )

@@ -1,0 +1,204 @@
+"""Where the models run: in this process (``local``) or on a shared GPU worker (``grpc://``).
+
+One interface, two transports (vLLM's ``make_client``): :func:`make_backend` returns a
+:class:`Backend` whose ``medsiglip`` and ``medgemma`` are either the in-process runners
+(``MedSigLIPRunner``, ``MedGemmaRunner``) or their gRPC twins (``RemoteMedSigLIP``,
+``RemoteMedGemma``). Both pairs have ``load()``, ``close()``, ``identity`` and the same calls, so
+operators, the CLI and the apps take ``--backend local|grpc://HOST:PORT|grpcs://HOST:PORT`` and
+never branch on it. The models are created on first use: a classify run never needs MedGemma.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from medgemma_deploy.errors import UsageError
+from medgemma_deploy.operators.classification import ImageScores
+from medgemma_deploy.operators.domain import LabelSet, ModelIdentity
+
+__all__ = ["BACKEND_HELP", "Backend", "ImageModel", "ReportModel", "make_backend"]
+
+logger = logging.getLogger(__name__)
+
+#: The ``--backend`` help text shared by every command and app.
+BACKEND_HELP = (
+    "where the models run: local (default; needs -m MODELS) or a shared GPU worker, grpc://HOST:PORT "
+    "or grpcs://HOST:PORT (TLS; certificates from MEDGEMMA_DEPLOY_TLS_CA/_CERT/_KEY)"
+)
+
+
+class ImageModel(Protocol):
+    """MedSigLIP, local or remote (the ``ImageScorer`` protocol plus lifecycle and embeddings)."""
+
+    @property
+    def identity(self) -> ModelIdentity: ...
+
+    def load(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+    def score(self, images: Sequence[np.ndarray], label_set: LabelSet) -> ImageScores: ...
+
+    def relevance_maps(
+        self, images: Sequence[np.ndarray], label_set: LabelSet, finding_keys: Sequence[str]
+    ) -> list[np.ndarray]: ...
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+class ReportModel(Protocol):
+    """MedGemma, local or remote."""
+
+    @property
+    def identity(self) -> ModelIdentity: ...
+
+    def load(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+    def generate(self, request: Any, *, on_token: Callable[[str], None] | None = None) -> Any: ...
+
+
+class Backend:
+    """The models of one run, created on first use and closed together.
+
+    Use :func:`make_backend` to build one.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        models_path: Path | None,
+        device: str | None,
+        target: str | None = None,
+        tls: Any = None,
+        timeout: float = 600.0,
+    ) -> None:
+        self.spec = spec
+        self.models_path = models_path
+        self.device = device
+        self.target = target
+        self.tls = tls
+        self.timeout = timeout
+        self._client: Any = None
+        self._medsiglip: ImageModel | None = None
+        self._medgemma: ReportModel | None = None
+
+    def __repr__(self) -> str:
+        return f"Backend({self.spec!r})"
+
+    @property
+    def is_remote(self) -> bool:
+        return self.target is not None
+
+    @property
+    def medsiglip(self) -> ImageModel:
+        """MedSigLIP (not yet loaded: call ``load()``)."""
+        if self._medsiglip is None:
+            if self.is_remote:
+                from medgemma_deploy.operators.remote_backend import RemoteMedSigLIP
+
+                self._medsiglip = RemoteMedSigLIP(self._worker_client())
+            else:
+                from medgemma_deploy.model_dir import resolve_model_dir
+                from medgemma_deploy.operators.medsiglip import MedSigLIPRunner
+
+                self._medsiglip = MedSigLIPRunner(
+                    resolve_model_dir(self._models_path(), "medsiglip"), device=self.device
+                )
+        return self._medsiglip
+
+    @property
+    def medgemma(self) -> ReportModel:
+        """MedGemma (not yet loaded: call ``load()``)."""
+        if self._medgemma is None:
+            if self.is_remote:
+                from medgemma_deploy.operators.remote_backend import RemoteMedGemma
+
+                self._medgemma = RemoteMedGemma(self._worker_client())
+            else:
+                from medgemma_deploy.model_dir import resolve_model_dir
+                from medgemma_deploy.operators.medgemma import MedGemmaRunner
+
+                self._medgemma = MedGemmaRunner(
+                    resolve_model_dir(self._models_path(), "medgemma"), device=self.device
+                )
+        return self._medgemma
+
+    def close(self) -> None:
+        """Close whatever was created (unloads local models, closes the worker channel)."""
+        for model in (self._medsiglip, self._medgemma):
+            if model is not None:
+                model.close()
+        self._medsiglip = self._medgemma = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _models_path(self) -> Path:
+        if self.models_path is None:
+            raise UsageError("the local backend needs the models path (-m/--models, or HOLOSCAN_MODEL_PATH)")
+        return self.models_path
+
+    def _worker_client(self) -> Any:
+        if self._client is None:
+            from medgemma_deploy.operators.remote_backend import WorkerClient
+
+            self._client = WorkerClient(self.target, tls=self.tls, timeout=self.timeout)  # type: ignore[arg-type]
+        return self._client
+
+
+def make_backend(
+    spec: str,
+    models_path: Path | None,
+    device: str | None,
+    *,
+    tls: Any = None,
+    timeout: float = 600.0,
+) -> Backend:
+    """A backend from ``--backend``: ``local``, ``grpc://HOST:PORT`` or ``grpcs://HOST:PORT``.
+
+    Parameters
+    ----------
+    spec:
+        The ``--backend`` value.
+    models_path:
+        The model directory or models root (local backend only).
+    device:
+        ``cpu``/``cuda`` for the local backend (the worker chooses its own).
+    tls:
+        A ``ClientTLS`` for ``grpcs://``; default: from the ``MEDGEMMA_DEPLOY_TLS_*`` variables.
+    timeout:
+        Seconds per worker call, retries included.
+
+    Raises
+    ------
+    UsageError
+        An unknown scheme, a target without a port, or ``grpc://`` given TLS settings.
+    """
+    spec = (spec or "local").strip()
+    if spec == "local":
+        return Backend("local", models_path=models_path, device=device)
+    from medgemma_deploy.operators.remote_backend import parse_target
+    from medgemma_deploy.serving.tls import ClientTLS
+
+    target, secure = parse_target(spec)
+    if secure:
+        tls = tls or ClientTLS.from_env()
+    elif tls is not None:
+        raise UsageError(f"backend {spec}: TLS settings given for a plaintext grpc:// backend; use grpcs://")
+    if models_path is not None or device is not None:
+        logger.info("backend %s: the worker uses its own models and device; ignoring -m/--device", spec)
+    return Backend(spec, models_path=models_path, device=device, target=target, tls=tls, timeout=timeout)

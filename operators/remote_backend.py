@@ -1,0 +1,243 @@
+"""The gRPC client of the shared GPU worker: MedSigLIP and MedGemma as if they were local runners.
+
+:class:`RemoteMedSigLIP` implements the ``ImageScorer`` protocol (``score``, ``relevance_maps``)
+plus ``embed_images``; :class:`RemoteMedGemma` has ``MedGemmaRunner.generate``'s signature,
+``on_token`` streaming included. Both have the runners' ``load``/``close``/``identity``, so the
+pipeline cannot tell them from in-process runners, and both share one :class:`WorkerClient`:
+
+The transport (:mod:`medgemma_deploy.serving.client`):
+
+* ``grpc://HOST:PORT`` is plaintext; ``grpcs://HOST:PORT`` is TLS with :class:`ClientTLS`
+  (mutual TLS when a client certificate is given);
+* UNAVAILABLE (worker starting, draining, restarting, unreachable) is retried with exponential
+  backoff and jitter; RESOURCE_EXHAUSTED with gRPC's ``grpc-retry-pushback-ms`` trailer (queue
+  full) is retried after the pushback; a report stream is retried only before its first event;
+* requests are split to fit the worker's message-size and image-count limits (from ModelInfo);
+* statuses become the exceptions a local runner raises: a bad request is a ``ValueError``
+  (:class:`WorkerRequestError`; for reports an ``InputError``, as ``MedGemmaRunner`` raises),
+  anything else a ``RuntimeError`` (:class:`WorkerError`).
+
+Images travel as float32, bit-identical to the in-process arrays: results equal the local ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from medgemma_deploy._proto import worker_pb2 as pb
+from medgemma_deploy.errors import InputError
+from medgemma_deploy.operators.classification import ImageScores
+from medgemma_deploy.operators.domain import LabelSet, ModelIdentity
+from medgemma_deploy.operators.medgemma import ReportResult
+from medgemma_deploy.operators.report_inputs import ReportRequest
+from medgemma_deploy.serving import chat_convert, convert
+from medgemma_deploy.serving.client import (
+    RetryPolicy,
+    WorkerClient,
+    WorkerError,
+    WorkerRequestError,
+    WorkerUnavailableError,
+    parse_target,
+)
+from medgemma_deploy.serving.report_events import STREAM_MISMATCH_WARNING
+from medgemma_deploy.serving.tls import ClientTLS
+
+__all__ = [
+    "ClientTLS",
+    "RemoteMedGemma",
+    "RemoteMedSigLIP",
+    "RetryPolicy",
+    "WorkerClient",
+    "WorkerError",
+    "WorkerRequestError",
+    "WorkerUnavailableError",
+    "parse_target",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteMedSigLIP:
+    """MedSigLIP on a worker, with ``MedSigLIPRunner``'s interface (``ImageScorer`` and more)."""
+
+    def __init__(self, client: WorkerClient) -> None:
+        self.client = client
+        self._description: pb.ModelDescription | None = None
+
+    def load(self) -> RemoteMedSigLIP:
+        """Check that the worker serves MedSigLIP (waiting while it loads)."""
+        self._description = self.client.model("medsiglip")
+        logger.info(
+            "MedSigLIP %s (%s) on worker %s", self.identity.name, self.identity.version, self.client.target
+        )
+        return self
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> RemoteMedSigLIP:
+        return self.load()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return convert.identity_from_proto(self._loaded().model)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self._loaded().embedding_dim)
+
+    def score(self, images: Sequence[np.ndarray], label_set: LabelSet) -> ImageScores:
+        """Probabilities and embeddings, as ``MedSigLIPRunner.score``."""
+        probabilities, embeddings = [], []
+        for response in self._classify(images, label_set, return_embeddings=True):
+            probabilities.append(convert.array_from_proto(response.probabilities, "probabilities"))
+            embeddings.append(convert.array_from_proto(response.embeddings, "embeddings"))
+        if not probabilities:
+            return ImageScores(
+                np.zeros((0, len(label_set.findings)), np.float32),
+                np.zeros((0, self.embedding_dim), np.float32),
+            )
+        return ImageScores(np.concatenate(probabilities), np.concatenate(embeddings))
+
+    def relevance_maps(
+        self, images: Sequence[np.ndarray], label_set: LabelSet, finding_keys: Sequence[str]
+    ) -> list[np.ndarray]:
+        """Per image ``(len(finding_keys), rows, columns)`` maps, as ``MedSigLIPRunner.relevance_maps``."""
+        if not finding_keys:
+            return [np.zeros((0, *np.shape(image)[:2]), np.float32) for image in images]
+        maps: list[np.ndarray] = []
+        for response in self._classify(images, label_set, keys=finding_keys):
+            maps.extend(convert.array_from_proto(m, "relevance_maps") for m in response.relevance_maps)
+        return maps
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        wire = [convert.image_to_proto(image, self.client.image_dtype) for image in images]
+        rows = []
+        for run in self.client.chunks([len(w.data) for w in wire]):
+            response = self.client.call("Embed", pb.EmbedRequest(images=wire[run]))
+            rows.append(convert.array_from_proto(response.embeddings, "embeddings"))
+        return np.concatenate(rows) if rows else np.zeros((0, self.embedding_dim), np.float32)
+
+    def _classify(
+        self,
+        images: Sequence[np.ndarray],
+        label_set: LabelSet,
+        *,
+        return_embeddings: bool = False,
+        keys: Sequence[str] = (),
+    ) -> Iterator[pb.ClassifyResponse]:
+        self._loaded()
+        wire = [convert.image_to_proto(image, self.client.image_dtype) for image in images]
+        definition = convert.label_set_to_proto(label_set)
+        # A request must fit, and so must its answer (maps are float32 per pixel and key).
+        sizes = [
+            max(len(w.data), int(np.prod(np.shape(i)[:2])) * 4 * len(keys))
+            for w, i in zip(wire, images, strict=True)
+        ]
+        for run in self.client.chunks(sizes):
+            request = pb.ClassifyRequest(
+                images=wire[run],
+                label_set=definition,
+                return_embeddings=return_embeddings,
+                relevance_finding_keys=list(keys),
+                omit_probabilities=bool(keys) and not return_embeddings,
+            )
+            yield self.client.call("Classify", request)
+
+    def _loaded(self) -> pb.ModelDescription:
+        if self._description is None:
+            self.load()
+        assert self._description is not None
+        return self._description
+
+
+class RemoteMedGemma:
+    """MedGemma on a worker, with ``MedGemmaRunner.generate``'s signature and results."""
+
+    def __init__(self, client: WorkerClient) -> None:
+        self.client = client
+        self._description: pb.ModelDescription | None = None
+
+    def load(self) -> RemoteMedGemma:
+        self._description = self.client.model("medgemma")
+        logger.info(
+            "MedGemma %s (%s) on worker %s", self.identity.name, self.identity.version, self.client.target
+        )
+        return self
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> RemoteMedGemma:
+        return self.load()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def identity(self) -> ModelIdentity:
+        if self._description is None:
+            self.load()
+        assert self._description is not None
+        return convert.identity_from_proto(self._description.model)
+
+    def generate(
+        self, request: ReportRequest, *, on_token: Callable[[str], None] | None = None
+    ) -> ReportResult:
+        """Draft the report on the worker; ``on_token`` gets text pieces as they stream in.
+
+        Raises
+        ------
+        InputError
+            The worker refused the request (e.g. the prompt is longer than the model's context).
+        WorkerError
+            The worker failed, or stayed unavailable through every retry.
+        """
+        if not isinstance(request, ReportRequest):
+            raise TypeError(f"request must be a ReportRequest, got {type(request).__name__}")
+        self.identity  # noqa: B018  # checks the worker serves MedGemma
+        wire = pb.GenerateReportRequest(
+            messages=chat_convert.chat_to_proto(request.messages),
+            settings=chat_convert.settings_to_proto(request.settings),
+            prompt_id=request.prompt_id,
+            request_id=request.source,
+        )
+        try:
+            for event in self.client.stream_report(wire):
+                kind = event.WhichOneof("event")
+                if kind == "delta" and event.delta.text and on_token is not None:
+                    on_token(event.delta.text)
+                elif kind == "final":
+                    return self._result(request, event.final, streamed=on_token is not None)
+        except WorkerRequestError as error:
+            raise InputError(request.source, error.details) from error
+        raise WorkerError(
+            grpc.StatusCode.INTERNAL, "the report stream ended without a final event", self.client.target
+        )
+
+    def _result(self, request: ReportRequest, final: pb.ReportFinal, streamed: bool) -> ReportResult:
+        warnings = [*request.warnings, *final.warnings]
+        if not streamed:
+            # The worker always streams; MedGemmaRunner warns about a stream only when there is one.
+            warnings = [w for w in warnings if w != STREAM_MISMATCH_WARNING]
+        return ReportResult(
+            text=final.text,
+            token_ids=list(final.token_ids),
+            n_prompt_tokens=final.n_prompt_tokens,
+            n_generated_tokens=final.n_generated_tokens,
+            finish_reason="stop" if final.finish_reason == "stop" else "length",
+            seconds=final.seconds,
+            tokens_per_second=final.tokens_per_second,
+            settings=request.settings,
+            prompt_id=request.prompt_id,
+            prompt_version=request.prompt_version,
+            preprocess_seconds=0.0,
+            warnings=warnings,
+        )
