@@ -187,8 +187,14 @@ class MedGemmaRunner:
         n_parameters = sum(parameter.numel() for parameter in model.parameters())
         logger.info(
             "MedGemma %s (%s) loaded from %s on %s as %s in %.1f s: %.1fM parameters, context %d tokens",
-            self.identity.name, self.identity.version, self.model_dir, device, dtype_name,
-            time.perf_counter() - started, n_parameters / 1e6, self.context_length,
+            self.identity.name,
+            self.identity.version,
+            self.model_dir,
+            device,
+            dtype_name,
+            time.perf_counter() - started,
+            n_parameters / 1e6,
+            self.context_length,
         )
         if self.identity.random_weights:
             logger.warning("MedGemma %s has RANDOM WEIGHTS: its reports are meaningless", self.identity.name)
@@ -288,9 +294,9 @@ class MedGemmaRunner:
         started = time.perf_counter()
         inputs = self.prepare_inputs(request)
         n_prompt = int(inputs["input_ids"].shape[1])
-        settings = self._effective_settings(request.settings)
+        settings = self.effective_settings(request.settings)
         warnings = list(request.warnings)
-        max_new_tokens = self._token_budget(request, n_prompt, warnings)
+        max_new_tokens = self.token_budget(request, n_prompt, warnings)
         inputs = inputs.to(self._device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
@@ -340,12 +346,19 @@ class MedGemmaRunner:
         )
         logger.info(
             "%s: %d prompt tokens (%d images), %d generated in %.2f s (%.1f tok/s), finish %s",
-            request.source, n_prompt, request.n_images, len(token_ids), seconds,
-            result.tokens_per_second, finish_reason,
+            request.source,
+            n_prompt,
+            request.n_images,
+            len(token_ids),
+            seconds,
+            result.tokens_per_second,
+            finish_reason,
         )
         return result
 
-    def _token_budget(self, request: ReportRequest, n_prompt: int, warnings: list[str]) -> int:
+    def token_budget(self, request: ReportRequest, n_prompt: int, warnings: list[str]) -> int:
+        """New tokens this request may generate: its max_new_tokens, shrunk (with a warning) to fit
+        the context; the worker's scheduler applies the same rule."""
         context = self.context_length or 0
         wanted = request.settings.max_new_tokens
         if n_prompt >= context:
@@ -364,7 +377,7 @@ class MedGemmaRunner:
             return budget
         return wanted
 
-    def _effective_settings(self, settings: GenerationSettings) -> GenerationSettings:
+    def effective_settings(self, settings: GenerationSettings) -> GenerationSettings:
         """``settings`` with the checkpoint's sampling defaults filled in, so results record them."""
         if not settings.do_sample:
             return settings

@@ -136,7 +136,7 @@ def generate_reports(
         except (InputError, ValueError) as exc:
             results.reject(series_rejection(series, "report", exc))
             continue
-        for warning in [*request.warnings, *result.warnings]:
+        for warning in _warnings(request, result):
             logger.warning("series %s: %s", series.series_instance_uid, warning)
         if not result.text.strip():
             results.reject(
@@ -170,7 +170,7 @@ def write_report_srs(
             ],
             "images_sent": request.n_images,
             "notes": list(request.notes),
-            "warnings": [*request.warnings, *result.warnings],
+            "warnings": _warnings(request, result),
         }
         try:
             document = build_report_sr(
@@ -184,6 +184,11 @@ def write_report_srs(
         results.outputs.append(written)
         entry["sr_sop_instance_uid"] = written.sop_instance_uid
         results.add_report(series, entry)
+
+
+def _warnings(request: ReportRequest, result: ReportResult) -> list[str]:
+    """The request's and the result's warnings, each once (a result repeats its request's)."""
+    return list(dict.fromkeys([*request.warnings, *result.warnings]))
 
 
 def _version() -> str:

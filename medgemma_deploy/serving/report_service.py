@@ -6,10 +6,10 @@ template build the prompt (``runner.prepare_inputs``), its end-of-turn tokens st
 its rules for context limits, decoding and warnings are mirrored here, so a report drafted by the
 worker is the one the runner would have drafted (greedy tokens and text are tested equal).
 
-The context budget and the checkpoint's sampling defaults come from the runner's
-``_token_budget`` and ``_effective_settings`` (private today; they should become public runner
-API), and the result warnings repeat the runner's two messages; the parity tests compare tokens,
-text and warnings with ``MedGemmaRunner.generate`` so that any drift fails a test.
+The context budget and the checkpoint's sampling defaults come from the runner's public
+``token_budget`` and ``effective_settings``, and the result warnings repeat the runner's two
+messages; the parity tests compare tokens, text and warnings with ``MedGemmaRunner.generate``
+so that any drift fails a test.
 
 Prompt building (image processing) runs on the calling RPC thread, in parallel with the decode
 loop; only prefill and decoding run on the scheduler's thread.
@@ -197,8 +197,8 @@ class ReportService:
         # The runner's own rules (context budget, checkpoint sampling defaults), so that the worker
         # and the in-process runner cannot drift apart. They are private methods today: see the
         # module docstring.
-        budget = self.runner._token_budget(request, int(input_ids.shape[1]), warnings)
-        effective = self.runner._effective_settings(settings)
+        budget = self.runner.token_budget(request, int(input_ids.shape[1]), warnings)
+        effective = self.runner.effective_settings(settings)
         return PreparedReport(PreparedPrompt(input_ids, inputs), effective, budget, warnings)
 
     def submit(self, prepared: PreparedReport, *, deadline: float | None = None) -> ReportStream:
