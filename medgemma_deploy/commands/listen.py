@@ -1,0 +1,294 @@
+"""``medgemma-deploy listen``: the DICOM listener (C-STORE SCP → spool → pipeline → PACS).
+
+Every option can also come from the environment, ``MEDGEMMA_LISTENER_<OPTION>`` (``--quiet-seconds``
+→ ``MEDGEMMA_LISTENER_QUIET_SECONDS``; lists comma-separated); a flag wins over the variable.
+The STOW-RS bearer token is read only from ``MEDGEMMA_LISTENER_STOW_TOKEN``, never from the
+command line. Device, label sets and relevance maps come from the run settings
+(:mod:`medgemma_deploy.settings`: ``MEDGEMMA_DEPLOY_*``, ``MEDGEMMA_DEPLOY_CONFIG``).
+
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 2 for a configuration that cannot start
+(one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from medgemma_deploy.errors import UsageError
+
+__all__ = ["ENV_PREFIX", "build_config", "main", "register", "run"]
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "MEDGEMMA_LISTENER_"
+
+#: option (argparse dest) → (converter, default) for options resolvable from the environment.
+_OPTIONS: dict[str, tuple[Callable[[str], Any], Any]] = {
+    "ae_title": (str, "MEDGEMMA"),
+    "bind": (str, "0.0.0.0"),
+    "port": (int, 11112),
+    "spool": (Path, None),
+    "pipeline": (str, "classify"),
+    "destination": (str, ()),
+    "stow_url": (str, None),
+    "allow": (str, ()),
+    "models": (Path, None),
+    "backend": (str, "local"),
+    "prompts": (Path, None),
+    "quiet_seconds": (float, 30.0),
+    "concurrency": (int, 2),
+    "max_attempts": (int, 10),
+    "backoff_seconds": (float, 5.0),
+    "max_backoff_seconds": (float, 600.0),
+    "min_free_mb": (int, 256),
+    "max_associations": (int, 32),
+    "timeout_seconds": (float, 60.0),
+    "tls_cert": (Path, None),
+    "tls_key": (Path, None),
+    "tls_ca": (Path, None),
+    "metrics_port": (int, None),
+    "retention_hours": (float, 72.0),
+    "drain_seconds": (float, 60.0),
+    "audit_log": (Path, None),
+}
+_LIST_OPTIONS = frozenset({"destination", "allow"})
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``listen`` subcommand."""
+    parser = subparsers.add_parser(
+        "listen",
+        help="DICOM listener: C-STORE SCP → durable spool → pipeline → results to the PACS",
+        description=__doc__.split("\n\n")[0],
+        epilog=f"Environment: every option as {ENV_PREFIX}<OPTION> (e.g. {ENV_PREFIX}QUIET_SECONDS).",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``listen`` options (defaults are resolved later, so the environment can fill them)."""
+    net = parser.add_argument_group("DICOM")
+    net.add_argument("--ae-title", metavar="AET", help="our AE title (default MEDGEMMA)")
+    net.add_argument("--bind", metavar="ADDRESS", help="interface to listen on (default 0.0.0.0)")
+    net.add_argument("--port", type=int, help="DICOM port (default 11112)")
+    net.add_argument(
+        "--allow",
+        action="append",
+        metavar="AET[@HOST]",
+        help="allowed calling AE: AET, AET@HOST, *@HOST; HOST an address, CIDR network or name "
+        "(repeatable; none = accept all, with a warning)",
+    )
+    net.add_argument(
+        "--max-associations", type=int, metavar="N", help="simultaneous associations (default 32)"
+    )
+    net.add_argument(
+        "--timeout-seconds", type=float, metavar="S", help="ACSE/DIMSE/network timeout (default 60)"
+    )
+    net.add_argument("--tls-cert", type=Path, metavar="PEM", help="DICOM TLS server certificate")
+    net.add_argument("--tls-key", type=Path, metavar="PEM", help="DICOM TLS private key")
+    net.add_argument(
+        "--tls-ca", type=Path, metavar="PEM", help="require client certificates signed by this CA"
+    )
+
+    work = parser.add_argument_group("spool and jobs")
+    work.add_argument("--spool", type=Path, metavar="DIR", help="spool folder (required)")
+    work.add_argument(
+        "--quiet-seconds",
+        type=float,
+        metavar="S",
+        help="a study is complete after S seconds without a new instance (default 30)",
+    )
+    work.add_argument("--concurrency", type=int, metavar="N", help="job worker threads (default 2)")
+    work.add_argument(
+        "--max-attempts", type=int, metavar="N", help="attempts before a job fails (default 10)"
+    )
+    work.add_argument(
+        "--backoff-seconds", type=float, metavar="S", help="first retry delay, doubled each time (default 5)"
+    )
+    work.add_argument(
+        "--max-backoff-seconds", type=float, metavar="S", help="longest retry delay (default 600)"
+    )
+    work.add_argument(
+        "--min-free-mb",
+        type=int,
+        metavar="MB",
+        help="refuse instances (0xA700) when less would stay free (default 256)",
+    )
+    work.add_argument(
+        "--retention-hours",
+        type=float,
+        metavar="H",
+        help="delete finished studies' files after H hours; 0 keeps them (default 72)",
+    )
+    work.add_argument(
+        "--drain-seconds", type=float, metavar="S", help="on SIGTERM, wait for running jobs (default 60)"
+    )
+    work.add_argument(
+        "--audit-log", type=Path, metavar="FILE", help="JSON-lines audit log (default SPOOL/audit.jsonl)"
+    )
+    work.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="Prometheus /metrics port (default off)"
+    )
+
+    pipe = parser.add_argument_group("pipeline and delivery")
+    pipe.add_argument(
+        "--pipeline", metavar="NAME", help="classify, report, study, or module:factory (default classify)"
+    )
+    pipe.add_argument(
+        "-m", "--models", type=Path, metavar="DIR", help="models root or model folder (local backend)"
+    )
+    pipe.add_argument("--backend", metavar="SPEC", help="local (default) or grpc://HOST:PORT of a worker")
+    pipe.add_argument("--device", choices=["cpu", "cuda"], default=None, help="local backend device")
+    pipe.add_argument(
+        "--labels", type=Path, action="append", metavar="YAML", help="label-set file (repeatable)"
+    )
+    pipe.add_argument("--prompts", type=Path, metavar="YAML", help="MedGemma prompts file (report/study)")
+    pipe.add_argument(
+        "--destination", action="append", metavar="AET@HOST:PORT", help="C-STORE results here (repeatable)"
+    )
+    pipe.add_argument("--stow-url", metavar="URL", help="also/instead STOW-RS results to this DICOMweb root")
+
+
+def resolve_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Each option from the flag, else ``MEDGEMMA_LISTENER_<OPTION>``, else its default.
+
+    Raises
+    ------
+    UsageError
+        An environment value cannot be converted (naming the variable and the value).
+    """
+    values: dict[str, Any] = {}
+    for name, (convert, default) in _OPTIONS.items():
+        flag = getattr(args, name, None)
+        if flag is not None:
+            values[name] = tuple(flag) if name in _LIST_OPTIONS else flag
+            continue
+        variable = ENV_PREFIX + name.upper()
+        raw = environ.get(variable, "")
+        if raw == "":
+            values[name] = default
+            continue
+        try:
+            if name in _LIST_OPTIONS:
+                values[name] = tuple(item.strip() for item in raw.split(",") if item.strip())
+            else:
+                values[name] = convert(raw)
+        except ValueError as exc:
+            raise UsageError(f"{variable}={raw!r}: {exc}") from exc
+    if args.prompts is None and environ.get("MEDGEMMA_DEPLOY_PROMPTS"):
+        values["prompts"] = Path(environ["MEDGEMMA_DEPLOY_PROMPTS"])
+    return values
+
+
+def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Any:
+    """Resolve ``args`` + environment into a :class:`~medgemma_deploy.network.service.ListenerConfig`."""
+    from medgemma_deploy.network.delivery import DicomNode
+    from medgemma_deploy.network.pipelines import PipelineOptions
+    from medgemma_deploy.network.service import ListenerConfig
+    from medgemma_deploy.network.worker_loop import RetryPolicy
+    from medgemma_deploy.settings import resolve_settings
+
+    environ = os.environ if environ is None else environ
+    options = resolve_options(args, environ)
+    if options["spool"] is None:
+        raise UsageError(f"--spool DIR is required (or {ENV_PREFIX}SPOOL)")
+    try:
+        destinations = tuple(DicomNode.parse(text) for text in options["destination"])
+        retry = RetryPolicy(
+            max_attempts=options["max_attempts"],
+            base_s=options["backoff_seconds"],
+            max_s=options["max_backoff_seconds"],
+        )
+    except ValueError as exc:
+        raise UsageError(f"--destination/--max-attempts/--backoff-seconds: {exc}") from exc
+    settings = resolve_settings({"device": args.device, "labels": args.labels}, environ)
+    retention = options["retention_hours"]
+    return ListenerConfig(
+        ae_title=options["ae_title"],
+        host=options["bind"],
+        port=options["port"],
+        spool=options["spool"],
+        pipeline=options["pipeline"],
+        pipeline_options=PipelineOptions(
+            models_path=options["models"],
+            backend=options["backend"],
+            device=settings.device,
+            label_files=tuple(settings.labels),
+            relevance_top_k=settings.relevance_top_k,
+            prompts_file=options["prompts"],
+        ),
+        destinations=destinations,
+        stow_url=options["stow_url"],
+        stow_token=environ.get(ENV_PREFIX + "STOW_TOKEN") or None,
+        allow=options["allow"],
+        quiet_s=options["quiet_seconds"],
+        concurrency=options["concurrency"],
+        retry=retry,
+        min_free_bytes=options["min_free_mb"] * 1024 * 1024,
+        max_associations=options["max_associations"],
+        timeout_s=options["timeout_seconds"],
+        tls_cert=options["tls_cert"],
+        tls_key=options["tls_key"],
+        tls_ca=options["tls_ca"],
+        metrics_port=options["metrics_port"],
+        metrics_host=options["bind"],
+        retention_s=retention * 3600.0 if retention and retention > 0 else None,
+        drain_s=options["drain_seconds"],
+        audit_log=options["audit_log"],
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the listener until SIGTERM/SIGINT; 2 with one line on stderr if it cannot start."""
+    import pydicom
+
+    from medgemma_deploy.network.service import Listener
+
+    # pydicom's read-validation warnings quote attribute values (patient names included); the
+    # listener's logs must hold UIDs only, so they are off in this process.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pynetdicom").setLevel(
+        logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING
+    )
+    stop = threading.Event()
+    try:
+        listener = Listener(build_config(args))
+        listener.start()
+    except UsageError as exc:
+        print(f"medgemma-deploy listen: error: {exc}", file=sys.stderr)
+        return 2
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop.wait(0.5):
+            pass
+        logger.info("stopping: no new associations, draining running jobs")
+    finally:
+        listener.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m medgemma_deploy.apps.listener``: the same options as ``medgemma-deploy listen``."""
+    parser = argparse.ArgumentParser(prog="medgemma-deploy-listener", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("transformers", "highdicom", "PIL", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    return run(args)

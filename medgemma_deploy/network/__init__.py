@@ -1,0 +1,47 @@
+"""The DICOM network entry: Storage SCP → durable spool → study completion → pipeline → delivery.
+
+``medgemma-deploy listen`` (or ``python -m medgemma_deploy.apps.listener``) runs a
+:class:`~medgemma_deploy.network.service.Listener`; ``medgemma-deploy jobs`` reads its job store.
+The cores here import pynetdicom and dicomweb-client (the ``network`` extra), never MONAI Deploy.
+Names are imported on first use, so ``medgemma-deploy jobs`` does not pay for pynetdicom.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name → module that defines it
+_EXPORTS = {
+    "AllowList": "allowlist",
+    "AUDIT_FIELDS": "audit",
+    "AuditLog": "audit",
+    "CStoreDestination": "delivery",
+    "DicomNode": "delivery",
+    "StowDestination": "delivery",
+    "Job": "jobstore",
+    "JobState": "jobstore",
+    "JobStore": "jobstore",
+    "Pipeline": "pipelines",
+    "PipelineOptions": "pipelines",
+    "PipelineOutput": "pipelines",
+    "PipelineRun": "pipelines",
+    "available_pipelines": "pipelines",
+    "make_pipeline": "pipelines",
+    "register_pipeline": "pipelines",
+    "STATUS_TABLE": "receiver",
+    "StoreStatus": "receiver",
+    "Listener": "service",
+    "ListenerConfig": "service",
+    "Spool": "spool",
+    "safe_uid_name": "spool",
+    "RetryPolicy": "worker_loop",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

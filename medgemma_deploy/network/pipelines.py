@@ -1,0 +1,230 @@
+"""What the listener runs on a completed study version: a small registry of pipelines.
+
+A pipeline is opened once per listener process (models loaded once), then turns the input folder
+of each study version into DICOM objects in an output folder. ``classify`` wraps
+:class:`~medgemma_deploy.classify_run.ClassifyEngine`; ``report`` and ``study`` wrap the MedGemma
+engines (``medgemma_deploy.report_run.ReportEngine`` / ``medgemma_deploy.study_run.StudyEngine``,
+same lifecycle) and fail at start-up, with one line, where those are not installed. A site can
+register its own with :func:`register_pipeline`, or name one as ``module:factory`` on the command
+line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from medgemma_deploy.errors import UsageError
+from medgemma_deploy.operators.domain import Rejection
+
+__all__ = [
+    "EnginePipeline",
+    "Pipeline",
+    "PipelineFactory",
+    "PipelineOptions",
+    "PipelineOutput",
+    "PipelineRun",
+    "available_pipelines",
+    "make_pipeline",
+    "register_pipeline",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Kinds of written objects that go to the PACS (embeddings and other sidecars stay local).
+DICOM_KINDS = frozenset({"SR", "SEG", "REPORT-SR"})
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Settings every pipeline factory receives (resolved once by ``medgemma-deploy listen``)."""
+
+    models_path: Path | None = None
+    backend: str = "local"
+    device: str | None = None
+    label_files: tuple[Path, ...] = ()
+    relevance_top_k: int = 3
+    prompts_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class PipelineOutput:
+    """One DICOM object a pipeline wrote, to be delivered."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """The outcome of one study version: objects to deliver, and the inputs the pipeline refused."""
+
+    outputs: tuple[PipelineOutput, ...]
+    rejected: tuple[Rejection, ...] = ()
+    skipped: tuple[Rejection, ...] = ()
+    models: tuple[str, ...] = field(default=())
+
+
+class Pipeline(Protocol):
+    """Load once (:meth:`open`), process many study versions, :meth:`close`."""
+
+    name: str
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def process(self, input_dir: Path, output_dir: Path, *, result_version: int) -> PipelineRun: ...
+
+
+PipelineFactory = Callable[[PipelineOptions], Pipeline]
+
+_REGISTRY: dict[str, PipelineFactory] = {}
+
+
+def register_pipeline(name: str, factory: PipelineFactory) -> None:
+    """Make ``--pipeline name`` build its pipeline with ``factory(options)``."""
+    if not name or ":" in name:
+        raise ValueError(f"pipeline name must be non-empty and contain no ':', got {name!r}")
+    _REGISTRY[name] = factory
+
+
+def available_pipelines() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_pipeline(spec: str, options: PipelineOptions) -> Pipeline:
+    """Build (not open) the pipeline named ``spec``: a registered name or ``module:factory``.
+
+    Raises
+    ------
+    UsageError
+        Unknown name, a ``module:factory`` that cannot be imported, or a pipeline whose engine is
+        not installed or whose options are incomplete (one line naming what is missing).
+    """
+    if ":" in spec:
+        module_name, _, attribute = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as exc:
+            raise UsageError(
+                f"--pipeline {spec}: cannot import {attribute} from {module_name} ({exc})"
+            ) from exc
+    elif spec in _REGISTRY:
+        factory = _REGISTRY[spec]
+    else:
+        raise UsageError(f"--pipeline {spec}: unknown; available: {', '.join(available_pipelines())}")
+    return factory(options)
+
+
+class EnginePipeline:
+    """A pipeline over an engine with ClassifyEngine's lifecycle (``open``/``process``/``close``).
+
+    The engine's ``process(input, output, result_version=N)`` returns a
+    :class:`~medgemma_deploy.operators.results.RunResults`; its DICOM outputs are what is delivered.
+    """
+
+    def __init__(self, name: str, engine: Any) -> None:
+        self.name = name
+        self.engine = engine
+
+    def open(self) -> None:
+        self.engine.open()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def process(self, input_dir: Path, output_dir: Path, *, result_version: int) -> PipelineRun:
+        results = self.engine.process(input_dir, output_dir, result_version=result_version)
+        outputs = []
+        for written in results.outputs:
+            if written.kind not in DICOM_KINDS:
+                continue
+            if not written.sop_instance_uid or not written.sop_class_uid:
+                raise RuntimeError(
+                    f"{self.name}: output {written.path} has no SOP Instance/Class UID recorded"
+                )
+            outputs.append(
+                PipelineOutput(
+                    path=Path(written.path),
+                    sop_class_uid=str(written.sop_class_uid),
+                    sop_instance_uid=str(written.sop_instance_uid),
+                    kind=written.kind,
+                )
+            )
+        return PipelineRun(
+            outputs=tuple(outputs),
+            rejected=tuple(results.rejected),
+            skipped=tuple(results.skipped),
+            models=tuple(f"{m.name} {m.version}" for m in results.models),
+        )
+
+
+def _engine_kwargs(engine_class: type, options: PipelineOptions, name: str) -> dict[str, Any]:
+    """The options the engine's constructor accepts; a remote backend it cannot take is an error."""
+    accepted = inspect.signature(engine_class).parameters
+    offered: dict[str, Any] = {
+        "label_files": list(options.label_files) or None,
+        "device": options.device,
+        "prompts_file": options.prompts_file,
+    }
+    kwargs = {key: value for key, value in offered.items() if key in accepted}
+    if options.backend != "local":
+        if "backend" not in accepted:
+            raise UsageError(
+                f"--pipeline {name} --backend {options.backend}: this installation's "
+                f"{engine_class.__name__} runs models in-process only (use --backend local)"
+            )
+        kwargs["backend"] = options.backend
+    elif options.models_path is None:
+        raise UsageError(f"--pipeline {name}: --models is required with --backend local")
+    return kwargs
+
+
+def _classify_factory(options: PipelineOptions) -> Pipeline:
+    from medgemma_deploy.classify_run import ClassifyEngine
+    from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
+
+    kwargs = _engine_kwargs(ClassifyEngine, options, "classify")
+    engine = ClassifyEngine(
+        options.models_path,  # type: ignore[arg-type]  # None only with a remote backend
+        options=ClassifyOptions(relevance_top_k=options.relevance_top_k),
+        **kwargs,
+    )
+    return EnginePipeline("classify", engine)
+
+
+def _medgemma_factory(name: str, module_name: str, class_name: str) -> PipelineFactory:
+    def factory(options: PipelineOptions) -> Pipeline:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module_name.startswith(exc.name):
+                raise UsageError(
+                    f"--pipeline {name}: not available in this installation "
+                    f"(the MedGemma engine {module_name}.{class_name} is missing)"
+                ) from exc
+            raise
+        engine_class = getattr(module, class_name, None)
+        if engine_class is None:
+            raise UsageError(f"--pipeline {name}: {module_name} has no {class_name}")
+        kwargs = _engine_kwargs(engine_class, options, name)
+        if "classify_options" in inspect.signature(engine_class).parameters:
+            from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
+
+            kwargs["classify_options"] = ClassifyOptions(relevance_top_k=options.relevance_top_k)
+        return EnginePipeline(name, engine_class(options.models_path, **kwargs))
+
+    return factory
+
+
+register_pipeline("classify", _classify_factory)
+register_pipeline("report", _medgemma_factory("report", "medgemma_deploy.report_run", "ReportEngine"))
+register_pipeline("study", _medgemma_factory("study", "medgemma_deploy.study_run", "StudyEngine"))

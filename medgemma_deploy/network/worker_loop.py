@@ -1,0 +1,371 @@
+"""The job runner: queued study versions through the pipeline, then their results to the PACS.
+
+``concurrency`` threads claim due jobs from the store. A claimed ``queued`` job runs the pipeline
+(one at a time: the models are loaded once and shared) on a hard-linked snapshot of its
+instances, with ``result_version`` = the study version, so a retry of the same version rewrites
+the same SOP Instance UIDs and a re-opened study gets new ones. Its outputs are recorded and the
+job moves to ``delivering``; each destination then gets the objects it has not acknowledged yet.
+
+Failures: a transient one (worker unavailable, PACS down, disk full) counts an attempt and is
+retried after an exponential backoff; a permanent one (bad input, objects refused) fails the job
+at once, keeping the reason. ``medgemma-deploy jobs --retry ID`` gives a failed job a new start.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from medgemma_deploy.errors import InputError, UsageError
+from medgemma_deploy.network.audit import AuditLog
+from medgemma_deploy.network.delivery import DeliveryError, DeliveryItem, Destination
+from medgemma_deploy.network.jobstore import Job, JobState, JobStore, OutputRecord
+from medgemma_deploy.network.metrics import ListenerMetrics
+from medgemma_deploy.network.pipelines import Pipeline
+from medgemma_deploy.network.spool import Spool
+
+__all__ = ["RetryPolicy", "WorkerLoop", "is_transient"]
+
+logger = logging.getLogger(__name__)
+
+#: gRPC status codes (by name) after which the worker may well answer a later call.
+_RETRYABLE_GRPC_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff: ``base_s × 2^(n−1)`` (±20 % jitter) up to ``max_s``; fail at ``max_attempts``."""
+
+    max_attempts: int = 10
+    base_s: float = 5.0
+    max_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.base_s < 0 or self.max_s < self.base_s:
+            raise ValueError(f"need 0 <= base_s <= max_s, got base_s={self.base_s}, max_s={self.max_s}")
+
+    def delay(self, failed_attempts: int) -> float:
+        """Seconds to wait after the ``failed_attempts``-th failure (1-based)."""
+        exponential = self.base_s * 2 ** max(0, failed_attempts - 1)
+        return min(self.max_s, exponential) * random.uniform(0.8, 1.2)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a later attempt may succeed: network, disk, worker unavailability; not bad input.
+
+    Exceptions may say so themselves with a ``transient`` attribute (delivery errors do); gRPC
+    errors are judged by their status code; ``OSError`` (which includes connection errors, timeouts
+    and a full disk) is transient; anything else (bad input, a bug) is permanent.
+    """
+    flag = getattr(exc, "transient", None)
+    if isinstance(flag, bool):
+        return flag
+    code = getattr(exc, "code", None)
+    if callable(code):
+        try:
+            name = getattr(code(), "name", None)
+        except TypeError:
+            name = None
+        if name is not None:
+            return name in _RETRYABLE_GRPC_CODES
+    if isinstance(exc, (InputError, UsageError)):
+        return False
+    return isinstance(exc, (OSError, MemoryError))
+
+
+class WorkerLoop:
+    """Threads that run claimed jobs; see the module docstring.
+
+    Parameters
+    ----------
+    store, spool, audit, metrics:
+        The listener's job store, spool, audit log and metrics.
+    pipeline:
+        An opened pipeline.
+    destinations:
+        Where results go; a job is delivered when every destination acknowledged every object.
+    concurrency:
+        Worker threads (pipeline runs are still one at a time; the others deliver meanwhile).
+    retry:
+        Backoff and attempt limit.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        spool: Spool,
+        pipeline: Pipeline,
+        destinations: Sequence[Destination],
+        audit: AuditLog,
+        *,
+        metrics: ListenerMetrics | None = None,
+        concurrency: int = 2,
+        retry: RetryPolicy | None = None,
+        idle_poll_s: float = 1.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if not destinations:
+            raise ValueError("at least one destination is needed")
+        self.store, self.spool, self.pipeline, self.audit = store, spool, pipeline, audit
+        self.destinations = list(destinations)
+        self.metrics = metrics or ListenerMetrics()
+        self.concurrency = concurrency
+        self.retry = retry or RetryPolicy()
+        self.idle_poll_s = idle_poll_s
+        self._processing = threading.Semaphore(1)
+        self._wake = threading.Condition()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for index in range(self.concurrency):
+            thread = threading.Thread(target=self._run, name=f"job-worker-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self, *_: object) -> None:
+        """Tell idle threads that new work may be due."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def stop(self, timeout_s: float = 60.0) -> bool:
+        """Claim nothing new; wait up to ``timeout_s`` for running jobs. True if all threads ended."""
+        self._stopping.set()
+        self.wake()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    # -- loop -----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                worked = self._run_one()
+            except Exception:  # keep the thread alive: a database hiccup must not stop delivery
+                logger.exception("job worker iteration failed")
+                worked = False
+            if not worked:
+                self._idle()
+
+    def _idle(self) -> None:
+        due = self.store.next_due()
+        wait = self.idle_poll_s if due is None else min(self.idle_poll_s, max(0.01, due - time.time()))
+        with self._wake:
+            if not self._stopping.is_set():
+                self._wake.wait(wait)
+
+    def _run_one(self) -> bool:
+        have_slot = self._processing.acquire(blocking=False)
+        try:
+            claimed = self.store.claim_next(allow_processing=have_slot)
+            if claimed is None:
+                return False
+            try:
+                job: Job | None = claimed
+                if claimed.state is JobState.RUNNING:
+                    job = self._process(claimed)
+                if have_slot:  # delivering is network work: free the pipeline for the next study
+                    self._processing.release()
+                    have_slot = False
+                if job is not None and job.state is JobState.DELIVERING:
+                    self._deliver(job)
+            finally:
+                self.store.release(claimed.id)
+            return True
+        finally:
+            if have_slot:
+                self._processing.release()
+
+    # -- processing -----------------------------------------------------------------------------
+
+    def _process(self, job: Job) -> Job | None:
+        started = time.perf_counter()
+        work = self.spool.work_dir(job.study_instance_uid, job.version)
+        self.audit.event(
+            "job-started",
+            job_id=job.id,
+            study_instance_uid=job.study_instance_uid,
+            version=job.version,
+            attempts=job.attempts,
+            pipeline=self.pipeline.name,
+        )
+        try:
+            instances = self.store.study_instances(job.study_instance_uid, job.version)
+            n_inputs = self.spool.link_inputs([i.path for i in instances], work / "input")
+            output_dir = work / "output"
+            if output_dir.exists():
+                self.spool.remove_tree(output_dir)  # a previous attempt's partial output
+            run = self.pipeline.process(work / "input", output_dir, result_version=job.version)
+        except Exception as exc:
+            self._failed(job, "process", exc)
+            return None
+        seconds = time.perf_counter() - started
+        self.metrics.pipeline_seconds(seconds)
+        for rejection in run.rejected:
+            self.audit.event(
+                "instance-rejected",
+                job_id=job.id,
+                study_instance_uid=job.study_instance_uid,
+                series_instance_uid=rejection.series_instance_uid,
+                sop_instance_uid=rejection.sop_instance_uid,
+                stage=rejection.stage,
+                reason=rejection.reason,
+            )
+        if not run.outputs:
+            reason = (
+                f"no results from {n_inputs} instance(s): "
+                f"{len(run.rejected)} rejected, {len(run.skipped)} skipped"
+            )
+            if run.rejected:
+                reason += f"; first: {run.rejected[0].reason}"
+            return self._fail(job, reason)
+        outputs = [
+            OutputRecord(
+                sop_instance_uid=o.sop_instance_uid,
+                sop_class_uid=o.sop_class_uid,
+                kind=o.kind,
+                path=o.path.resolve().relative_to(self.spool.root.resolve()).as_posix(),
+            )
+            for o in run.outputs
+        ]
+        processed = self.store.set_processed(
+            job.id, outputs, pipeline=self.pipeline.name, n_rejected=len(run.rejected)
+        )
+        self.metrics.job("processed")
+        logger.info(
+            "study %s version %d: %s wrote %d object(s) in %.1f s (%d input(s) rejected)",
+            job.study_instance_uid,
+            job.version,
+            self.pipeline.name,
+            len(outputs),
+            seconds,
+            len(run.rejected),
+        )
+        self.audit.event(
+            "job-processed",
+            job_id=job.id,
+            study_instance_uid=job.study_instance_uid,
+            version=job.version,
+            pipeline=self.pipeline.name,
+            model=", ".join(run.models) or None,
+            n_instances=n_inputs,
+            n_outputs=len(outputs),
+            n_rejected=len(run.rejected),
+            duration_s=round(seconds, 3),
+            outputs=[{"sop_instance_uid": o.sop_instance_uid, "kind": o.kind} for o in outputs],
+        )
+        return processed
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def _deliver(self, job: Job) -> None:
+        for destination in self.destinations:
+            pending = self.store.pending_outputs(job.id, destination.name)
+            if not pending:
+                continue
+            items = [
+                DeliveryItem(self.spool.path(o.path), o.sop_class_uid, o.sop_instance_uid) for o in pending
+            ]
+
+            def on_delivered(uids: list[str], destination: Destination = destination) -> None:
+                self.store.mark_delivered(job.id, uids, destination.name)
+                self.metrics.delivery(destination.name, "delivered", len(uids))
+                for uid in uids:
+                    self.audit.event(
+                        "delivered",
+                        job_id=job.id,
+                        study_instance_uid=job.study_instance_uid,
+                        version=job.version,
+                        sop_instance_uid=uid,
+                        destination=destination.name,
+                    )
+
+            try:
+                destination.deliver(items, on_delivered)
+            except Exception as exc:  # every failure is classified (transient: retry; else: failed)
+                self.metrics.delivery(destination.name, "failed")
+                self._failed(job, "deliver", exc, destination=destination.name)
+                return
+        delivered = self.store.finish_delivered(job.id)
+        self.metrics.job("delivered")
+        logger.info("study %s version %d delivered", job.study_instance_uid, job.version)
+        self.audit.event(
+            "job-delivered",
+            job_id=job.id,
+            study_instance_uid=job.study_instance_uid,
+            version=job.version,
+            n_outputs=delivered.n_outputs,
+            destination=", ".join(d.name for d in self.destinations),
+        )
+
+    # -- failures -------------------------------------------------------------------------------
+
+    def _failed(self, job: Job, stage: str, exc: BaseException, *, destination: str | None = None) -> None:
+        reason = f"{stage}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        if not is_transient(exc):
+            if not isinstance(exc, (DeliveryError, InputError, UsageError)):
+                logger.error("job %d %s failed", job.id, stage, exc_info=exc)
+            self._fail(job, reason)
+            return
+        current = self.store.job(job.id)
+        delay = self.retry.delay((current.attempts if current else 0) + 1)
+        updated = self.store.retry_later(job.id, reason, delay_s=delay, max_attempts=self.retry.max_attempts)
+        if updated.state is JobState.FAILED:
+            self.metrics.job("failed")
+            logger.error(
+                "job %d (study %s v%d) failed: %s", job.id, job.study_instance_uid, job.version, reason
+            )
+            self.audit.event(
+                "job-failed",
+                job_id=job.id,
+                study_instance_uid=job.study_instance_uid,
+                version=job.version,
+                attempts=updated.attempts,
+                reason=updated.last_error,
+                destination=destination,
+            )
+            return
+        self.metrics.job("retry")
+        logger.warning(
+            "job %d (study %s v%d) attempt %d failed, retry in %.1f s: %s",
+            job.id,
+            job.study_instance_uid,
+            job.version,
+            updated.attempts,
+            delay,
+            reason,
+        )
+        self.audit.event(
+            "job-retry",
+            job_id=job.id,
+            study_instance_uid=job.study_instance_uid,
+            version=job.version,
+            attempts=updated.attempts,
+            delay_s=round(delay, 2),
+            reason=reason,
+            destination=destination,
+            stage=stage,
+        )
+
+    def _fail(self, job: Job, reason: str) -> None:
+        failed = self.store.fail(job.id, reason)
+        self.metrics.job("failed")
+        logger.error("job %d (study %s v%d) failed: %s", job.id, job.study_instance_uid, job.version, reason)
+        self.audit.event(
+            "job-failed",
+            job_id=job.id,
+            study_instance_uid=job.study_instance_uid,
+            version=job.version,
+            attempts=failed.attempts,
+            reason=reason,
+        )
+        return None
