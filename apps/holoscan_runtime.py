@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from monai.deploy.core import Application
+
 from medgemma_deploy.engine import PipelineEngine, check_input_path
 from medgemma_deploy.errors import UsageError
 from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
@@ -32,6 +34,7 @@ from medgemma_deploy.settings import RunSettings, resolve_settings
 __all__ = [
     "HOLOSCAN_STACK_BYTES",
     "ModelApp",
+    "ModelApplication",
     "classify_options",
     "input_and_output",
     "open_engine",
@@ -52,6 +55,23 @@ class ModelApp(Protocol):
     def final_results(self) -> RunResults | None: ...
 
     def run(self) -> None: ...
+
+
+class ModelApplication(Application):
+    """Base of our MONAI Deploy apps: settings in, engine loaded in ``compose``, results out.
+
+    Subclasses load the engine with :func:`open_engine` in ``compose`` and set ``final_writer`` to
+    the operator that writes ``results.json`` (it keeps the run's results as ``last_results``).
+    """
+
+    def __init__(self, *args: object, settings: RunSettings | None = None, **kwargs: object) -> None:
+        self.settings = settings or RunSettings()
+        self.engine: PipelineEngine | None = None
+        self.final_writer: object | None = None
+        super().__init__(*args, **kwargs)
+
+    def final_results(self) -> RunResults | None:
+        return getattr(self.final_writer, "last_results", None)
 
 
 def ensure_stack_size(module: str, argv: Sequence[str]) -> None:

@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cli_options import cli_options
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "compose.yaml"
@@ -284,33 +286,13 @@ def test_promtool_accepts_the_prometheus_config():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def _cli_options(subcommand: str) -> set[str]:
-    """The flags ``medgemma-deploy SUBCOMMAND`` accepts (from ``medgemma_deploy/commands/`` while the
-    subcommand is not wired into the CLI yet); skips while neither exists."""
-    import argparse
-    import importlib
-
-    from medgemma_deploy.cli import build_parser
-
-    choices = build_parser()._subparsers._group_actions[0].choices
-    if subcommand not in choices:
-        try:
-            module = importlib.import_module(f"medgemma_deploy.commands.{subcommand}")
-        except ModuleNotFoundError:
-            pytest.skip(f"`medgemma-deploy {subcommand}` does not exist yet (being written)")
-        subparsers = argparse.ArgumentParser().add_subparsers()
-        module.register(subparsers)
-        choices = subparsers.choices
-    return set(choices[subcommand]._option_string_actions)
-
-
 @pytest.mark.parametrize(("service", "subcommand"), [("worker", "worker"), ("listener", "listen")])
 def test_compose_commands_use_only_flags_the_cli_accepts(compose, service, subcommand):
     argv = _command(compose, service)
     if argv[0] == subcommand:  # the app image's entrypoint is `medgemma-deploy`
         argv = argv[1:]
     flags = {arg for arg in argv if arg.startswith("--")}
-    unknown = flags - _cli_options(subcommand)
+    unknown = flags - cli_options(subcommand)
     assert not unknown, f"{service}: `medgemma-deploy {subcommand}` rejects {sorted(unknown)}"
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_options import cli_options
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER_DIR = ROOT / "deploy" / "docker"
 HEALTHCHECK = DOCKER_DIR / "healthcheck.py"
@@ -345,32 +347,12 @@ def test_healthcheck_script_is_copied_where_the_health_checks_call_it():
         assert ["deploy/docker/healthcheck.py", _healthcheck(instructions)[1]] in copies
 
 
-def _cli_options(subcommand: str) -> set[str]:
-    """The flags ``medgemma-deploy SUBCOMMAND`` accepts (from ``medgemma_deploy/commands/`` while the
-    subcommand is not wired into the CLI yet); skips while neither exists."""
-    import argparse
-    import importlib
-
-    from medgemma_deploy.cli import build_parser
-
-    choices = build_parser()._subparsers._group_actions[0].choices
-    if subcommand not in choices:
-        try:
-            module = importlib.import_module(f"medgemma_deploy.commands.{subcommand}")
-        except ModuleNotFoundError:
-            pytest.skip(f"`medgemma-deploy {subcommand}` does not exist yet (being written)")
-        subparsers = argparse.ArgumentParser().add_subparsers()
-        module.register(subparsers)
-        choices = subparsers.choices
-    return set(choices[subcommand]._option_string_actions)
-
-
 @pytest.mark.parametrize("image", ["worker", "app"])
 def test_image_commands_use_only_flags_the_cli_accepts(image):
     argv = final_command(_worker() if image == "worker" else _app())
     subcommand = argv[1]
     flags = {arg for arg in argv[2:] if arg.startswith("--")}
-    unknown = flags - _cli_options(subcommand)
+    unknown = flags - cli_options(subcommand)
     assert not unknown, f"{image} image passes {sorted(unknown)} that `medgemma-deploy {subcommand}` rejects"
 
 
@@ -580,7 +562,7 @@ def test_dicom_echo_probe_names_a_malformed_target():
 
 
 def test_worker_without_a_gpu_exits_with_a_clear_message(tmp_path, request):
-    _cli_options("worker")
+    cli_options("worker")
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the no-GPU failure cannot be shown here")

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cli_options import cli_options
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")  # gRPC probes are GA from 1.27
@@ -535,26 +537,6 @@ def test_label_set_config_map_starts_as_the_packaged_sets():
     )
 
 
-def _cli_options(subcommand: str) -> set[str]:
-    """The flags ``medgemma-deploy SUBCOMMAND`` accepts (from ``medgemma_deploy/commands/`` while the
-    subcommand is not wired into the CLI yet); skips while neither exists."""
-    import argparse
-    import importlib
-
-    from medgemma_deploy.cli import build_parser
-
-    choices = build_parser()._subparsers._group_actions[0].choices
-    if subcommand not in choices:
-        try:
-            module = importlib.import_module(f"medgemma_deploy.commands.{subcommand}")
-        except ModuleNotFoundError:
-            pytest.skip(f"`medgemma-deploy {subcommand}` does not exist yet (being written)")
-        subparsers = argparse.ArgumentParser().add_subparsers()
-        module.register(subparsers)
-        choices = subparsers.choices
-    return set(choices[subcommand]._option_string_actions)
-
-
 @pytest.mark.parametrize(
     ("kind", "name"), [("Deployment", "medgemma-worker"), ("StatefulSet", "medgemma-listener")]
 )
@@ -563,5 +545,5 @@ def test_manifest_arguments_use_only_flags_the_cli_accepts(k8s_copy, kind, name)
     args = container(one(render(k8s_copy / "overlays" / "multi-gpu"), kind, name))["args"]
     subcommand = "worker" if kind == "Deployment" else args[0]
     flags = {arg for arg in args if arg.startswith("--")}
-    unknown = flags - _cli_options(subcommand)
+    unknown = flags - cli_options(subcommand)
     assert not unknown, f"{name}: `medgemma-deploy {subcommand}` rejects {sorted(unknown)}"

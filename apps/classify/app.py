@@ -15,29 +15,23 @@ from collections.abc import Sequence
 from holoscan.conditions import CountCondition
 from monai.deploy.core import Application
 
-from medgemma_deploy.apps.holoscan_runtime import classify_options, input_and_output, open_engine, run_app
-from medgemma_deploy.engine import PipelineEngine
+from medgemma_deploy.apps.holoscan_runtime import (
+    ModelApplication,
+    classify_options,
+    input_and_output,
+    open_engine,
+    run_app,
+)
 from medgemma_deploy.operators.medsiglip_operator import MedSigLIPClassifierOperator
-from medgemma_deploy.operators.results import RunResults
 from medgemma_deploy.operators.seg_writer_operator import RelevanceSegWriterOperator
 from medgemma_deploy.operators.sr_writer_operator import FindingsSRWriterOperator
 from medgemma_deploy.operators.study_loader_operator import DicomStudyLoaderOperator
-from medgemma_deploy.settings import RunSettings
 
 __all__ = ["ClassifyApp", "main"]
 
 
-class ClassifyApp(Application):
+class ClassifyApp(ModelApplication):
     """Loader → MedSigLIP → SEG writer → SR writer; the model is loaded once, in ``compose``."""
-
-    def __init__(self, *args: object, settings: RunSettings | None = None, **kwargs: object) -> None:
-        self.settings = settings or RunSettings()
-        self.engine: PipelineEngine | None = None
-        self.sr_writer: FindingsSRWriterOperator | None = None
-        super().__init__(*args, **kwargs)
-
-    def final_results(self) -> RunResults | None:
-        return self.sr_writer.last_results if self.sr_writer is not None else None
 
     def compose(self) -> None:
         app_context = Application.init_app_context(self.argv)
@@ -57,12 +51,12 @@ class ClassifyApp(Application):
         seg_writer = RelevanceSegWriterOperator(
             self, output_dir=output_dir, options=options, name="seg_writer"
         )
-        self.sr_writer = FindingsSRWriterOperator(
+        self.final_writer = FindingsSRWriterOperator(
             self, output_dir=output_dir, options=options, name="sr_writer"
         )
         self.add_flow(loader, classifier, {(loader.OUTPUT_NAME, classifier.INPUT_NAME)})
         self.add_flow(classifier, seg_writer, {(classifier.OUTPUT_NAME, seg_writer.INPUT_NAME)})
-        self.add_flow(seg_writer, self.sr_writer, {(seg_writer.OUTPUT_NAME, self.sr_writer.INPUT_NAME)})
+        self.add_flow(seg_writer, self.final_writer, {(seg_writer.OUTPUT_NAME, self.final_writer.INPUT_NAME)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,30 +15,24 @@ from collections.abc import Sequence
 from holoscan.conditions import CountCondition
 from monai.deploy.core import Application
 
-from medgemma_deploy.apps.holoscan_runtime import classify_options, input_and_output, open_engine, run_app
-from medgemma_deploy.engine import PipelineEngine
+from medgemma_deploy.apps.holoscan_runtime import (
+    ModelApplication,
+    classify_options,
+    input_and_output,
+    open_engine,
+    run_app,
+)
 from medgemma_deploy.operators.medgemma_operator import MedGemmaReportOperator, ReportSRWriterOperator
 from medgemma_deploy.operators.medsiglip_operator import MedSigLIPClassifierOperator
-from medgemma_deploy.operators.results import RunResults
 from medgemma_deploy.operators.study_loader_operator import DicomStudyLoaderOperator
-from medgemma_deploy.settings import RunSettings
 
 __all__ = ["ReportApp", "main"]
 
 
-class ReportApp(Application):
+class ReportApp(ModelApplication):
     """Loader → [MedSigLIP, for grounding] → MedGemma → report SR writer; models loaded once."""
 
     command = "report"
-
-    def __init__(self, *args: object, settings: RunSettings | None = None, **kwargs: object) -> None:
-        self.settings = settings or RunSettings()
-        self.engine: PipelineEngine | None = None
-        self.report_writer: ReportSRWriterOperator | None = None
-        super().__init__(*args, **kwargs)
-
-    def final_results(self) -> RunResults | None:
-        return self.report_writer.last_results if self.report_writer is not None else None
 
     def compose(self) -> None:
         app_context = Application.init_app_context(self.argv)
@@ -55,7 +49,7 @@ class ReportApp(Application):
             command=self.command,
             name="medgemma",
         )
-        self.report_writer = ReportSRWriterOperator(
+        self.final_writer = ReportSRWriterOperator(
             self, output_dir=output_dir, options=engine.report_options, name="report_writer"
         )
         if engine.medsiglip is not None:  # grounded on findings: classify first, write nothing of it
@@ -72,7 +66,7 @@ class ReportApp(Application):
             self.add_flow(classifier, reporter, {(classifier.OUTPUT_NAME, reporter.INPUT_NAME)})
         else:
             self.add_flow(loader, reporter, {(loader.OUTPUT_NAME, reporter.INPUT_NAME)})
-        self.add_flow(reporter, self.report_writer, {(reporter.OUTPUT_NAME, self.report_writer.INPUT_NAME)})
+        self.add_flow(reporter, self.final_writer, {(reporter.OUTPUT_NAME, self.final_writer.INPUT_NAME)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,32 +14,26 @@ from collections.abc import Sequence
 from holoscan.conditions import CountCondition
 from monai.deploy.core import Application
 
-from medgemma_deploy.apps.holoscan_runtime import classify_options, input_and_output, open_engine, run_app
-from medgemma_deploy.engine import PipelineEngine
+from medgemma_deploy.apps.holoscan_runtime import (
+    ModelApplication,
+    classify_options,
+    input_and_output,
+    open_engine,
+    run_app,
+)
 from medgemma_deploy.operators.medgemma_operator import MedGemmaReportOperator, ReportSRWriterOperator
 from medgemma_deploy.operators.medsiglip_operator import MedSigLIPClassifierOperator
-from medgemma_deploy.operators.results import RunResults
 from medgemma_deploy.operators.seg_writer_operator import RelevanceSegWriterOperator
 from medgemma_deploy.operators.sr_writer_operator import FindingsSRWriterOperator
 from medgemma_deploy.operators.study_loader_operator import DicomStudyLoaderOperator
-from medgemma_deploy.settings import RunSettings
 
 __all__ = ["StudyApp", "main"]
 
 
-class StudyApp(Application):
+class StudyApp(ModelApplication):
     """Loader → MedSigLIP → SEG writer → findings SR writer → MedGemma → report SR writer."""
 
     command = "study"
-
-    def __init__(self, *args: object, settings: RunSettings | None = None, **kwargs: object) -> None:
-        self.settings = settings or RunSettings()
-        self.engine: PipelineEngine | None = None
-        self.report_writer: ReportSRWriterOperator | None = None
-        super().__init__(*args, **kwargs)
-
-    def final_results(self) -> RunResults | None:
-        return self.report_writer.last_results if self.report_writer is not None else None
 
     def compose(self) -> None:
         app_context = Application.init_app_context(self.argv)
@@ -72,14 +66,14 @@ class StudyApp(Application):
             command=self.command,
             name="medgemma",
         )
-        self.report_writer = ReportSRWriterOperator(
+        self.final_writer = ReportSRWriterOperator(
             self, output_dir=output_dir, options=engine.report_options, name="report_writer"
         )
         self.add_flow(loader, classifier, {(loader.OUTPUT_NAME, classifier.INPUT_NAME)})
         self.add_flow(classifier, seg_writer, {(classifier.OUTPUT_NAME, seg_writer.INPUT_NAME)})
         self.add_flow(seg_writer, sr_writer, {(seg_writer.OUTPUT_NAME, sr_writer.INPUT_NAME)})
         self.add_flow(sr_writer, reporter, {(sr_writer.OUTPUT_NAME, reporter.INPUT_NAME)})
-        self.add_flow(reporter, self.report_writer, {(reporter.OUTPUT_NAME, self.report_writer.INPUT_NAME)})
+        self.add_flow(reporter, self.final_writer, {(reporter.OUTPUT_NAME, self.final_writer.INPUT_NAME)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
