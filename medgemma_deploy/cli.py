@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medgemma_deploy.errors import UsageError
@@ -138,7 +138,7 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    restore_logging = _configure_logging(args.verbose)
     try:
         if args.command in ("classify", "report", "study"):
             return _run_pipeline(args)
@@ -157,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"medgemma-deploy: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        restore_logging()
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -273,18 +275,33 @@ def _optional_command(module_name: str) -> object | None:
         return None
 
 
-def _configure_logging(verbose: bool) -> None:
-    """Our log lines (progress, one line per rejected file) go to stderr, whatever the host configured."""
-    level = logging.DEBUG if verbose else logging.INFO
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (a host may swap it, as pytest does)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # the base class assigns it; the property ignores it
+        pass
+
+
+def _configure_logging(verbose: bool) -> Callable[[], None]:
+    """Send our log lines (progress, one line per rejected file) to stderr for one command.
+
+    Returns the function that puts the package logger back as it was, so that calling ``main``
+    from a host program (or a test) leaves its logging untouched.
+    """
     package_logger = logging.getLogger("medgemma_deploy")
-    for handler in list(package_logger.handlers):
-        if getattr(handler, "_medgemma_deploy_cli", False):
-            package_logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    saved = (package_logger.level, package_logger.propagate)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    handler._medgemma_deploy_cli = True  # type: ignore[attr-defined]
     package_logger.addHandler(handler)
-    package_logger.setLevel(level)
+    package_logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     package_logger.propagate = False
     # Third-party chatter (transformers' progress bars, highdicom) stays off unless asked for.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -293,6 +310,13 @@ def _configure_logging(verbose: bool) -> None:
     transformers_logging.disable_progress_bar()
     if not verbose:
         transformers_logging.set_verbosity_error()
+
+    def restore() -> None:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(saved[0])
+        package_logger.propagate = saved[1]
+
+    return restore
 
 
 if __name__ == "__main__":
