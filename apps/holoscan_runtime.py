@@ -73,6 +73,13 @@ class ModelApplication(Application):
     def final_results(self) -> RunResults | None:
         return getattr(self.final_writer, "last_results", None)
 
+    def open_models(self, *, classify: bool, report: bool) -> tuple[PipelineEngine, Path, Path]:
+        """Resolve the app context (flags or HOLOSCAN_*), check the input, load the models once."""
+        app_context = Application.init_app_context(self.argv)
+        input_path, output_dir = input_and_output(app_context)
+        self.engine = open_engine(self.settings, app_context.model_path, classify=classify, report=report)
+        return self.engine, input_path, output_dir
+
 
 def ensure_stack_size(module: str, argv: Sequence[str]) -> None:
     """Re-execute ``python -m module argv...`` with a 32 MiB stack if the limit is lower."""

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from medgemma_deploy.operators.domain import (
+    AlgorithmInfo,
     Code,
     FindingDefinition,
     FindingScore,
@@ -28,6 +29,13 @@ from medgemma_deploy.operators.domain import (
     ModelIdentity,
     Series,
     SeriesClassification,
+)
+
+#: The TID 4019 identification the writer tests use.
+ALGORITHM = AlgorithmInfo(
+    name="google/medsiglip-448",
+    version="0" * 40,
+    parameters=(("label_set", "chest-test 1"), ("threshold", "0.5")),
 )
 
 #: Three chest findings with their SNOMED CT codes.

@@ -21,20 +21,14 @@ from medgemma_deploy.operators.dicom_common import (
     derived_uid,
     prepare_sources,
 )
-from medgemma_deploy.operators.domain import AlgorithmInfo, ImageFrame
+from medgemma_deploy.operators.domain import ImageFrame
 from medgemma_deploy.operators.seg_writer import (
     SEGMENT_DESCRIPTION,
     build_relevance_segmentations,
     finding_tracking_uid,
 )
-from tests.conftest import read_testdata, series_from
+from tests.conftest import ALGORITHM, read_testdata, series_from
 from tests.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
-
-ALGORITHM = AlgorithmInfo(
-    name="google/medsiglip-448",
-    version="0" * 40,
-    parameters=(("label_set", "chest-test 1"), ("threshold", "0.5")),
-)
 
 
 @pytest.fixture

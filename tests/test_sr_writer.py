@@ -13,21 +13,15 @@ from pydicom.sr.codedict import codes
 
 from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER, RANDOM_WEIGHTS_WARNING, derived_uid
-from medgemma_deploy.operators.domain import AlgorithmInfo
 from medgemma_deploy.operators.seg_writer import build_relevance_segmentations, finding_tracking_uid
 from medgemma_deploy.operators.sr_writer import build_findings_sr
-from tests.conftest import read_testdata, series_from
+from tests.conftest import ALGORITHM, read_testdata, series_from
 from tests.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
 
 # pydicom-data's 693_UNCI has a one-component de-identified Patient's Name; highdicom warns when it
 # copies it, which is about the test image, not the SR.
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning")
 
-ALGORITHM = AlgorithmInfo(
-    name="google/medsiglip-448",
-    version="0" * 40,
-    parameters=(("label_set", "chest-test 1"), ("threshold", "0.5")),
-)
 
 
 @pytest.fixture

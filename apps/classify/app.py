@@ -13,13 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from holoscan.conditions import CountCondition
-from monai.deploy.core import Application
 
 from medgemma_deploy.apps.holoscan_runtime import (
     ModelApplication,
     classify_options,
-    input_and_output,
-    open_engine,
     run_app,
 )
 from medgemma_deploy.operators.medsiglip_operator import MedSigLIPClassifierOperator
@@ -34,17 +31,15 @@ class ClassifyApp(ModelApplication):
     """Loader → MedSigLIP → SEG writer → SR writer; the model is loaded once, in ``compose``."""
 
     def compose(self) -> None:
-        app_context = Application.init_app_context(self.argv)
-        input_path, output_dir = input_and_output(app_context)
-        self.engine = open_engine(self.settings, app_context.model_path, classify=True, report=False)
+        engine, input_path, output_dir = self.open_models(classify=True, report=False)
         options = classify_options(self.settings)
 
         loader = DicomStudyLoaderOperator(self, CountCondition(self, 1), input_path=input_path, name="loader")
         classifier = MedSigLIPClassifierOperator(
             self,
-            scorer=self.engine.medsiglip,
-            model=self.engine.medsiglip.identity,
-            label_sets=self.engine.label_sets,
+            scorer=engine.medsiglip,
+            model=engine.medsiglip.identity,
+            label_sets=engine.label_sets,
             options=options,
             name="medsiglip",
         )

@@ -12,13 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from holoscan.conditions import CountCondition
-from monai.deploy.core import Application
 
 from medgemma_deploy.apps.holoscan_runtime import (
     ModelApplication,
     classify_options,
-    input_and_output,
-    open_engine,
     run_app,
 )
 from medgemma_deploy.operators.medgemma_operator import MedGemmaReportOperator, ReportSRWriterOperator
@@ -36,10 +33,7 @@ class StudyApp(ModelApplication):
     command = "study"
 
     def compose(self) -> None:
-        app_context = Application.init_app_context(self.argv)
-        input_path, output_dir = input_and_output(app_context)
-        self.engine = open_engine(self.settings, app_context.model_path, classify=True, report=True)
-        engine = self.engine
+        engine, input_path, output_dir = self.open_models(classify=True, report=True)
         options = classify_options(self.settings)
 
         loader = DicomStudyLoaderOperator(self, CountCondition(self, 1), input_path=input_path, name="loader")
