@@ -23,19 +23,17 @@ Every SEG says what it is: Series Description "AI relevance maps (UNVERIFIED)" (
 WEIGHTS" for a random-weights model), Content Qualification RESEARCH, and the AI disclaimer in
 Image Comments. UIDs are derived (``derived_uid``) from the source SOP Instance UIDs, the model
 name and version, the label set, the finding keys and ``result_version``, so a re-run replaces
-its own result.
+its own result. Contributing Equipment names the model as Processing Equipment (``equipment``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import highdicom
 import numpy as np
 from highdicom.seg import Segmentation, SegmentDescription
-from highdicom.spatial import get_image_coordinate_system
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -45,20 +43,15 @@ from medgemma_deploy.operators.dicom_common import (
     MANUFACTURER,
     RANDOM_WEIGHTS_WARNING,
     SPECIFIC_CHARACTER_SET,
-    check_numbering,
     declare_private_schemes,
     derived_uid,
     manufacturer_attributes,
-    prepare_sources,
     to_coded_concept,
     to_lo,
 )
-from medgemma_deploy.operators.domain import (
-    AlgorithmInfo,
-    FindingDefinition,
-    ImageFrame,
-    SeriesClassification,
-)
+from medgemma_deploy.operators.domain import AlgorithmInfo, FindingDefinition, SeriesClassification
+from medgemma_deploy.operators.equipment import contributing_equipment
+from medgemma_deploy.operators.relevance_objects import FrameGroup, check_relevance_request, group_frames
 
 __all__ = [
     "SEGMENT_DESCRIPTION",
@@ -76,29 +69,6 @@ SEGMENT_DESCRIPTION = "AI relevance map (where the model looked), not a delineat
 #: Segmented Property Category (CID 7150) of every relevance segment; the type is the finding's code.
 SEGMENT_PROPERTY_CATEGORY = codes.cid7150.MorphologicallyAbnormalStructure
 
-#: Modalities whose image IODs require a Frame of Reference (PS3.3 A.3, A.4, A.21, A.5).
-_CROSS_SECTIONAL_MODALITIES = frozenset({"CT", "MR", "PT", "NM"})
-
-#: What a single-frame image in patient coordinates must have for the SEG's plane geometry
-#: (Pixel Measures and Plane Orientation functional groups, PS3.3 C.7.6.16.2.1/2.4).
-_PLANE_ATTRIBUTES = (
-    ("PixelSpacing", "(0028,0030) Pixel Spacing"),
-    ("SliceThickness", "(0018,0050) Slice Thickness"),
-    ("ImageOrientationPatient", "(0020,0037) Image Orientation (Patient)"),
-)
-
-_LO_MAX = 64
-
-
-@dataclass
-class _SegGroup:
-    """The source instances and series frames that go into one SEG instance."""
-
-    sources: list[Dataset]
-    #: (index into the series' frames, 0-based frame index within the SEG's pixel array)
-    frames: list[tuple[int, int]] = field(default_factory=list)
-    n_planes: int = 0
-    has_coordinates: bool = False
 
 
 def finding_tracking_uid(series_instance_uid: str, label_set_name: str, finding_key: str) -> str:
@@ -158,10 +128,12 @@ def build_relevance_segmentations(
         Thickness or Image Orientation; or highdicom refuses the sources for another reason
         (its message is in the reason). ``source`` is the (first) source's SOP Instance UID.
     """
-    keys, findings = _validate(classification, algorithm, finding_keys, series_number, result_version)
+    keys, findings = check_relevance_request(
+        classification, algorithm, finding_keys, series_number, result_version, "SEG"
+    )
     series = classification.series
     model = classification.model
-    groups = _group_frames(series.frames)
+    groups = group_frames(series.frames, "SEG")
     series_uid = derived_uid(
         "seg series", series.series_instance_uid, model.name, model.version, str(result_version)
     )
@@ -185,7 +157,7 @@ def build_relevance_segmentations(
 def _build_one(
     classification: SeriesClassification,
     algorithm: AlgorithmInfo,
-    group: _SegGroup,
+    group: FrameGroup,
     keys: Sequence[str],
     findings: dict[str, FindingDefinition],
     *,
@@ -211,6 +183,7 @@ def _build_one(
         *source_uids, model.name, model.version, label_set.name, label_set.version, *keys,
         "seg", str(result_version),
     )
+    equipment = contributing_equipment(model, algorithm)
     try:
         segmentation = Segmentation(
             source_images=group.sources,
@@ -228,6 +201,7 @@ def _build_one(
             content_description=_content_description(model.random_weights),
             content_qualification=highdicom.ContentQualificationValues.RESEARCH,
             specific_character_set=SPECIFIC_CHARACTER_SET,
+            contributing_equipment=[equipment],
             **manufacturer_attributes(),
         )
     except (ValueError, TypeError, AttributeError) as exc:
@@ -240,150 +214,6 @@ def _build_one(
         ) from exc
     _finish(segmentation, group, model.random_weights)
     return segmentation
-
-
-def _validate(
-    classification: SeriesClassification,
-    algorithm: AlgorithmInfo,
-    finding_keys: Sequence[str] | None,
-    series_number: int,
-    result_version: int,
-) -> tuple[list[str], dict[str, FindingDefinition]]:
-    if not isinstance(classification, SeriesClassification):
-        raise TypeError(f"classification must be a SeriesClassification, got {type(classification).__name__}")
-    if not isinstance(algorithm, AlgorithmInfo):
-        raise TypeError(f"algorithm must be an AlgorithmInfo, got {type(algorithm).__name__}")
-    for name, value in (("algorithm.name", algorithm.name), ("algorithm.version", algorithm.version)):
-        if not value or len(value) > _LO_MAX:
-            raise ValueError(f"{name} must be 1 to {_LO_MAX} characters (LO), got {value!r}")
-    check_numbering(series_number, result_version)
-    frames = classification.series.frames
-    if not frames:
-        raise ValueError("classification.series.frames is empty: there is no source image to segment")
-    findings = {finding.key: finding for finding in classification.label_set.findings}
-    maps = classification.relevance_maps
-    unknown = sorted(set(maps) - set(findings))
-    if unknown:
-        raise ValueError(
-            f"classification.relevance_maps has keys {unknown} that are not findings of label set "
-            f"{classification.label_set.name!r} ({sorted(findings)})"
-        )
-    if finding_keys is None:
-        keys = [finding.key for finding in classification.label_set.findings if finding.key in maps]
-        if not keys:
-            raise ValueError("classification.relevance_maps is empty: there is no map to write")
-    else:
-        if isinstance(finding_keys, str):
-            raise TypeError(f"finding_keys must be a sequence of keys, not the string {finding_keys!r}")
-        keys = list(finding_keys)
-        if not keys:
-            raise ValueError("finding_keys is empty: a SEG needs at least one segment")
-        duplicates = sorted({key for key in keys if keys.count(key) > 1})
-        if duplicates:
-            raise ValueError(f"finding_keys has duplicates {duplicates}")
-        missing = [key for key in keys if key not in maps]
-        if missing:
-            raise ValueError(
-                f"finding_keys {missing} have no relevance map; maps exist for {sorted(maps)}"
-            )
-    expected = (len(frames), int(frames[0].dataset.Rows), int(frames[0].dataset.Columns))
-    for index, frame in enumerate(frames):
-        shape = (int(frame.dataset.Rows), int(frame.dataset.Columns))
-        if shape != expected[1:]:
-            raise ValueError(
-                f"classification.series.frames[{index}] is {shape[0]}x{shape[1]} but frame 0 is "
-                f"{expected[1]}x{expected[2]}; one series' relevance maps need one matrix size"
-            )
-    for key in keys:
-        _check_map(key, maps[key], expected)
-    return keys, findings
-
-
-def _check_map(key: str, relevance: object, expected: tuple[int, int, int]) -> None:
-    if not isinstance(relevance, np.ndarray):
-        raise ValueError(f"relevance_maps[{key!r}] must be a numpy array, got {type(relevance).__name__}")
-    if relevance.shape != expected:
-        raise ValueError(
-            f"relevance_maps[{key!r}] has shape {relevance.shape}, expected {expected} "
-            "(n_frames, rows, columns) of the series' source frames"
-        )
-    if not np.issubdtype(relevance.dtype, np.floating):
-        raise ValueError(
-            f"relevance_maps[{key!r}] must be floating point in [0, 1], got dtype {relevance.dtype}"
-        )
-    if not np.isfinite(relevance).all():
-        raise ValueError(f"relevance_maps[{key!r}] has NaN or infinite values")
-    low, high = float(relevance.min()), float(relevance.max())
-    if low < 0.0 or high > 1.0:
-        raise ValueError(f"relevance_maps[{key!r}] values must be in [0, 1], found min {low:g} max {high:g}")
-
-
-def _group_frames(frames: Sequence[ImageFrame]) -> list[_SegGroup]:
-    """Split a series' frames into SEG instances (see the module docstring), in first-seen order."""
-    uids = list(dict.fromkeys(frame.sop_instance_uid for frame in frames))
-    originals = {frame.sop_instance_uid: frame.dataset for frame in frames}
-    prepared = dict(zip(uids, prepare_sources([originals[uid] for uid in uids]), strict=True))
-    groups: dict[tuple, _SegGroup] = {}
-    for frame_index, frame in enumerate(frames):
-        uid = frame.sop_instance_uid
-        source = prepared[uid]
-        has_coordinates = _check_geometry(source)
-        if "NumberOfFrames" in source:
-            key: tuple = ("instance", uid)
-            group = groups.setdefault(
-                key, _SegGroup([source], n_planes=int(source.NumberOfFrames), has_coordinates=has_coordinates)
-            )
-            if not 1 <= frame.frame_number <= group.n_planes:
-                raise InputError(uid, f"frame_number {frame.frame_number} is outside 1..{group.n_planes}")
-            group.frames.append((frame_index, frame.frame_number - 1))
-            continue
-        if has_coordinates:
-            orientation = tuple(round(float(v), 4) for v in source.ImageOrientationPatient)
-            key = ("volume", str(source.FrameOfReferenceUID), source.Rows, source.Columns, orientation)
-        else:
-            key = ("projection", uid)
-        group = groups.setdefault(key, _SegGroup([], has_coordinates=has_coordinates))
-        if all(str(existing.SOPInstanceUID) != uid for existing in group.sources):
-            group.sources.append(source)
-            group.n_planes += 1
-        plane = [str(existing.SOPInstanceUID) for existing in group.sources].index(uid)
-        group.frames.append((frame_index, plane))
-    return list(groups.values())
-
-
-def _check_geometry(source: Dataset) -> bool:
-    """Whether ``source`` is in patient coordinates; raise InputError if it cannot carry a SEG."""
-    uid = str(source.SOPInstanceUID)
-    modality = str(source.get("Modality", ""))
-    has_frame_of_reference = bool(source.get("FrameOfReferenceUID"))
-    if not has_frame_of_reference and modality in _CROSS_SECTIONAL_MODALITIES:
-        raise InputError(
-            uid,
-            f"(0020,0052) Frame of Reference UID is missing on a {modality} image; its IOD requires it and "
-            "a SEG cannot be placed without it (a new frame of reference is not invented). Likely cause: "
-            "the image was de-identified or converted by a tool that dropped it",
-        )
-    has_coordinates = has_frame_of_reference and get_image_coordinate_system(source) is not None
-    n_frames = int(source.get("NumberOfFrames", 1) or 1)
-    if n_frames > 1 and not has_coordinates:
-        raise InputError(
-            uid,
-            f"a multi-frame image ({n_frames} frames) without a Frame of Reference and plane positions "
-            "cannot carry a SEG; only single-frame projection images can",
-        )
-    if has_coordinates and "NumberOfFrames" not in source:
-        missing = [
-            description
-            for keyword, description in _PLANE_ATTRIBUTES
-            if keyword not in source or source[keyword].value in (None, "")
-        ]
-        if missing:
-            raise InputError(
-                uid,
-                f"{', '.join(missing)} missing or empty (a zero Pixel Spacing is dropped as invalid) on "
-                f"a {modality or 'image'} in patient coordinates; the SEG's plane geometry needs them",
-            )
-    return has_coordinates
 
 
 def _segment_description(
@@ -414,7 +244,7 @@ def _segment_description(
     return description
 
 
-def _finish(segmentation: Segmentation, group: _SegGroup, random_weights: bool) -> None:
+def _finish(segmentation: Segmentation, group: FrameGroup, random_weights: bool) -> None:
     """Disclaimer, and the post-construction fixes measured in shared/DICOM-NOTES.md."""
     segmentation.ImageComments = (
         f"{RANDOM_WEIGHTS_WARNING} {AI_DISCLAIMER}" if random_weights else AI_DISCLAIMER
