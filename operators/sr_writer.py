@@ -3,22 +3,27 @@
 Document structure (PS3.16 TID 1500), all from highdicom templates and content items:
 
 * observation context: the observer is a device, the model run by this software (TID 1004);
-* procedure reported from CID 100 (CT/MR/PT/NM/XR "unspecified body region", else SNOMED CT
-  "Imaging procedure");
+* procedure reported from CID 100 (CT/MR/PT/NM "unspecified body region", else SNOMED CT
+  "Imaging procedure"; LOINC's "XR unspecified body region" is too recent for PixelMed's CID 100);
 * image library (TID 1600) of every source image, built here without spacing items when the
   source has no valid spacing: highdicom's own library refuses a CR without Imager Pixel Spacing;
 * one measurement group per finding: tracking identifier and UID (the same UID as the finding's
   SEG segment), finding type = the finding's code, TID 4019 algorithm identification, a
   qualitative evaluation Present/Absent (SNOMED CT 52101004 / 272519000) as decided by the
   classifier with the label set's threshold, and the probability as a numeric measurement
-  (DCM 122157 "Probability", UCUM "1") whose source image is the frame where it peaked. When a
-  SEG segment was written for the finding, the group is a volumetric ROI group (TID 1411)
-  referencing that segment; otherwise a TID 1501 group;
+  (DCM 122157 "Probability", UCUM "1") whose source image is the frame where it peaked. Every
+  group is a TID 1501 Measurement and Qualitative Evaluation Group: the findings are image- or
+  series-level, and a relevance map is not the finding's region (TID 1411 would say the
+  probability was measured inside it; PixelMed also picks one template for all the groups of the
+  report, so TID 1411 and TID 1501 groups cannot be mixed). The finding's relevance maps are
+  referenced from its group as CONTAINS IMAGE "Illustration of Finding" (DCM 125201; TID 1501
+  row 10b): its SEG segment (with the Referenced Segment Number) and/or its Parametric Map;
 * a "Qualitative Evaluations" container with the AI disclaimer as text (and the random-weights
   warning when the model has random weights).
 
 The document is VerificationFlag UNVERIFIED, CompletionFlag PARTIAL, PreliminaryFlag
 PRELIMINARY, ContentQualification RESEARCH. Patient and study attributes come from the sources.
+Contributing Equipment names the model as Processing Equipment, with the device observer's UID.
 UIDs are derived from the sources, the model name and version, the label set, the referenced
 SEGs and ``result_version``, so a re-run replaces its own result.
 """
@@ -27,10 +32,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom.sr as hsr
 from highdicom import ContentQualificationValues
+from highdicom.pm import ParametricMap
 from highdicom.seg import Segmentation
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -51,27 +57,31 @@ from medgemma_deploy.operators.dicom_common import (
     to_coded_concept,
 )
 from medgemma_deploy.operators.domain import AlgorithmInfo, FindingScore, SeriesClassification
+from medgemma_deploy.operators.equipment import contributing_equipment
 from medgemma_deploy.operators.seg_writer import finding_tracking_uid
 
-__all__ = ["build_findings_sr", "procedure_reported"]
+__all__ = ["RELEVANCE_MAP_REFERENCE", "build_findings_sr", "procedure_reported"]
 
 logger = logging.getLogger(__name__)
 
 
-#: CID 100 "Quantitative Diagnostic Imaging Procedures" by modality.
+#: CID 100 "Quantitative Diagnostic Imaging Procedures" by modality. CR/DX get the generic
+#: "Imaging procedure": LOINC 43468-8 "XR unspecified body region" is newer than the CID 100 that
+#: PixelMed (IHE's validator) checks against, and it reports that code as an error.
 _PROCEDURES: dict[str, PydicomCode] = {
     "CT": codes.cid100.CTUnspecifiedBodyRegion,
     "MR": codes.cid100.MRIUnspecifiedBodyRegion,
     "PT": codes.cid100.PETUnspecifiedBodyRegion,
     "NM": codes.cid100.NMUnspecifiedBodyRegion,
-    "CR": codes.cid100.XRUnspecifiedBodyRegion,
-    "DX": codes.cid100.XRUnspecifiedBodyRegion,
 }
 
 #: CID 29 "Acquisition Modality" by Modality value, for the image library.
 _MODALITY_CODES: dict[str, PydicomCode] = {
     getattr(codes.cid29, name).value: getattr(codes.cid29, name) for name in codes.cid29.dir()
 }
+
+#: Concept name of the IMAGE items that reference a finding's relevance maps (TID 1501 row 10b).
+RELEVANCE_MAP_REFERENCE = codes.DCM.IllustrationOfFinding
 
 _PIXELS = hsr.CodedConcept(value="{pixels}", scheme_designator="UCUM", meaning="Pixels")
 _ORIENTATION_UNIT = hsr.CodedConcept(value="{-1:1}", scheme_designator="UCUM", meaning="{-1:1}")
@@ -101,6 +111,7 @@ def build_findings_sr(
     algorithm: AlgorithmInfo,
     *,
     segmentations: Sequence[Segmentation] = (),
+    parametric_maps: Mapping[str, Sequence[ParametricMap]] | None = None,
     series_number: int = 9902,
     result_version: int = 1,
 ) -> hsr.Comprehensive3DSR:
@@ -115,6 +126,9 @@ def build_findings_sr(
     segmentations:
         The series' relevance SEGs (``build_relevance_segmentations``); a finding whose segment is
         in one of them references it (the SEG holding the finding's peak frame when several do).
+    parametric_maps:
+        The series' relevance Parametric Maps by finding key (``build_relevance_parametric_maps``);
+        a finding references its map (the one holding its peak frame when several do).
     series_number:
         Series Number of the SR series.
     result_version:
@@ -131,24 +145,31 @@ def build_findings_sr(
         An argument has the wrong type.
     ValueError
         No scores, a probability outside [0, 1], a peak frame index outside the series, a
-        duplicate finding, a SEG from another series, a bad series number or version.
+        duplicate finding, a SEG or Parametric Map from another series or for an unknown finding,
+        a bad series number or version.
     InputError
         highdicom refuses the sources' patient/study attributes; ``source`` is the first source's
         SOP Instance UID and the reason carries highdicom's message.
     """
-    _validate(classification, algorithm, segmentations, series_number, result_version)
+    maps_by_key = dict(parametric_maps or {})
+    _validate(classification, algorithm, segmentations, maps_by_key, series_number, result_version)
     series = classification.series
     model = classification.model
     label_set = classification.label_set
     sources = prepare_sources(series.datasets)
     by_uid = {str(source.SOPInstanceUID): source for source in sources}
     groups = []
-    referenced: dict[str, Segmentation] = {}
+    referenced: dict[str, Segmentation | ParametricMap] = {}
     for score in classification.scores:
         segment = _find_segment(score, classification, segmentations)
         if segment is not None:
             referenced[str(segment[0].SOPInstanceUID)] = segment[0]
-        groups.append(_measurement_group(score, classification, algorithm, by_uid, segment))
+        parametric_map = _peak_instance(score, classification, maps_by_key.get(score.finding.key, ()))
+        if parametric_map is not None:
+            referenced[str(parametric_map.SOPInstanceUID)] = parametric_map
+        groups.append(
+            _measurement_group(score, classification, algorithm, by_uid, segment, parametric_map)
+        )
     report = hsr.MeasurementReport(
         observation_context=hsr.ObservationContext(
             observer_device_context=device_observer_context(model, algorithm)
@@ -164,6 +185,7 @@ def build_findings_sr(
     root_items.insert(measurements_index, _image_library(sources))
     root_items.append(_disclaimer(model.random_weights))
     source_uids = list(by_uid)
+    equipment = contributing_equipment(model, algorithm)
     try:
         document = hsr.Comprehensive3DSR(
             evidence=[*sources, *referenced.values()],
@@ -183,6 +205,7 @@ def build_findings_sr(
             series_description=_series_description(model.random_weights),
             content_qualification=ContentQualificationValues.RESEARCH,
             specific_character_set=SPECIFIC_CHARACTER_SET,
+            contributing_equipment=[equipment],
             **manufacturer_attributes(),
         )
     except (ValueError, TypeError, AttributeError) as exc:
@@ -195,7 +218,7 @@ def build_findings_sr(
         ) from exc
     declare_private_schemes(document, [score.finding.code for score in classification.scores])
     logger.info(
-        "series %s: findings SR with %d finding(s), %d SEG reference(s)",
+        "series %s: findings SR with %d finding(s), %d relevance map reference(s)",
         series.series_instance_uid, len(groups), len(referenced),
     )
     return document
@@ -209,6 +232,7 @@ def _validate(
     classification: SeriesClassification,
     algorithm: AlgorithmInfo,
     segmentations: Sequence[Segmentation],
+    parametric_maps: Mapping[str, Sequence[ParametricMap]],
     series_number: int,
     result_version: int,
 ) -> None:
@@ -246,14 +270,29 @@ def _validate(
             raise TypeError(
                 f"segmentations[{index}] must be a highdicom Segmentation, got {type(segmentation).__name__}"
             )
-        source_series = {
-            str(item.SeriesInstanceUID) for item in segmentation.get("ReferencedSeriesSequence", [])
-        }
-        if series_uid not in source_series:
-            raise ValueError(
-                f"segmentations[{index}] ({segmentation.SOPInstanceUID}) was derived from series "
-                f"{sorted(source_series)}, not from the classified series {series_uid}"
-            )
+        _check_derived_from(segmentation, f"segmentations[{index}]", series_uid)
+    keys = {score.finding.key for score in classification.scores}
+    for key, maps in parametric_maps.items():
+        if key not in keys:
+            raise ValueError(f"parametric_maps[{key!r}]: {key!r} is not a scored finding ({sorted(keys)})")
+        if isinstance(maps, Dataset):
+            raise TypeError(f"parametric_maps[{key!r}] must be a sequence of ParametricMap objects, not one")
+        for index, parametric_map in enumerate(maps):
+            if not isinstance(parametric_map, ParametricMap):
+                raise TypeError(
+                    f"parametric_maps[{key!r}][{index}] must be a highdicom ParametricMap, "
+                    f"got {type(parametric_map).__name__}"
+                )
+            _check_derived_from(parametric_map, f"parametric_maps[{key!r}][{index}]", series_uid)
+
+
+def _check_derived_from(derived: Dataset, name: str, series_uid: str) -> None:
+    source_series = {str(item.SeriesInstanceUID) for item in derived.get("ReferencedSeriesSequence", [])}
+    if series_uid not in source_series:
+        raise ValueError(
+            f"{name} ({derived.SOPInstanceUID}) was derived from series "
+            f"{sorted(source_series)}, not from the classified series {series_uid}"
+        )
 
 
 def _find_segment(
@@ -275,16 +314,27 @@ def _find_segment(
     return candidates[0] if candidates else None
 
 
+def _peak_instance(
+    score: FindingScore, classification: SeriesClassification, maps: Sequence[ParametricMap]
+) -> ParametricMap | None:
+    """The finding's Parametric Map holding its peak frame (the first one if none does)."""
+    peak_uid = classification.series.frames[score.peak_frame_index].sop_instance_uid
+    for parametric_map in maps:
+        if peak_uid in _source_instance_uids(parametric_map):
+            return parametric_map
+    return maps[0] if maps else None
+
+
 def _is_maximum_over_frames(score: FindingScore) -> bool:
     """Whether the series probability is the maximum of several per-frame probabilities (CID 7464)."""
     frames = score.frame_probabilities
     return len(frames) > 1 and math.isclose(score.probability, max(frames), abs_tol=1e-6)
 
 
-def _source_instance_uids(segmentation: Segmentation) -> set[str]:
+def _source_instance_uids(derived: Dataset) -> set[str]:
     return {
         str(instance.ReferencedSOPInstanceUID)
-        for series in segmentation.get("ReferencedSeriesSequence", [])
+        for series in derived.get("ReferencedSeriesSequence", [])
         for instance in series.get("ReferencedInstanceSequence", [])
     }
 
@@ -295,57 +345,72 @@ def _measurement_group(
     algorithm: AlgorithmInfo,
     sources: dict[str, Dataset],
     segment: tuple[Segmentation, int] | None,
-) -> hsr.MeasurementsAndQualitativeEvaluations | hsr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    parametric_map: ParametricMap | None,
+) -> hsr.MeasurementsAndQualitativeEvaluations:
+    """The finding's TID 1501 group, with its relevance maps as CONTAINS IMAGE items (row 10b)."""
     series = classification.series
     finding = score.finding
     finding_code = to_coded_concept(finding.code)
     peak_frame = series.frames[score.peak_frame_index]
     peak_source = sources[peak_frame.sop_instance_uid]
-    is_multi_frame = int(peak_source.get("NumberOfFrames", 1) or 1) > 1
-    frame_numbers = [peak_frame.frame_number] if is_multi_frame else None
     probability = hsr.Measurement(
         name=codes.DCM.Probability,
         value=float(score.probability),
         unit=codes.UCUM.NoUnits,
         derivation=codes.cid7464.Maximum if _is_maximum_over_frames(score) else None,
-        referenced_images=[
-            hsr.SourceImageForMeasurement.from_source_image(
-                peak_source, referenced_frame_numbers=frame_numbers
-            )
-        ],
+        referenced_images=[_source_image(peak_source, peak_frame.frame_number)],
     )
-    common = {
-        "tracking_identifier": hsr.TrackingIdentifier(
+    group = hsr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hsr.TrackingIdentifier(
             uid=finding_tracking_uid(series.series_instance_uid, classification.label_set.name, finding.key),
             identifier=finding.display_name,
         ),
-        "finding_type": finding_code,
-        "algorithm_id": algorithm_identification(algorithm),
-        "measurements": [probability],
-        "qualitative_evaluations": [
+        finding_type=finding_code,
+        algorithm_id=algorithm_identification(algorithm),
+        measurements=[probability],
+        qualitative_evaluations=[
             hsr.QualitativeEvaluation(
                 name=finding_code, value=codes.SCT.Present if score.present else codes.SCT.Absent
             )
         ],
-    }
-    if segment is None:
-        return hsr.MeasurementsAndQualitativeEvaluations(**common)
-    segmentation, segment_number = segment
-    source_uids = _source_instance_uids(segmentation)
-    if len(source_uids) == 1:
-        # One source image: name it (without frame numbers: dciodvfy rejects them beside segment numbers).
-        seg_source = sources.get(next(iter(source_uids)), peak_source)
-        origin: dict = {"source_images": [hsr.SourceImageForSegmentation.from_source_image(seg_source)]}
-    else:
-        origin = {"source_series": hsr.SourceSeriesForSegmentation(series.series_instance_uid)}
-    referenced_segment = hsr.ReferencedSegment(
-        sop_class_uid=str(segmentation.SOPClassUID),
-        sop_instance_uid=str(segmentation.SOPInstanceUID),
-        segment_number=segment_number,
-        **origin,
     )
-    return hsr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        referenced_segment=referenced_segment, **common
+    references: list[hsr.ImageContentItem] = []
+    if segment is not None:
+        segmentation, segment_number = segment
+        references.append(
+            hsr.ImageContentItem(
+                name=RELEVANCE_MAP_REFERENCE,
+                referenced_sop_class_uid=str(segmentation.SOPClassUID),
+                referenced_sop_instance_uid=str(segmentation.SOPInstanceUID),
+                referenced_segment_numbers=[segment_number],
+                relationship_type=hsr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    if parametric_map is not None:
+        references.append(
+            hsr.ImageContentItem(
+                name=RELEVANCE_MAP_REFERENCE,
+                referenced_sop_class_uid=str(parametric_map.SOPClassUID),
+                referenced_sop_instance_uid=str(parametric_map.SOPInstanceUID),
+                relationship_type=hsr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    group[0].ContentSequence.extend(references)
+    return group
+
+
+def _source_image(source: Dataset, frame_number: int) -> hsr.SourceImageForMeasurement:
+    """The measurement's source image; the frame is named whenever the instance has several frames.
+
+    Built from UIDs rather than ``from_source_image``, which refuses frame numbers for an instance
+    whose SOP Class is single-frame by definition (e.g. a two-frame Secondary Capture, which is
+    valid DICOM): the frame is still the one that was scored.
+    """
+    n_frames = int(source.get("NumberOfFrames", 1) or 1)
+    return hsr.SourceImageForMeasurement(
+        referenced_sop_class_uid=str(source.SOPClassUID),
+        referenced_sop_instance_uid=str(source.SOPInstanceUID),
+        referenced_frame_numbers=[frame_number] if n_frames > 1 else None,
     )
 
 

@@ -14,7 +14,7 @@ from pydicom.sr.codedict import codes
 from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER, RANDOM_WEIGHTS_WARNING, derived_uid
 from medgemma_deploy.operators.seg_writer import build_relevance_segmentations, finding_tracking_uid
-from medgemma_deploy.operators.sr_writer import build_findings_sr
+from medgemma_deploy.operators.sr_writer import RELEVANCE_MAP_REFERENCE, build_findings_sr
 from tests.conftest import ALGORITHM, read_testdata, series_from
 from tests.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
 
@@ -36,8 +36,8 @@ def enhanced_ct_series():
 #: name -> (series fixture, write SEGs first, expected CID 100 procedure code value)
 CASES = {
     "ct-4-slices-with-seg": ("ct_series", True, "25045-6"),
-    "cr-real-with-seg": ("cr_series", True, "43468-8"),
-    "cr-2-images-with-segs": ("cr_two_image_series", True, "43468-8"),
+    "cr-real-with-seg": ("cr_series", True, "363679005"),
+    "cr-2-images-with-segs": ("cr_two_image_series", True, "363679005"),
     "enhanced-ct-with-seg": ("enhanced_ct_series", True, "25045-6"),
     "ct-without-frame-of-reference-no-seg": ("ct_without_frame_of_reference", False, "25045-6"),
 }
@@ -59,7 +59,17 @@ def _read(document, tmp_path):
 
 def _groups(report):
     content = report.content
-    return content.get_volumetric_roi_measurement_groups() + content.get_image_measurement_groups()
+    # Every finding is a TID 1501 group: TID 1411 (volumetric ROI) would claim the map is its region.
+    assert content.get_volumetric_roi_measurement_groups() == []
+    return content.get_image_measurement_groups()
+
+
+def _map_references(group):
+    """The group's relevance-map IMAGE items (TID 1501 row 10b), as (SOP Instance UID, segment numbers)."""
+    return [
+        (item.referenced_sop_instance_uid, item.referenced_segment_numbers)
+        for item in find_content_items(group[0], name=RELEVANCE_MAP_REFERENCE)
+    ]
 
 
 def _group_for(report, tracking_uid):
@@ -123,22 +133,28 @@ def test_round_trip_keeps_every_finding(case, request, make_classification, tmp_
         (image,) = probability.referenced_images
         assert image.referenced_sop_instance_uid == series.frames[score.peak_frame_index].sop_instance_uid
         if segmentations:
-            segment = group.referenced_segment
-            seg = next(s for s in segmentations if s.SOPInstanceUID == segment.referenced_sop_instance_uid)
-            (number,) = segment.referenced_segment_numbers
+            ((seg_uid, numbers),) = _map_references(group)
+            seg = next(s for s in segmentations if s.SOPInstanceUID == seg_uid)
+            (number,) = numbers
             item = seg.SegmentSequence[number - 1]
             assert item.TrackingUID == group.tracking_uid
             assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == finding.code.value
         else:
-            assert isinstance(group, hd.sr.MeasurementsAndQualitativeEvaluations)
+            assert _map_references(group) == []
 
 
-def test_finding_without_a_segment_gets_an_image_level_group(ct_series, make_classification, tmp_path):
+def test_only_findings_with_a_map_reference_one(ct_series, make_classification, tmp_path):
     classification = make_classification(ct_series, map_keys=["pneumothorax"])
     segmentations = build_relevance_segmentations(classification, ALGORITHM)
     report = _read(build_findings_sr(classification, ALGORITHM, segmentations=segmentations), tmp_path)
-    assert len(report.content.get_volumetric_roi_measurement_groups()) == 1
-    assert len(report.content.get_image_measurement_groups()) == 2
+    references = {
+        group.tracking_identifier: _map_references(group) for group in _groups(report)
+    }
+    assert references == {
+        "Pneumothorax": [(segmentations[0].SOPInstanceUID, [1])],
+        "Pleural effusion": [],
+        "Cardiomegaly": [],
+    }
 
 
 def test_segment_reference_points_at_the_seg_of_the_peak_image(
@@ -161,7 +177,8 @@ def test_segment_reference_points_at_the_seg_of_the_peak_image(
                 cr_two_image_series.series_instance_uid, classification.label_set.name, score.finding.key
             ),
         )
-        assert group.referenced_segment.referenced_sop_instance_uid == seg_of[peak_uid].SOPInstanceUID
+        ((seg_uid, _),) = _map_references(group)
+        assert seg_uid == seg_of[peak_uid].SOPInstanceUID
 
 
 def test_present_and_absent_follow_the_classifier(ct_series, make_classification, tmp_path):
