@@ -20,8 +20,9 @@ coded concepts (PS3.16 TID 2000, TID 2002 Report Narrative):
 Every source image given to the model is referenced in the Current Requested Procedure Evidence
 Sequence. The document is VerificationFlag UNVERIFIED, CompletionFlag PARTIAL, PreliminaryFlag
 PRELIMINARY, ContentQualification RESEARCH, SpecificCharacterSet ISO_IR 192 (UTF-8, so text in
-any language survives). UIDs derive from the series, the images sent, the model, the prompt, the
-settings and ``result_version``, so a re-run replaces its own earlier draft.
+any language survives). Contributing Equipment names the model as Processing Equipment, with the
+device observer's UID (IHE AI Results). UIDs derive from the series, the images sent, the model,
+the prompt, the settings and ``result_version``, so a re-run replaces its own earlier draft.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from medgemma_deploy.operators.dicom_common import (
     to_coded_concept,
 )
 from medgemma_deploy.operators.domain import AlgorithmInfo, Code, ModelIdentity, Series
+from medgemma_deploy.operators.equipment import contributing_equipment
 from medgemma_deploy.operators.medgemma import ReportResult
 from medgemma_deploy.operators.report_inputs import ReportRequest
 from medgemma_deploy.operators.report_text import split_report
@@ -153,6 +155,7 @@ def build_report_sr(
         request.prompt_version, *(f"{key}={value}" for key, value in info.parameters), "report-sr",
         str(result_version),
     )
+    equipment = contributing_equipment(model, algorithm)
     try:
         document = hsr.EnhancedSR(
             evidence=sources,
@@ -169,6 +172,7 @@ def build_report_sr(
             series_description=_series_description(model.random_weights),
             content_qualification=ContentQualificationValues.RESEARCH,
             specific_character_set=SPECIFIC_CHARACTER_SET,
+            contributing_equipment=[equipment],
             **manufacturer_attributes(),
         )
     except (ValueError, TypeError, AttributeError) as exc:
