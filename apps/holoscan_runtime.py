@@ -103,6 +103,9 @@ def _our_arguments() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None)
     parser.add_argument("--labels", action="append", default=None)
     parser.add_argument("--relevance-top-k", type=int, default=None, dest="relevance_top_k")
+    parser.add_argument(
+        "--relevance-format", choices=("seg", "pmap", "both"), default=None, dest="relevance_format"
+    )
     parser.add_argument("--embeddings", action="store_true", default=None, dest="write_embeddings")
     parser.add_argument("--prompts", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=None, dest="max_new_tokens")
@@ -134,7 +137,9 @@ def open_engine(
 
 def classify_options(settings: RunSettings) -> ClassifyOptions:
     return ClassifyOptions(
-        relevance_top_k=settings.relevance_top_k, write_embeddings=settings.write_embeddings
+        relevance_top_k=settings.relevance_top_k,
+        write_embeddings=settings.write_embeddings,
+        relevance_format=settings.relevance_format,
     )
 
 

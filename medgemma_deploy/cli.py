@@ -111,6 +111,12 @@ def _add_classify_arguments(parser: argparse.ArgumentParser) -> None:
         help="relevance maps for present findings plus the N most probable (default 3)",
     )
     parser.add_argument(
+        "--relevance-format",
+        choices=("seg", "pmap", "both"),
+        default=None,
+        help="relevance maps as FRACTIONAL SEG, Parametric Map or both (default both; see README)",
+    )
+    parser.add_argument(
         "--embeddings",
         action="store_true",
         default=None,
@@ -174,6 +180,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
             "device": args.device,
             "labels": getattr(args, "labels", None),
             "relevance_top_k": getattr(args, "relevance_top_k", None),
+            "relevance_format": getattr(args, "relevance_format", None),
             "write_embeddings": getattr(args, "embeddings", None),
             "prompts": getattr(args, "prompts", None),
             "max_new_tokens": getattr(args, "max_new_tokens", None),
@@ -182,7 +189,9 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     )
     check_input_path(args.input)
     classify_options = ClassifyOptions(
-        relevance_top_k=settings.relevance_top_k, write_embeddings=settings.write_embeddings
+        relevance_top_k=settings.relevance_top_k,
+        write_embeddings=settings.write_embeddings,
+        relevance_format=settings.relevance_format,
     )
     if args.command == "classify":
         engine = ClassifyEngine(

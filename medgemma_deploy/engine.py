@@ -25,6 +25,7 @@ from medgemma_deploy.operators.classify_pipeline import (
     classify_study_input,
     record_input,
     write_findings_reports,
+    write_parametric_maps,
     write_segmentations,
 )
 from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER
@@ -223,7 +224,10 @@ class PipelineEngine:
             )
         if self.write_findings:
             segmentations = write_segmentations(classifications, output_dir, classify_options, results)
-            write_findings_reports(classifications, segmentations, output_dir, classify_options, results)
+            parametric_maps = write_parametric_maps(classifications, output_dir, classify_options, results)
+            write_findings_reports(
+                classifications, segmentations, output_dir, classify_options, results, parametric_maps
+            )
         if self.medgemma is not None and self.prompts is not None:
             reports = generate_reports(
                 study_input,

@@ -29,6 +29,7 @@ SETTINGS_TABLE: dict[str, tuple[str, Any]] = {
     "device": ("MEDGEMMA_DEPLOY_DEVICE", None),
     "labels": ("MEDGEMMA_DEPLOY_LABELS", ()),
     "relevance_top_k": ("MEDGEMMA_DEPLOY_RELEVANCE_TOP_K", 3),
+    "relevance_format": ("MEDGEMMA_DEPLOY_RELEVANCE_FORMAT", "both"),
     "write_embeddings": ("MEDGEMMA_DEPLOY_EMBEDDINGS", False),
     "prompts": ("MEDGEMMA_DEPLOY_PROMPTS", None),
     "max_new_tokens": ("MEDGEMMA_DEPLOY_MAX_NEW_TOKENS", 512),
@@ -48,6 +49,7 @@ class RunSettings:
     device: str | None = None
     labels: tuple[Path, ...] = ()
     relevance_top_k: int = 3
+    relevance_format: str = "both"
     write_embeddings: bool = False
     prompts: Path | None = None
     max_new_tokens: int = 512
@@ -90,6 +92,8 @@ def resolve_settings(
         raise UsageError(f"device must be cpu, cuda or cuda:N, got {settings.device!r}")
     if settings.relevance_top_k < 0:
         raise UsageError(f"relevance_top_k must be >= 0, got {settings.relevance_top_k}")
+    if settings.relevance_format not in ("seg", "pmap", "both"):
+        raise UsageError(f"relevance_format must be seg, pmap or both, got {settings.relevance_format!r}")
     if settings.max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
     logger.debug("settings: %s", settings)

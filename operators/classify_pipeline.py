@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from highdicom.pm import ParametricMap
 from highdicom.seg import Segmentation
 
 from medgemma_deploy.errors import InputError
@@ -27,21 +28,28 @@ from medgemma_deploy.operators.domain import (
 )
 from medgemma_deploy.operators.labels import select_label_set
 from medgemma_deploy.operators.outputs import save_dicom
+from medgemma_deploy.operators.pmap_writer import NoPatientGeometryError, build_relevance_parametric_maps
 from medgemma_deploy.operators.results import RunResults, WrittenObject, series_rejection
 from medgemma_deploy.operators.seg_writer import build_relevance_segmentations
 from medgemma_deploy.operators.sr_writer import build_findings_sr
 
 __all__ = [
+    "RELEVANCE_FORMATS",
     "ClassificationOutcome",
     "ClassifyOptions",
     "algorithm_for",
     "classify_study_input",
     "record_input",
     "write_findings_reports",
+    "write_parametric_maps",
     "write_segmentations",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+#: How relevance maps are written: FRACTIONAL SEG, Parametric Map, or both (README explains the default).
+RELEVANCE_FORMATS = ("seg", "pmap", "both")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,22 @@ class ClassifyOptions:
     relevance_top_k: int = 3
     write_embeddings: bool = False
     result_version: int = 1
+    relevance_format: str = "both"
+
+    def __post_init__(self) -> None:
+        if self.relevance_format not in RELEVANCE_FORMATS:
+            raise ValueError(
+                f"relevance_format must be one of {', '.join(RELEVANCE_FORMATS)}, "
+                f"got {self.relevance_format!r}"
+            )
+
+    @property
+    def writes_seg(self) -> bool:
+        return self.relevance_format in ("seg", "both")
+
+    @property
+    def writes_pmap(self) -> bool:
+        return self.relevance_format in ("pmap", "both")
 
 
 @dataclass
@@ -61,6 +85,8 @@ class ClassificationOutcome:
     study_input: StudyInput
     classifications: list[SeriesClassification]
     segmentations: dict[str, list[Segmentation]] = field(default_factory=dict)
+    #: By Series Instance UID, then finding key.
+    parametric_maps: dict[str, dict[str, list[ParametricMap]]] = field(default_factory=dict)
 
 
 def record_input(study_input: StudyInput, results: RunResults) -> None:
@@ -133,6 +159,8 @@ def write_segmentations(
     the series' SR is still written later, without segment references.
     """
     by_series: dict[str, list[Segmentation]] = {}
+    if not options.writes_seg:
+        return by_series
     for classification in classifications:
         series = classification.series
         if not classification.relevance_maps:
@@ -151,14 +179,59 @@ def write_segmentations(
     return by_series
 
 
+def write_parametric_maps(
+    classifications: Sequence[SeriesClassification],
+    out_dir: Path,
+    options: ClassifyOptions,
+    results: RunResults,
+) -> dict[str, dict[str, list[ParametricMap]]]:
+    """Write each series' relevance maps as Parametric Maps; returns them by series, then finding.
+
+    A series whose images cannot carry a Parametric Map (a projection radiograph: no frame of
+    reference) is named in results.json with the reason: as skipped when the SEG carries its maps
+    (``relevance_format`` both), as rejected when only Parametric Maps were asked for. Any other
+    refusal is a rejection. Its SR is written either way.
+    """
+    by_series: dict[str, dict[str, list[ParametricMap]]] = {}
+    if not options.writes_pmap:
+        return by_series
+    for classification in classifications:
+        series = classification.series
+        if not classification.relevance_maps:
+            continue
+        algorithm = algorithm_for(classification.model, classification.label_set, options)
+        try:
+            maps = build_relevance_parametric_maps(
+                classification, algorithm, result_version=options.result_version
+            )
+        except NoPatientGeometryError as exc:
+            if options.writes_seg:
+                results.skip(series_rejection(series, "pmap", exc))
+            else:
+                results.reject(series_rejection(series, "pmap", exc))
+            continue
+        except (InputError, ValueError) as exc:
+            results.reject(series_rejection(series, "pmap", exc))
+            continue
+        by_series[series.series_instance_uid] = maps
+        for instances in maps.values():
+            for parametric_map in instances:
+                results.outputs.append(
+                    save_dicom(parametric_map, out_dir, "PMAP", series.series_instance_uid)
+                )
+    return by_series
+
+
 def write_findings_reports(
     classifications: Sequence[SeriesClassification],
     segmentations: Mapping[str, Sequence[Segmentation]],
     out_dir: Path,
     options: ClassifyOptions,
     results: RunResults,
+    parametric_maps: Mapping[str, Mapping[str, Sequence[ParametricMap]]] | None = None,
 ) -> None:
-    """Write each series' TID 1500 SR (referencing its SEG segments) and, if asked, embeddings."""
+    """Write each series' TID 1500 SR (referencing its relevance maps) and, if asked, embeddings."""
+    parametric_maps = parametric_maps or {}
     for classification in classifications:
         series = classification.series
         algorithm = algorithm_for(classification.model, classification.label_set, options)
@@ -167,6 +240,7 @@ def write_findings_reports(
                 classification,
                 algorithm,
                 segmentations=segmentations.get(series.series_instance_uid, ()),
+                parametric_maps=parametric_maps.get(series.series_instance_uid),
                 result_version=options.result_version,
             )
         except (InputError, ValueError) as exc:

@@ -41,12 +41,20 @@ from medgemma_deploy.operators.domain import AlgorithmInfo, FindingDefinition, S
 from medgemma_deploy.operators.equipment import contributing_equipment
 from medgemma_deploy.operators.relevance_objects import FrameGroup, check_relevance_request, group_frames
 
-__all__ = ["RELEVANCE_LUT_LABEL", "build_relevance_parametric_maps"]
+__all__ = ["RELEVANCE_LUT_LABEL", "NoPatientGeometryError", "build_relevance_parametric_maps"]
 
 logger = logging.getLogger(__name__)
 
 #: LUT Label of the Real World Value Mapping (SH, 16 characters) and Content Label (CS) of every map.
 RELEVANCE_LUT_LABEL = "RELEVANCE"
+
+class NoPatientGeometryError(InputError):
+    """The source images are not in patient coordinates, so no Parametric Map can be derived.
+
+    Not a defect of the input: a projection radiograph has no frame of reference by nature. Callers
+    that also write the SEG (which carries the maps of such images) record it as skipped.
+    """
+
 
 def build_relevance_parametric_maps(
     classification: SeriesClassification,
@@ -83,10 +91,13 @@ def build_relevance_parametric_maps(
         ``classification`` or ``algorithm`` has the wrong type.
     ValueError
         An argument is invalid (see ``check_relevance_request``).
+    NoPatientGeometryError
+        A source image has no frame of reference or plane geometry (a projection radiograph);
+        ``source`` is its SOP Instance UID.
     InputError
-        A source image cannot carry a Parametric Map: no frame of reference or plane geometry (a
-        projection radiograph), or highdicom refuses the sources for another reason (its message
-        is in the reason). ``source`` is the (first) source's SOP Instance UID.
+        A cross-sectional source cannot carry a Parametric Map (see ``group_frames``), or highdicom
+        refuses the sources for another reason (its message is in the reason). ``source`` is the
+        (first) source's SOP Instance UID.
     """
     keys, findings = check_relevance_request(
         classification, algorithm, finding_keys, series_number, result_version, "Parametric Map"
@@ -97,7 +108,7 @@ def build_relevance_parametric_maps(
     for group in groups:
         if not group.has_coordinates:
             first = group.sources[0]
-            raise InputError(
+            raise NoPatientGeometryError(
                 str(first.SOPInstanceUID),
                 f"a {first.get('Modality', 'image')} without a Frame of Reference and plane positions "
                 "cannot carry a Parametric Map: its IOD requires the Frame of Reference module and the "

@@ -1,4 +1,4 @@
-"""MONAI Deploy operator: relevance maps of a ``ClassificationOutcome`` → FRACTIONAL SEG files."""
+"""MONAI Deploy operator: relevance maps of a ``ClassificationOutcome`` → SEG and/or Parametric Map files."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 from medgemma_deploy.operators.classify_pipeline import (
     ClassificationOutcome,
     ClassifyOptions,
+    write_parametric_maps,
     write_segmentations,
 )
 from medgemma_deploy.operators.ports import receive_typed
@@ -17,7 +18,10 @@ __all__ = ["RelevanceSegWriterOperator"]
 
 
 class RelevanceSegWriterOperator(Operator):
-    """Receives and emits a ``ClassificationOutcome``; fills in the SEGs it wrote per series."""
+    """Receives and emits a ``ClassificationOutcome``; fills in the SEGs and Parametric Maps it wrote.
+
+    Which of the two it writes is ``options.relevance_format`` (seg, pmap or both).
+    """
 
     INPUT_NAME = "classifications"
     OUTPUT_NAME = "segmented"
@@ -36,6 +40,9 @@ class RelevanceSegWriterOperator(Operator):
     def compute(self, op_input: object, op_output: object, context: object) -> None:
         outcome = receive_typed(op_input, self.INPUT_NAME, ClassificationOutcome)
         outcome.segmentations = write_segmentations(
+            outcome.classifications, self.output_dir, self.options, outcome.results
+        )
+        outcome.parametric_maps = write_parametric_maps(
             outcome.classifications, self.output_dir, self.options, outcome.results
         )
         op_output.emit(outcome, self.OUTPUT_NAME)

@@ -64,6 +64,9 @@ def test_every_output_is_listed_valid_and_readable(classified):
         if output["kind"] == "SEG":
             seg = hd.seg.Segmentation.from_dataset(ds)
             assert seg.SegmentationType == "FRACTIONAL"
+        elif output["kind"] == "PMAP":
+            assert ds.SOPClassUID == pydicom.uid.ParametricMapStorage
+            assert "RANDOM WEIGHTS" in ds.ImageComments
         else:
             sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
             assert sr.VerificationFlag == "UNVERIFIED"

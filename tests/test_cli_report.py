@@ -102,9 +102,11 @@ def test_study_outputs_all_reference_the_same_sources(study_dir, tiny_models_roo
         by_series.setdefault(output["source_series_instance_uid"], []).append(output)
     assert len(by_series) == 2
     for outputs in by_series.values():
-        kinds = sorted(o["kind"] for o in outputs)
-        assert kinds == ["REPORT-SR", "SEG", "SR"]
         datasets = {o["kind"]: pydicom.dcmread(out / o["path"]) for o in outputs}
+        # Parametric Maps (default relevance format "both") exist only for images in patient coordinates.
+        in_patient_coordinates = "FrameOfReferenceUID" in datasets["SEG"]
+        expected = {"REPORT-SR", "SEG", "SR"} | ({"PMAP"} if in_patient_coordinates else set())
+        assert {o["kind"] for o in outputs} == expected
         seg_sources = {
             ref.ReferencedSOPInstanceUID
             for series in datasets["SEG"].ReferencedSeriesSequence

@@ -224,6 +224,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
             device=settings.device,
             label_files=tuple(settings.labels),
             relevance_top_k=settings.relevance_top_k,
+            relevance_format=settings.relevance_format,
             prompts_file=options["prompts"],
         ),
         destinations=destinations,

@@ -37,7 +37,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Kinds of written objects that go to the PACS (embeddings and other sidecars stay local).
-DICOM_KINDS = frozenset({"SR", "SEG", "REPORT-SR"})
+DICOM_KINDS = frozenset({"SR", "SEG", "PMAP", "REPORT-SR"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class PipelineOptions:
     device: str | None = None
     label_files: tuple[Path, ...] = ()
     relevance_top_k: int = 3
+    relevance_format: str = "both"
     prompts_file: Path | None = None
 
 
@@ -195,7 +196,9 @@ def _classify_factory(options: PipelineOptions) -> Pipeline:
     kwargs = _engine_kwargs(ClassifyEngine, options, "classify")
     engine = ClassifyEngine(
         options.models_path,  # type: ignore[arg-type]  # None only with a remote backend
-        options=ClassifyOptions(relevance_top_k=options.relevance_top_k),
+        options=ClassifyOptions(
+            relevance_top_k=options.relevance_top_k, relevance_format=options.relevance_format
+        ),
         **kwargs,
     )
     return EnginePipeline("classify", engine)
@@ -219,7 +222,9 @@ def _medgemma_factory(name: str, module_name: str, class_name: str) -> PipelineF
         if "classify_options" in inspect.signature(engine_class).parameters:
             from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
 
-            kwargs["classify_options"] = ClassifyOptions(relevance_top_k=options.relevance_top_k)
+            kwargs["classify_options"] = ClassifyOptions(
+                relevance_top_k=options.relevance_top_k, relevance_format=options.relevance_format
+            )
         return EnginePipeline(name, engine_class(options.models_path, **kwargs))
 
     return factory
