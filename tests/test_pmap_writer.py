@@ -1,0 +1,185 @@
+"""Relevance Parametric Maps: round trip of the values, geometry, identity, refusals, validators."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pydicom
+import pytest
+from highdicom.pm import ParametricMap
+
+from medgemma_deploy.errors import InputError
+from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER, RANDOM_WEIGHTS_WARNING
+from medgemma_deploy.operators.pmap_writer import (
+    RELEVANCE_LUT_LABEL,
+    NoPatientGeometryError,
+    build_relevance_parametric_maps,
+)
+from medgemma_deploy.operators.sr_writer import RELEVANCE_MAP_REFERENCE, build_findings_sr
+from tests.conftest import ALGORITHM, read_testdata, series_from
+from tests.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
+
+pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning")
+
+
+@pytest.fixture
+def mr_series():
+    """pydicom's real MR_small: one 64x64 slice with a frame of reference."""
+    path, dataset = read_testdata("MR_small.dcm")
+    return series_from([dataset], [path])
+
+
+@pytest.fixture
+def enhanced_ct_series():
+    """pydicom-data's real 2-frame Enhanced CT (eCT_Supplemental), both frames classified."""
+    path, dataset = read_testdata("eCT_Supplemental.dcm")
+    series = series_from([dataset], [path])
+    series.frames.append(dataclasses.replace(series.frames[0], frame_number=2))
+    return series
+
+
+CASES = ("ct_series", "mr_series", "enhanced_ct_series")
+
+
+def _write_read(parametric_map, tmp_path):
+    path = tmp_path / "pm.dcm"
+    parametric_map.save_as(path, enforce_file_format=True)
+    return path, pydicom.dcmread(path)
+
+
+@pytest.mark.parametrize("fixture", CASES)
+def test_round_trip_keeps_every_map_value(fixture, request, make_classification, tmp_path):
+    series = request.getfixturevalue(fixture)
+    classification = make_classification(series, map_keys=["pneumothorax", "cardiomegaly"])
+    maps = build_relevance_parametric_maps(classification, ALGORITHM)
+    assert list(maps) == ["pneumothorax", "cardiomegaly"]
+    for key, instances in maps.items():
+        (parametric_map,) = instances
+        _, dataset = _write_read(parametric_map, tmp_path)
+        assert dataset.SOPClassUID == pydicom.uid.ParametricMapStorage
+        read = ParametricMap.from_dataset(dataset)
+        values = read.pixel_array if read.pixel_array.ndim == 3 else read.pixel_array[np.newaxis]
+        expected = classification.relevance_maps[key]
+        # Each frame of the map is the map of the source frame at the same position (highdicom
+        # orders the frames by position, not by the order the slices came in).
+        assert values.shape == expected.shape
+        source_index = _source_frame_by_position(series)
+        for frame, functional_groups in enumerate(dataset.PerFrameFunctionalGroupsSequence):
+            position = _position(functional_groups)
+            assert np.array_equal(values[frame], expected[source_index[position]]), (key, frame)
+        mapping = dataset.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+        assert mapping.LUTLabel == RELEVANCE_LUT_LABEL
+        assert (float(mapping.RealWorldValueSlope), float(mapping.RealWorldValueIntercept)) == (1.0, 0.0)
+        assert dataset.FrameOfReferenceUID == series.frames[0].dataset.FrameOfReferenceUID
+        assert AI_DISCLAIMER in dataset.ImageComments and "UNVERIFIED" in dataset.SeriesDescription
+
+
+@requires_dciodvfy
+@pytest.mark.parametrize("fixture", CASES)
+def test_every_parametric_map_passes_dciodvfy(fixture, request, make_classification, tmp_path):
+    classification = make_classification(request.getfixturevalue(fixture), map_keys=["pneumothorax"])
+    (parametric_map,) = build_relevance_parametric_maps(classification, ALGORITHM)["pneumothorax"]
+    path, _ = _write_read(parametric_map, tmp_path)
+    assert_dciodvfy_clean(path)
+
+
+def test_projection_radiograph_is_refused_naming_the_image(cr_series, make_classification):
+    with pytest.raises(NoPatientGeometryError, match="Frame of Reference") as raised:
+        build_relevance_parametric_maps(make_classification(cr_series), ALGORITHM)
+    assert raised.value.source == cr_series.frames[0].sop_instance_uid
+    assert isinstance(raised.value, InputError)
+
+
+def test_ct_without_frame_of_reference_is_an_input_error(ct_without_frame_of_reference, make_classification):
+    with pytest.raises(InputError, match="Frame of Reference UID is missing"):
+        build_relevance_parametric_maps(make_classification(ct_without_frame_of_reference), ALGORITHM)
+
+
+def test_uids_are_deterministic_per_finding_and_versioned(ct_series, make_classification, medsiglip_identity):
+    classification = make_classification(ct_series)
+
+    def uids(**kwargs):
+        maps = build_relevance_parametric_maps(classification, ALGORITHM, **kwargs)
+        return {key: str(instances[0].SOPInstanceUID) for key, instances in maps.items()}
+
+    first = uids()
+    assert uids() == first
+    assert len(set(first.values())) == len(first)
+    assert set(uids(result_version=2).values()).isdisjoint(first.values())
+
+
+def test_random_weights_are_announced(ct_series, make_classification, medsiglip_identity):
+    model = dataclasses.replace(medsiglip_identity, random_weights=True)
+    classification = make_classification(ct_series, model=model, map_keys=["pneumothorax"])
+    (parametric_map,) = build_relevance_parametric_maps(classification, ALGORITHM)["pneumothorax"]
+    assert RANDOM_WEIGHTS_WARNING in parametric_map.ImageComments
+    assert "RANDOM WEIGHTS" in parametric_map.SeriesDescription
+
+
+def test_invalid_finding_keys_are_refused(ct_series, make_classification):
+    classification = make_classification(ct_series, map_keys=["pneumothorax"])
+    with pytest.raises(ValueError, match="have no relevance map"):
+        build_relevance_parametric_maps(classification, ALGORITHM, finding_keys=["cardiomegaly"])
+    with pytest.raises(TypeError, match="not the string"):
+        build_relevance_parametric_maps(classification, ALGORITHM, finding_keys="pneumothorax")
+
+
+def test_findings_sr_references_the_map_of_each_finding(ct_series, make_classification):
+    classification = make_classification(ct_series, map_keys=["pneumothorax"])
+    maps = build_relevance_parametric_maps(classification, ALGORITHM)
+    document = build_findings_sr(classification, ALGORITHM, parametric_maps=maps)
+    references = [
+        (str(reference.ReferencedSOPInstanceUID), str(reference.ReferencedSOPClassUID))
+        for item in _content_items(document)
+        for reference in item.get("ReferencedSOPSequence", [])
+        if item.ValueType == "IMAGE"
+        and item.ConceptNameCodeSequence[0].CodeValue == RELEVANCE_MAP_REFERENCE.value
+    ]
+    (parametric_map,) = maps["pneumothorax"]
+    assert references == [(str(parametric_map.SOPInstanceUID), pydicom.uid.ParametricMapStorage)]
+    evidence = {
+        str(item.ReferencedSOPInstanceUID)
+        for study in document.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert str(parametric_map.SOPInstanceUID) in evidence
+
+
+def test_findings_sr_refuses_maps_of_unknown_findings_or_other_series(
+    ct_series, mr_series, make_classification
+):
+    ct = make_classification(ct_series, map_keys=["pneumothorax"])
+    maps = build_relevance_parametric_maps(ct, ALGORITHM)
+    with pytest.raises(ValueError, match="not a scored finding"):
+        build_findings_sr(ct, ALGORITHM, parametric_maps={"nodule": maps["pneumothorax"]})
+    mr = make_classification(mr_series, map_keys=["pneumothorax"])
+    with pytest.raises(ValueError, match="not from the classified series"):
+        build_findings_sr(mr, ALGORITHM, parametric_maps=maps)
+    with pytest.raises(TypeError, match="must be a highdicom ParametricMap"):
+        build_findings_sr(ct, ALGORITHM, parametric_maps={"pneumothorax": [ct_series.frames[0].dataset]})
+
+
+def _position(functional_groups) -> tuple[float, ...]:
+    return tuple(round(float(v), 3) for v in functional_groups.PlanePositionSequence[0].ImagePositionPatient)
+
+
+def _source_frame_by_position(series) -> dict[tuple[float, ...], int]:
+    """Series frame index by its patient position (single-frame slices or frames of one instance)."""
+    by_position = {}
+    for index, frame in enumerate(series.frames):
+        dataset = frame.dataset
+        if "PerFrameFunctionalGroupsSequence" in dataset:
+            position = _position(dataset.PerFrameFunctionalGroupsSequence[frame.frame_number - 1])
+        else:
+            position = tuple(round(float(v), 3) for v in dataset.ImagePositionPatient)
+        by_position[position] = index
+    assert len(by_position) == len(series.frames)
+    return by_position
+
+
+def _content_items(dataset):
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
