@@ -36,6 +36,11 @@ from collections.abc import Mapping, Sequence
 
 import highdicom.sr as hsr
 from highdicom import ContentQualificationValues
+
+# highdicom's own test of "the IOD of this SOP Class has Number of Frames" (PS3.3 tables), which
+# it applies to frame references; not in its public API, so a highdicom upgrade is checked by
+# test_sr_writer's two-frame Secondary Capture tests.
+from highdicom._standard_utils import is_multiframe_image
 from highdicom.pm import ParametricMap
 from highdicom.seg import Segmentation
 from pydicom.dataset import Dataset
@@ -400,17 +405,19 @@ def _measurement_group(
 
 
 def _source_image(source: Dataset, frame_number: int) -> hsr.SourceImageForMeasurement:
-    """The measurement's source image; the frame is named whenever the instance has several frames.
+    """The measurement's source image, naming the frame where the instance's SOP Class allows it.
 
-    Built from UIDs rather than ``from_source_image``, which refuses frame numbers for an instance
-    whose SOP Class is single-frame by definition (e.g. a two-frame Secondary Capture, which is
-    valid DICOM): the frame is still the one that was scored.
+    Referenced Frame Number is only allowed for a multi-frame SOP Class (PS3.3 C.17.3.3, checked
+    by dciodvfy), whatever the instance's Number of Frames: a two-frame Secondary Capture (valid
+    DICOM, single-frame class) is referenced as a whole. ``from_source_image`` raised "does not
+    represent a multi-frame dataset" for such an instance when given a frame number.
     """
     n_frames = int(source.get("NumberOfFrames", 1) or 1)
+    frames = [frame_number] if n_frames > 1 and is_multiframe_image(source) else None
     return hsr.SourceImageForMeasurement(
         referenced_sop_class_uid=str(source.SOPClassUID),
         referenced_sop_instance_uid=str(source.SOPInstanceUID),
-        referenced_frame_numbers=[frame_number] if n_frames > 1 else None,
+        referenced_frame_numbers=frames,
     )
 
 

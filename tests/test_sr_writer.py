@@ -367,3 +367,56 @@ def test_private_finding_codes_declare_their_coding_scheme(cr_series, make_class
     items = [i for i in ds.CodingSchemeIdentificationSequence if i.CodingSchemeDesignator == "99MEDGEMMA"]
     assert len(items) == 1 and items[0].CodingSchemeName == "medgemma-deploy findings"
     assert_dciodvfy_clean(ds)
+
+
+@pytest.fixture
+def two_frame_secondary_capture():
+    """pydicom's real SC_rgb_rle_2frame: a valid 2-frame instance of a single-frame SOP class."""
+    path, dataset = read_testdata("SC_rgb_rle_2frame.dcm")
+    series = series_from([dataset], [path])
+    series.frames.append(dataclasses.replace(series.frames[0], frame_number=2))
+    return series
+
+
+def test_multi_frame_instance_of_a_single_frame_class_is_referenced_whole(
+    two_frame_secondary_capture, make_classification, tmp_path
+):
+    """Regression: the SR writer crashed here ("The dataset does not represent a multi-frame dataset").
+
+    A single-frame SOP Class cannot carry Referenced Frame Number (dciodvfy), so the instance is
+    referenced as a whole, while an Enhanced CT frame is named (``test_round_trip_keeps_every_finding``).
+    """
+    classification = make_classification(two_frame_secondary_capture, map_keys=[])
+    for score, peak in zip(classification.scores, (0, 1, 1), strict=True):
+        score.peak_frame_index = peak
+    report = _read(build_findings_sr(classification, ALGORITHM), tmp_path)
+    for score in classification.scores:
+        uid = finding_tracking_uid(
+            two_frame_secondary_capture.series_instance_uid, "chest-test", score.finding.key
+        )
+        (probability,) = _group_for(report, uid).get_measurements(name=codes.DCM.Probability)
+        (image,) = probability.referenced_images
+        assert image.referenced_sop_instance_uid == two_frame_secondary_capture.frames[0].sop_instance_uid
+        assert image.referenced_frame_numbers is None
+
+
+@requires_dciodvfy
+def test_multi_frame_instance_of_a_single_frame_class_gives_a_valid_sr(
+    two_frame_secondary_capture, make_classification, tmp_path
+):
+    document = build_findings_sr(make_classification(two_frame_secondary_capture, map_keys=[]), ALGORITHM)
+    path = tmp_path / "sr.dcm"
+    document.save_as(path, enforce_file_format=True)
+    assert_dciodvfy_clean(path)
+
+
+def test_frame_of_a_multi_frame_class_is_named(enhanced_ct_series, make_classification, tmp_path):
+    classification = make_classification(enhanced_ct_series, map_keys=[])
+    for score, peak in zip(classification.scores, (0, 1, 1), strict=True):
+        score.peak_frame_index = peak
+    report = _read(build_findings_sr(classification, ALGORITHM), tmp_path)
+    for score in classification.scores:
+        uid = finding_tracking_uid(enhanced_ct_series.series_instance_uid, "chest-test", score.finding.key)
+        (probability,) = _group_for(report, uid).get_measurements(name=codes.DCM.Probability)
+        (image,) = probability.referenced_images
+        assert image.referenced_frame_numbers == [score.peak_frame_index + 1]
