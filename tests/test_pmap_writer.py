@@ -10,12 +10,18 @@ import pytest
 from highdicom.pm import ParametricMap
 
 from medgemma_deploy.errors import InputError
+from medgemma_deploy.operators.classify_pipeline import (
+    ClassifyOptions,
+    write_parametric_maps,
+    write_segmentations,
+)
 from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER, RANDOM_WEIGHTS_WARNING
 from medgemma_deploy.operators.pmap_writer import (
     RELEVANCE_LUT_LABEL,
     NoPatientGeometryError,
     build_relevance_parametric_maps,
 )
+from medgemma_deploy.operators.results import RunResults
 from medgemma_deploy.operators.sr_writer import RELEVANCE_MAP_REFERENCE, build_findings_sr
 from tests.conftest import ALGORITHM, read_testdata, series_from
 from tests.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
@@ -183,3 +189,37 @@ def _content_items(dataset):
     for item in dataset.get("ContentSequence", []):
         yield item
         yield from _content_items(item)
+
+
+@pytest.mark.parametrize(
+    ("relevance_format", "written", "skipped", "rejected"),
+    [("both", ["SEG"], ["pmap"], []), ("pmap", [], [], ["pmap"]), ("seg", ["SEG"], [], [])],
+    ids=["both", "pmap", "seg"],
+)
+def test_pipeline_names_the_projection_image_without_parametric_map(
+    relevance_format, written, skipped, rejected, cr_series, make_classification, tmp_path
+):
+    """A CR's missing Parametric Map is named in results.json: skipped when its SEG carries the maps."""
+    classification = make_classification(cr_series, map_keys=["pneumothorax"])
+    options = ClassifyOptions(relevance_format=relevance_format)
+    results = RunResults(command="classify", disclaimer=AI_DISCLAIMER)
+    write_segmentations([classification], tmp_path, options, results)
+    maps = write_parametric_maps([classification], tmp_path, options, results)
+    assert maps == {}
+    assert [output.kind for output in results.outputs] == written
+    assert [entry.stage for entry in results.skipped] == skipped
+    assert [entry.stage for entry in results.rejected] == rejected
+    for entry in results.skipped + results.rejected:
+        assert entry.source == cr_series.frames[0].sop_instance_uid
+        assert "Parametric Map" in entry.reason and "Frame of Reference" in entry.reason
+
+
+def test_pipeline_writes_parametric_maps_of_a_ct_only_when_asked(ct_series, make_classification, tmp_path):
+    classification = make_classification(ct_series, map_keys=["pneumothorax", "cardiomegaly"])
+    for relevance_format, expected in (("pmap", 2), ("both", 2), ("seg", 0)):
+        results = RunResults(command="classify", disclaimer=AI_DISCLAIMER)
+        options = ClassifyOptions(relevance_format=relevance_format)
+        write_parametric_maps([classification], tmp_path, options, results)
+        assert [output.kind for output in results.outputs] == ["PMAP"] * expected, relevance_format
+    with pytest.raises(ValueError, match="relevance_format must be one of seg, pmap, both"):
+        ClassifyOptions(relevance_format="heatmap")

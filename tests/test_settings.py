@@ -58,3 +58,15 @@ def test_yaml_errors_name_the_file(tmp_path):
     not_mapping.write_text("- a\n- b\n")
     with pytest.raises(UsageError, match="must be a mapping"):
         resolve_settings({}, environ={CONFIG_ENV: str(not_mapping)})
+
+
+def test_relevance_format_resolves_from_flag_environment_and_yaml(tmp_path):
+    config = tmp_path / "settings.yaml"
+    config.write_text("relevance_format: seg\n")
+    assert resolve_settings({}, environ={}).relevance_format == "both"
+    assert resolve_settings({}, environ={CONFIG_ENV: str(config)}).relevance_format == "seg"
+    env = {CONFIG_ENV: str(config), "MEDGEMMA_DEPLOY_RELEVANCE_FORMAT": "pmap"}
+    assert resolve_settings({}, environ=env).relevance_format == "pmap"
+    assert resolve_settings({"relevance_format": "both"}, environ=env).relevance_format == "both"
+    with pytest.raises(UsageError, match="relevance_format must be seg, pmap or both, got 'png'"):
+        resolve_settings({}, environ={"MEDGEMMA_DEPLOY_RELEVANCE_FORMAT": "png"})
