@@ -33,6 +33,7 @@ from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.dicom_common import (
     AI_DISCLAIMER,
     RANDOM_WEIGHTS_WARNING,
+    SPECIFIC_CHARACTER_SET,
     derived_uid,
     manufacturer_attributes,
     to_lo,
@@ -184,6 +185,7 @@ def _build_one(
             ),
             content_qualification=highdicom.ContentQualificationValues.RESEARCH,
             contributing_equipment=[equipment],
+            specific_character_set=SPECIFIC_CHARACTER_SET,
             **manufacturer_attributes(),
         )
     except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
