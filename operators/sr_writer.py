@@ -407,8 +407,9 @@ def _measurement_group(
 def _source_image(source: Dataset, frame_number: int) -> hsr.SourceImageForMeasurement:
     """The measurement's source image, naming the frame where the instance's SOP Class allows it.
 
-    Referenced Frame Number is only allowed for a multi-frame SOP Class (PS3.3 C.17.3.3, checked
-    by dciodvfy), whatever the instance's Number of Frames: a two-frame Secondary Capture (valid
+    Referenced Frame Number is only allowed for a multi-frame SOP Class (dciodvfy: "Shall not be
+    present for Referenced SOP Class that is not multi-frame"), whatever the instance's Number of
+    Frames: a two-frame Secondary Capture (valid
     DICOM, single-frame class) is referenced as a whole. ``from_source_image`` raised "does not
     represent a multi-frame dataset" for such an instance when given a frame number.
     """
