@@ -7,14 +7,10 @@ models; every SR, SEG and Parametric Map they write is then checked by both Pixe
 a validator cannot see are checked on the same files (Contributing Equipment = TID 1004/4019
 identity, tracking identifiers on every group, SEG algorithm identification).
 
-PixelMed 20220618 (Debian's) has two limits that the assertions name exactly, so that anything
-else fails (docs/dicom-conformance.md, "Validator findings"):
-
-* its Segmentation rules both require Derivation Image Sequence in the shared and per-frame
-  functional groups and forbid it in both, whenever the SEG has no plane geometry (every SEG of a
-  projection radiograph): :data:`PIXELMED_SEG_WITHOUT_GEOMETRY_ERROR`;
-* it knows no Parametric Map IOD (its DicomInstanceValidator checks 7 IODs):
-  :data:`PIXELMED_UNKNOWN_SOP_CLASS_ERROR`; dciodvfy checks those.
+PixelMed 20220618 (Debian's) has two limits that ``tests/pixelmed.known_pixelmed_defects`` names
+exactly, so that anything else fails (docs/dicom-conformance.md, "Validator findings"): a
+contradiction in its rules for a SEG without plane geometry (a projection radiograph's), and no
+Parametric Map IOD (dciodvfy checks those).
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ from pydicom.uid import generate_uid
 from medgemma_deploy.cli import main
 from tests.conftest import read_testdata
 from tests.dciodvfy import requires_dciodvfy, run_dciodvfy
-from tests.pixelmed import requires_pixelmed, run_pixelmed
+from tests.pixelmed import assert_pixelmed_clean, requires_pixelmed
 
 pytestmark = [
     # pydicom-data's images carry one-component de-identified names; highdicom warns when copying them.
@@ -39,16 +35,6 @@ pytestmark = [
 ]
 
 PACKAGED_LABELS = Path(__file__).parents[1] / "medgemma_deploy" / "config" / "labels"
-
-#: The one PixelMed error a SEG without plane geometry gets (a contradiction in PixelMed's rules).
-PIXELMED_SEG_WITHOUT_GEOMETRY_ERROR = (
-    "Error: DerivationImageMacro/DerivationImageSequence/: SharedFunctionalGroupsSequence/Item[1]/: "
-    "Missing required sequence attribute (Type 2)"
-)
-#: What tests/pixelmed.py reports for an IOD that PixelMed's DicomInstanceValidator does not know.
-PIXELMED_UNKNOWN_SOP_CLASS_ERROR = (
-    "Error: DicomInstanceValidator does not know this SOP Class: nothing was validated"
-)
 
 #: An MR label set, because the packaged ones classify CR/DX (chest), CT and XC/OT only.
 MR_LABELS = {
@@ -184,21 +170,10 @@ def test_every_modality_gets_its_objects_and_the_impossible_ones_are_named(runs)
 @requires_pixelmed
 def test_pixelmed_finds_no_errors_in_any_object(runs):
     outputs = _dicom_outputs(runs)
-    reports = run_pixelmed([path for _, _, path in outputs])
-    problems = []
-    for (command, output, path), report in zip(outputs, reports, strict=True):
-        dataset = pydicom.dcmread(path, stop_before_pixels=True)
-        allowed: list[str] = []
-        first_frame = dataset.get("PerFrameFunctionalGroupsSequence", [pydicom.Dataset()])[0]
-        if output["kind"] == "SEG" and "PlanePositionSequence" not in first_frame:
-            allowed = [PIXELMED_SEG_WITHOUT_GEOMETRY_ERROR]
-        if output["kind"] == "PMAP":
-            allowed = [PIXELMED_UNKNOWN_SOP_CLASS_ERROR]
-        if report.errors != allowed:
-            problems.append(f"{command} {output['kind']} {path.name}: {report.errors}")
-        if output["kind"] in ("SR", "REPORT-SR"):
-            assert report.validator == "DicomSRValidator"
-    assert not problems, "\n".join(problems)
+    reports = assert_pixelmed_clean([path for _, _, path in outputs])
+    for (_, output, _), report in zip(outputs, reports, strict=True):
+        expected = "DicomSRValidator" if output["kind"] in ("SR", "REPORT-SR") else "DicomInstanceValidator"
+        assert report.validator == expected
 
 
 @requires_dciodvfy

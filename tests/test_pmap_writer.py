@@ -25,6 +25,7 @@ from medgemma_deploy.operators.results import RunResults
 from medgemma_deploy.operators.sr_writer import RELEVANCE_MAP_REFERENCE, build_findings_sr
 from tests.conftest import ALGORITHM, read_testdata, series_from
 from tests.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
+from tests.pixelmed import assert_pixelmed_clean, requires_pixelmed
 
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning")
 
@@ -79,6 +80,7 @@ def test_round_trip_keeps_every_map_value(fixture, request, make_classification,
         assert (float(mapping.RealWorldValueSlope), float(mapping.RealWorldValueIntercept)) == (1.0, 0.0)
         assert dataset.FrameOfReferenceUID == series.frames[0].dataset.FrameOfReferenceUID
         assert AI_DISCLAIMER in dataset.ImageComments and "UNVERIFIED" in dataset.SeriesDescription
+        assert dataset.SpecificCharacterSet == "ISO_IR 192"
 
 
 @requires_dciodvfy
@@ -223,3 +225,20 @@ def test_pipeline_writes_parametric_maps_of_a_ct_only_when_asked(ct_series, make
         assert [output.kind for output in results.outputs] == ["PMAP"] * expected, relevance_format
     with pytest.raises(ValueError, match="relevance_format must be one of seg, pmap, both"):
         ClassifyOptions(relevance_format="heatmap")
+
+
+@requires_pixelmed
+def test_parametric_maps_through_pixelmed(request, make_classification, tmp_path):
+    """PixelMed 20220618 has no Parametric Map IOD: exactly "unknown SOP Class", nothing else.
+
+    If a PixelMed that knows the IOD is installed, this starts checking it for real and fails on
+    the known-defect list (tests/pixelmed.py), which must then be revisited.
+    """
+    paths = []
+    for fixture in CASES:
+        classification = make_classification(request.getfixturevalue(fixture), map_keys=["pneumothorax"])
+        (parametric_map,) = build_relevance_parametric_maps(classification, ALGORITHM)["pneumothorax"]
+        paths.append(tmp_path / f"{fixture}.dcm")
+        parametric_map.save_as(paths[-1], enforce_file_format=True)
+    reports = assert_pixelmed_clean(paths)
+    assert {report.validator for report in reports} == {"DicomInstanceValidator"}

@@ -25,6 +25,7 @@ from medgemma_deploy.operators.report_inputs import GenerationSettings, PromptBo
 from medgemma_deploy.operators.report_sr_writer import DRAFT_REVIEW_NOTE, build_report_sr
 from medgemma_deploy.operators.report_text import clean_report_text, split_report
 from tests.dciodvfy import requires_dciodvfy, run_dciodvfy
+from tests.pixelmed import assert_pixelmed_clean, requires_pixelmed
 from tests.test_report_inputs import PACKAGED_PROMPTS, make_cr_series, make_ct_series
 
 MULTILINGUAL_TEXT = (
@@ -281,3 +282,38 @@ def test_clean_report_text_removes_what_dicom_text_cannot_hold():
     assert cleaned == "Lungs clear.\n\n    No effusion."
     with pytest.raises(TypeError, match="text"):
         clean_report_text(None)
+
+
+@requires_pixelmed
+def test_report_srs_pass_pixelmed(ct_case, prompts, tmp_path):
+    """The TID 2000 report of a CT and of pydicom-data's real chest CR, in one JVM."""
+    series, request, result = ct_case
+    documents = [build_report_sr(series, result, request, RANDOM_MODEL, ALGORITHM)]
+    found = get_testdata_file("RG1_UNCI.dcm")
+    if found is None:
+        pytest.skip("pydicom-data's RG1_UNCI.dcm (real chest CR) is not available")
+    dataset = pydicom.dcmread(str(found))
+    template = make_cr_series().frames[0]
+    frame = ImageFrame(Path(str(found)), dataset, 1, template.values, template.display, "test")
+    cr = Series(str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID), "CR", "CHEST", [frame])
+    cr_request = build_report_request(cr, prompts, settings=GenerationSettings())
+    cr_result = _result(cr_request, "The lungs are clear.")
+    documents.append(build_report_sr(cr, cr_result, cr_request, REAL_MODEL, ALGORITHM))
+    reports = assert_pixelmed_clean(documents)
+    assert [report.validator for report in reports] == ["DicomSRValidator"] * 2
+
+
+def test_report_sr_names_the_model_as_processing_equipment_like_its_device_observer(ct_case):
+    series, request, result = ct_case
+    document = build_report_sr(series, result, request, REAL_MODEL, ALGORITHM)
+    (equipment,) = [item for item in document.ContributingEquipmentSequence if "DeviceUID" in item]
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Equipment"
+    observer = {
+        item.ConceptNameCodeSequence[0].CodeValue: item
+        for item in document.ContentSequence
+        if item.RelationshipType == "HAS OBS CONTEXT"
+    }
+    assert equipment.DeviceUID == observer["121012"].UID
+    assert equipment.Manufacturer == observer["121014"].TextValue
+    assert equipment.ManufacturerModelName == observer["121015"].TextValue == REAL_MODEL.name
+    assert equipment.SoftwareVersions[0] == ALGORITHM.version

@@ -29,6 +29,7 @@ from medgemma_deploy.operators.seg_writer import (
 )
 from tests.conftest import ALGORITHM, read_testdata, series_from
 from tests.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
+from tests.pixelmed import assert_pixelmed_clean, requires_pixelmed
 
 
 @pytest.fixture
@@ -370,3 +371,27 @@ def test_highdicom_refusal_becomes_an_input_error_naming_the_source(
     with pytest.raises(InputError, match="same series") as raised:
         build_relevance_segmentations(make_classification(ct_series), ALGORITHM)
     assert raised.value.source == ct_series.frames[0].sop_instance_uid
+
+
+@requires_pixelmed
+def test_every_seg_passes_pixelmed(request, make_classification, tmp_path):
+    """Every case's SEG(s) through PixelMed in one JVM."""
+    paths = []
+    for case, (fixture, _, _) in CASES.items():
+        classification = make_classification(request.getfixturevalue(fixture))
+        segmentations = build_relevance_segmentations(classification, ALGORITHM)
+        for index, segmentation in enumerate(segmentations):
+            paths.append(tmp_path / f"{case}-{index}.dcm")
+            segmentation.save_as(paths[-1], enforce_file_format=True)
+    assert_pixelmed_clean(paths)
+
+
+def test_seg_names_the_model_as_processing_equipment(ct_series, make_classification, medsiglip_identity):
+    (segmentation,) = build_relevance_segmentations(make_classification(ct_series), ALGORITHM)
+    (equipment,) = [item for item in segmentation.ContributingEquipmentSequence if "DeviceUID" in item]
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert equipment.DeviceUID == derived_uid(
+        "device observer", medsiglip_identity.name, medsiglip_identity.version
+    )
+    assert equipment.ManufacturerModelName == medsiglip_identity.name
+    assert equipment.SoftwareVersions[0] == ALGORITHM.version

@@ -13,10 +13,12 @@ from pydicom.sr.codedict import codes
 
 from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER, RANDOM_WEIGHTS_WARNING, derived_uid
+from medgemma_deploy.operators.pmap_writer import build_relevance_parametric_maps
 from medgemma_deploy.operators.seg_writer import build_relevance_segmentations, finding_tracking_uid
 from medgemma_deploy.operators.sr_writer import RELEVANCE_MAP_REFERENCE, build_findings_sr
 from tests.conftest import ALGORITHM, read_testdata, series_from
 from tests.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
+from tests.pixelmed import assert_pixelmed_clean, requires_pixelmed
 
 # pydicom-data's 693_UNCI has a one-component de-identified Patient's Name; highdicom warns when it
 # copies it, which is about the test image, not the SR.
@@ -420,3 +422,54 @@ def test_frame_of_a_multi_frame_class_is_named(enhanced_ct_series, make_classifi
         (probability,) = _group_for(report, uid).get_measurements(name=codes.DCM.Probability)
         (image,) = probability.referenced_images
         assert image.referenced_frame_numbers == [score.peak_frame_index + 1]
+
+
+@requires_pixelmed
+def test_every_sr_passes_pixelmed(request, make_classification, two_frame_secondary_capture, tmp_path):
+    """Every case's SR (with SEG references, with Parametric Map references, with none) in one JVM."""
+    documents = [_build(request, make_classification, case)[2] for case in CASES]
+    ct = make_classification(request.getfixturevalue("ct_series"), map_keys=["pneumothorax"])
+    documents.append(
+        build_findings_sr(
+            ct, ALGORITHM,
+            segmentations=build_relevance_segmentations(ct, ALGORITHM),
+            parametric_maps=build_relevance_parametric_maps(ct, ALGORITHM),
+        )
+    )
+    two_frames = make_classification(two_frame_secondary_capture, map_keys=[])
+    documents.append(build_findings_sr(two_frames, ALGORITHM))
+    paths = []
+    for index, document in enumerate(documents):
+        paths.append(tmp_path / f"sr-{index}.dcm")
+        document.save_as(paths[-1], enforce_file_format=True)
+    reports = assert_pixelmed_clean(paths)
+    assert {report.validator for report in reports} == {"DicomSRValidator"}
+
+
+def test_sr_names_the_model_as_processing_equipment_like_its_device_observer(
+    ct_series, make_classification, medsiglip_identity
+):
+    document = build_findings_sr(make_classification(ct_series), ALGORITHM)
+    (equipment,) = [item for item in document.ContributingEquipmentSequence if "DeviceUID" in item]
+    purpose = equipment.PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("109102", "DCM")
+    root = document.content[0]
+    (observer_uid,) = _texts(root, codes.DCM.DeviceObserverUID)
+    (model_name,) = _texts(root, codes.DCM.DeviceObserverModelName)
+    (manufacturer,) = _texts(root, codes.DCM.DeviceObserverManufacturer)
+    assert equipment.DeviceUID == observer_uid
+    assert equipment.ManufacturerModelName == model_name == medsiglip_identity.name
+    assert equipment.Manufacturer == manufacturer
+    assert equipment.SoftwareVersions[0] == ALGORITHM.version
+
+
+def test_tracking_uids_are_kept_by_a_rerun_with_another_model_version(
+    ct_series, make_classification, medsiglip_identity, tmp_path
+):
+    first = make_classification(ct_series)
+    second = dataclasses.replace(first, model=dataclasses.replace(medsiglip_identity, version="1" * 40))
+    reports = [_read(build_findings_sr(c, ALGORITHM), tmp_path) for c in (first, second)]
+    assert reports[0].SOPInstanceUID != reports[1].SOPInstanceUID
+    tracking = [{group.tracking_identifier: group.tracking_uid for group in _groups(r)} for r in reports]
+    assert tracking[0] == tracking[1]
+    assert set(tracking[0]) == {score.finding.display_name for score in first.scores}
