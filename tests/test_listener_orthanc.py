@@ -33,6 +33,7 @@ pytestmark = [
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 PLUGIN = REPO / "deploy" / "orthanc" / "medgemma_forward.py"
 
 
@@ -108,11 +109,14 @@ def test_study_sent_with_storescu_ends_up_with_its_results_in_orthanc(pacs, firs
     job = first_study["job"]
     assert job.state.value == "delivered", job.last_error
     assert job.n_instances == 9  # 7 demo instances + the two with broken pixel data; the SR was refused
-    assert job.n_rejected == 2 and job.n_outputs == 4
     outputs = _outputs(pacs["listener"].spool, job.id)
+    parametric_maps = {o.sop_instance_uid for o in outputs if o.kind == "PMAP"}
+    # 2 SR + 2 SEG, and (default relevance format "both") a Parametric Map per mapped CT finding.
+    assert parametric_maps and job.n_rejected == 2 and job.n_outputs == 4 + len(parametric_maps)
     in_orthanc = _study_results_in_orthanc(pacs["orthanc"], first_study["study_uid"])
     assert in_orthanc[SEG] == {o.sop_instance_uid for o in outputs if o.kind == "SEG"}
     assert in_orthanc[COMPREHENSIVE_3D_SR] == {o.sop_instance_uid for o in outputs if o.kind == "SR"}
+    assert in_orthanc[PARAMETRIC_MAP] == parametric_maps
     assert len(in_orthanc[SEG]) == 2 and len(in_orthanc[COMPREHENSIVE_3D_SR]) == 2
 
     events = [json.loads(line) for line in (pacs["listener"].spool / "audit.jsonl").read_text().splitlines()]
@@ -140,10 +144,13 @@ def test_a_late_instance_produces_a_second_version_with_new_uids(pacs, first_stu
     )
     assert (v2.version, v2.n_instances, v2.state.value) == (2, 10, "delivered")
     v1_uids = {o.sop_instance_uid for o in _outputs(spool, v1.id)}
-    v2_uids = {o.sop_instance_uid for o in _outputs(spool, v2.id)}
-    assert len(v2_uids) == 4 and not v1_uids & v2_uids
+    v2_outputs = _outputs(spool, v2.id)
+    v2_uids = {o.sop_instance_uid for o in v2_outputs}
+    assert sorted(o.kind for o in v2_outputs if o.kind != "PMAP") == ["SEG", "SEG", "SR", "SR"]
+    assert len(v2_uids) == len(v2_outputs) and not v1_uids & v2_uids
     in_orthanc = _study_results_in_orthanc(pacs["orthanc"], first_study["study_uid"])
-    assert in_orthanc[SEG] | in_orthanc[COMPREHENSIVE_3D_SR] == v1_uids | v2_uids  # each exactly once
+    ours = in_orthanc[SEG] | in_orthanc[COMPREHENSIVE_3D_SR] | in_orthanc.get(PARAMETRIC_MAP, set())
+    assert ours == v1_uids | v2_uids  # each exactly once
 
 
 def test_orthanc_forwards_stable_studies_and_our_results_do_not_loop(pacs):
@@ -169,7 +176,8 @@ def test_orthanc_forwards_stable_studies_and_our_results_do_not_loop(pacs):
     }
     assert not output_uids & received
     in_orthanc = _study_results_in_orthanc(orthanc, study_uid)
-    assert in_orthanc[SEG] | in_orthanc[COMPREHENSIVE_3D_SR] == output_uids
+    ours = in_orthanc[SEG] | in_orthanc[COMPREHENSIVE_3D_SR] | in_orthanc.get(PARAMETRIC_MAP, set())
+    assert ours == output_uids
     series = orthanc.get(f"/studies/{orthanc.post('/tools/lookup', study_uid.encode())[0]['ID']}/series")
     images = [i for s in series if s["MainDicomTags"]["Modality"] in ("CR", "CT") for i in s["Instances"]]
     assert len(images) == 7
