@@ -81,6 +81,9 @@ def test_listener_on_a_remote_worker_survives_a_worker_outage(tmp_path, tiny_med
                 ["--pipeline", "classify", "--backend", f"grpc://127.0.0.1:{worker.port}",
                  "--destination", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--allow", "STORESCU@127.0.0.1",
                  "--quiet-seconds", "1", "--backoff-seconds", "0.5", "--max-backoff-seconds", "2"],
+                # SEG only, so that each study's output count is fixed (2 SR + 2 SEG); Parametric Map
+                # delivery is tested in test_listener_orthanc.
+                env={"MEDGEMMA_DEPLOY_RELEVANCE_FORMAT": "seg"},
             )  # fmt: skip
             try:
                 listener.start(ready_timeout_s=180)  # start-up waits for the worker to serve
