@@ -25,7 +25,7 @@ The document is VerificationFlag UNVERIFIED, CompletionFlag PARTIAL, Preliminary
 PRELIMINARY, ContentQualification RESEARCH. Patient and study attributes come from the sources.
 Contributing Equipment names the model as Processing Equipment, with the device observer's UID.
 UIDs are derived from the sources, the model name and version, the label set, the referenced
-SEGs and ``result_version``, so a re-run replaces its own result.
+SEGs and Parametric Maps and ``result_version``, so a re-run replaces its own result.
 """
 
 from __future__ import annotations
