@@ -25,6 +25,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "medgemma_deploy.commands.worker",
     "medgemma_deploy.commands.listen",
     "medgemma_deploy.commands.jobs",
+    "medgemma_deploy.commands.search",
 )
 
 
@@ -116,6 +117,9 @@ def _add_classify_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also write each series' image embeddings as OUT/embeddings-<series>.npy",
     )
+    from medgemma_deploy.commands.search import add_index_arguments
+
+    add_index_arguments(parser)
 
 
 def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,6 +182,8 @@ def _run_pipeline(args: argparse.Namespace) -> int:
             "prompts": getattr(args, "prompts", None),
             "max_new_tokens": getattr(args, "max_new_tokens", None),
             "with_findings": getattr(args, "with_findings", None),
+            "index": getattr(args, "index", None),
+            "store": getattr(args, "store", None),
         }
     )
     check_input_path(args.input)
@@ -195,8 +201,17 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     else:
         engine = _report_engine(args, settings, classify_options)
     sink = None if args.command == "classify" or args.quiet_tokens else _TokenPrinter()
-    with engine:
-        results = engine.process(args.input, args.output, on_token=sink)
+    indexer = None
+    if settings.index:
+        from medgemma_deploy.commands.search import open_indexer
+
+        indexer = engine.on_classified = open_indexer(settings.store)
+    try:
+        with engine:
+            results = engine.process(args.input, args.output, on_token=sink)
+    finally:
+        if indexer is not None:
+            indexer.store.close()
     if sink is not None:
         sink.finish()
     print(f"results: {args.output / 'results.json'}")

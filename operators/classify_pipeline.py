@@ -51,6 +51,8 @@ class ClassifyOptions:
     relevance_top_k: int = 3
     write_embeddings: bool = False
     result_version: int = 1
+    #: Keep each frame's embedding in the classification without writing it (the search index needs it).
+    keep_embeddings: bool = False
 
 
 @dataclass
@@ -111,7 +113,7 @@ def classify_study_input(
                 series,
                 label_set,
                 relevance_top_k=options.relevance_top_k,
-                with_embeddings=options.write_embeddings,
+                with_embeddings=options.write_embeddings or options.keep_embeddings,
                 model=model,
             )
         except (InputError, ValueError) as exc:
