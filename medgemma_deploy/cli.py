@@ -203,15 +203,15 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     sink = None if args.command == "classify" or args.quiet_tokens else _TokenPrinter()
     indexer = None
     if settings.index:
-        from medgemma_deploy.commands.search import open_indexer
+        from medgemma_deploy.search import SearchIndexer
 
-        indexer = engine.on_classified = open_indexer(settings.store)
+        indexer = engine.on_classified = SearchIndexer.open(settings.store)
     try:
         with engine:
             results = engine.process(args.input, args.output, on_token=sink)
     finally:
         if indexer is not None:
-            indexer.store.close()
+            indexer.close()
     if sink is not None:
         sink.finish()
     print(f"results: {args.output / 'results.json'}")

@@ -19,7 +19,7 @@ from typing import Any
 from medgemma_deploy.errors import UsageError
 from medgemma_deploy.operators.backends import BACKEND_HELP
 
-__all__ = ["add_index_arguments", "open_indexer", "register"]
+__all__ = ["add_index_arguments", "register"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ _STORE_HELP = (
 )
 
 
-def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+def add_index_arguments(parser: argparse._ActionsContainer) -> None:
     """``--index`` and ``--store`` for the commands that classify (classify, study, listen)."""
     parser.add_argument(
         "--index",
@@ -38,14 +38,6 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
         help="also add every classified frame to the search index (--store)",
     )
     parser.add_argument("--store", default=None, metavar="URL", help=_STORE_HELP)
-
-
-def open_indexer(store_url: str) -> Any:
-    """An open store wrapped in the hook a pipeline engine calls after classifying (caller closes it)."""
-    from medgemma_deploy.search.indexer import SearchIndexer
-    from medgemma_deploy.search.store import open_store
-
-    return SearchIndexer(open_store(store_url))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -121,6 +121,16 @@ class SearchIndexer:
         self.store = store
         self.with_thumbnails = with_thumbnails
 
+    @classmethod
+    def open(cls, store_url: str) -> SearchIndexer:
+        """An indexer over the store at ``store_url`` (StoreError if it cannot be opened)."""
+        from medgemma_deploy.search.store import open_store
+
+        return cls(open_store(store_url))
+
+    def close(self) -> None:
+        self.store.close()
+
     def __call__(self, classifications: Sequence[SeriesClassification], results: RunResults) -> int:
         """Index every fully classified study; record the outcome per series in ``results``.
 
