@@ -296,3 +296,26 @@ def test_a_file_that_is_not_an_index_is_refused(tmp_path):
     bogus.write_text("not a database, just text that is long enough to have a header" * 20)
     with pytest.raises(StoreError, match=r"notes\.db"):
         open_store(f"sqlite:///{bogus}")
+
+
+def test_bulk_load_gives_the_rows_that_add_gives(store):
+    rng = np.random.default_rng(11)
+    vectors = unit(rng, 40)
+    batches = [[record(vectors[i], f"6.{i}") for i in range(start, start + 10)] for start in range(0, 40, 10)]
+    assert store.bulk_load(batches) == 40
+    assert store.models() == [(MODEL, "v1", 40)]
+    hits = store.search(vectors[33], model_name=MODEL, model_version="v1", top=3)
+    assert hits[0].sop_instance_uid == "6.33"
+
+
+def test_postgres_keeps_one_cosine_hnsw_index_per_model_version(postgres):
+    url = fresh_database(postgres)
+    rng = np.random.default_rng(12)
+    with open_store(url) as store:
+        store.add([record(unit(rng)[0], "1", version="v1")])
+        store.bulk_load([[record(unit(rng)[0], "2", version="v2")]])
+    name = url.split("/")[3].split("?")[0]
+    listing = postgres.psql(f"\\c {name}\nSELECT indexdef FROM pg_indexes WHERE indexdef LIKE '%hnsw%';")
+    assert listing.count("USING hnsw") == 2
+    assert listing.count("vector_cosine_ops") == 2
+    assert "'v1'" in listing and "'v2'" in listing

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,7 @@ class PostgresStore(VectorStore):
         self._connection = connection
         self._lock = threading.Lock()
         self._dimensions: dict[tuple[str, str], int] = {}
+        self._defer_index = False
 
     @classmethod
     def open(cls, url: str) -> PostgresStore:
@@ -152,8 +153,21 @@ class PostgresStore(VectorStore):
                 cursor.executemany(sql, rows)
             for (name, version), size in models.items():
                 self._dimensions[(name, version)] = size
-                self._ensure_hnsw(name, version, size)
+                if not self._defer_index:
+                    self._ensure_hnsw(name, version, size)
         return len(rows)
+
+    def bulk_load(self, batches: Iterable[Sequence[IndexRecord]]) -> int:
+        """Insert every batch, then build the missing HNSW indexes once over all the rows."""
+        self._defer_index = True
+        try:
+            written = sum(self.add(batch) for batch in batches)
+        finally:
+            self._defer_index = False
+        with self._lock:
+            for (name, version), size in self._dimensions.items():
+                self._ensure_hnsw(name, version, size)
+        return written
 
     def search(
         self,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from urllib.parse import urlsplit, urlunsplit
 
@@ -58,6 +58,13 @@ class VectorStore(abc.ABC):
     @abc.abstractmethod
     def add(self, records: Sequence[IndexRecord]) -> int:
         """Insert or replace ``records`` (one transaction); returns how many rows were written."""
+
+    def bulk_load(self, batches: Iterable[Sequence[IndexRecord]]) -> int:
+        """Add many batches at once (a back-fill, the benchmark); returns the rows written.
+
+        The same rows as :meth:`add` batch by batch; a store may defer its index build to the end.
+        """
+        return sum(self.add(batch) for batch in batches)
 
     @abc.abstractmethod
     def search(
