@@ -319,3 +319,15 @@ def test_postgres_keeps_one_cosine_hnsw_index_per_model_version(postgres):
     assert listing.count("USING hnsw") == 2
     assert listing.count("vector_cosine_ops") == 2
     assert "'v1'" in listing and "'v2'" in listing
+
+
+def test_postgres_search_walks_the_hnsw_index(postgres):
+    url = fresh_database(postgres)
+    rng = np.random.default_rng(13)
+    vectors = unit(rng, 500)
+    with open_store(url) as store:
+        store.bulk_load([[record(vectors[i], f"7.{i}") for i in range(500)]])
+        plan = store.query_plan(vectors[0], model_name=MODEL, model_version="v1", top=10)
+        hits = store.search(vectors[0], model_name=MODEL, model_version="v1", top=10)
+    assert "hnsw" in plan, plan
+    assert hits[0].sop_instance_uid == "7.0"

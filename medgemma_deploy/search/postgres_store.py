@@ -62,6 +62,9 @@ _COLUMNS = (
 _HNSW_M = 16
 _HNSW_EF_CONSTRUCTION = 64
 _BUILD_MEMORY = "1GB"
+#: Candidates kept by the HNSW walk (pgvector's default is 40; see the benchmark for recall).
+_EF_SEARCH = 100
+_EF_SEARCH_FILTERED = 400
 
 
 def vector_literal(vector: np.ndarray) -> str:
@@ -178,13 +181,68 @@ class PostgresStore(VectorStore):
         filters: SearchFilters | None = None,
         top: int = 20,
     ) -> list[SearchHit]:
+        prepared = self._search_query(vector, model_name, model_version, filters, top)
+        if prepared is None:
+            return []
+        query, params, settings = prepared
+        with self._lock, self._connection.transaction():
+            self._connection.execute(settings)
+            rows = self._connection.execute(query, params).fetchall()
+        return [
+            SearchHit(
+                row_id=int(row[0]),
+                score=1.0 - float(row[1]),
+                study_instance_uid=row[2],
+                series_instance_uid=row[3],
+                sop_instance_uid=row[4],
+                frame_number=int(row[5]),
+                modality=row[6],
+                body_part=row[7],
+                study_date=row[8],
+                findings={key: float(value) for key, value in row[9].items()},
+                has_overlay=bool(row[10]),
+                overlay_finding=row[11],
+            )
+            for row in rows
+        ]
+
+    def query_plan(
+        self,
+        vector: np.ndarray,
+        *,
+        model_name: str,
+        model_version: str,
+        filters: SearchFilters | None = None,
+        top: int = 20,
+    ) -> str:
+        """PostgreSQL's ``EXPLAIN`` of that search (to check that the HNSW index is used)."""
+        from psycopg import sql
+
+        prepared = self._search_query(vector, model_name, model_version, filters, top)
+        if prepared is None:
+            return ""
+        query, params, settings = prepared
+        with self._lock, self._connection.transaction():
+            self._connection.execute(settings)
+            rows = self._connection.execute(sql.SQL("EXPLAIN ") + query, params).fetchall()
+        return "\n".join(row[0] for row in rows)
+
+    def _search_query(
+        self,
+        vector: np.ndarray,
+        model_name: str,
+        model_version: str,
+        filters: SearchFilters | None,
+        top: int,
+    ) -> tuple[Any, list[Any], Any] | None:
+        """The search SQL, its parameters and its ``SET LOCAL``; None when the model has no rows."""
         from psycopg import sql
 
         filters = filters or SearchFilters()
         with self._lock:
             size = self._dimension(model_name, model_version)
         if size is None:
-            return []
+            return None
         typed = sql.SQL("embedding::vector({})").format(sql.Literal(size))
         # Literals, not parameters, for the model: the planner must see them to use the partial index.
         where = [
@@ -216,28 +274,11 @@ class PostgresStore(VectorStore):
             table=sql.Identifier(_TABLE),
             where=sql.SQL(" AND ").join(where),
         )
+        # The graph walk keeps ef_search candidates and filters afterwards: more with filters.
         filtered = len(where) > 2
-        ef_search = min(1000, max(40, 2 * int(top), 400 if filtered else 0))
-        with self._lock, self._connection.transaction():
-            self._connection.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef_search)))
-            rows = self._connection.execute(query, params).fetchall()
-        return [
-            SearchHit(
-                row_id=int(row[0]),
-                score=1.0 - float(row[1]),
-                study_instance_uid=row[2],
-                series_instance_uid=row[3],
-                sop_instance_uid=row[4],
-                frame_number=int(row[5]),
-                modality=row[6],
-                body_part=row[7],
-                study_date=row[8],
-                findings={key: float(value) for key, value in row[9].items()},
-                has_overlay=bool(row[10]),
-                overlay_finding=row[11],
-            )
-            for row in rows
-        ]
+        ef_search = min(1000, max(_EF_SEARCH, 2 * int(top), _EF_SEARCH_FILTERED if filtered else 0))
+        settings = sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef_search))
+        return query, params, settings
 
     def models(self) -> list[IndexedModel]:
         with self._lock:
@@ -314,6 +355,8 @@ class PostgresStore(VectorStore):
                     version=sql.Literal(model_version),
                 )
             )
+        # Fresh statistics, or the planner takes the (model) b-tree over the new HNSW index.
+        self._connection.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(_TABLE)))
 
 
 def _first_line(error: BaseException) -> str:
