@@ -7,6 +7,7 @@ folder of its own; tests create one database each so they never see each other's
 from __future__ import annotations
 
 import itertools
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,14 +19,20 @@ _DATABASE_NUMBERS = itertools.count(1)
 
 
 @contextmanager
-def running_postgres(folder: Path) -> Iterator[Any]:
-    """A PostgreSQL server (pgserver) with its data in ``folder``, stopped on exit."""
+def running_postgres() -> Iterator[Any]:
+    """A PostgreSQL server (pgserver) with its data in a new temporary folder, stopped and removed on exit.
+
+    Not under pytest's ``tmp_path``: with several pytest sessions on one machine (they share
+    ``/tmp/pytest-of-USER`` and prune its old numbered folders), a server's data folder vanished
+    under it once here (``pg_ctl start`` failed, its log file missing).
+    """
     pgserver = pytest.importorskip("pgserver", reason="PostgreSQL tests need the search extra (pgserver)")
-    server = pgserver.get_server(folder, cleanup_mode="stop")
-    try:
-        yield server
-    finally:
-        server.cleanup()
+    with tempfile.TemporaryDirectory(prefix="medgemma-pg-") as folder:
+        server = pgserver.get_server(Path(folder), cleanup_mode="stop")
+        try:
+            yield server
+        finally:
+            server.cleanup()
 
 
 def fresh_database(server: Any, prefix: str = "search_test") -> str:

@@ -1,5 +1,8 @@
 """The store suite: the same tests on the embedded SQLite store and on a real PostgreSQL + pgvector.
 
+The SQLite store runs twice: scanning the table per query, and with its in-memory vector cache
+(what ``search-server`` uses).
+
 Each test gets an empty index: a new SQLite file, or a new database on one PostgreSQL server
 started for the session (``pgserver``, unix socket).
 """
@@ -23,18 +26,18 @@ MODEL = "google/medsiglip-448"
 
 
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
-    with running_postgres(tmp_path_factory.mktemp("pg")) as server:
+def postgres():
+    with running_postgres() as server:
         yield server
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "sqlite-cached", "postgresql"])
 def store(request, tmp_path):
-    if request.param == "sqlite":
+    if request.param.startswith("sqlite"):
         url = f"sqlite:///{tmp_path / 'index.db'}"
     else:
         url = fresh_database(request.getfixturevalue("postgres"))
-    with open_store(url) as opened:
+    with open_store(url, cache_vectors=request.param == "sqlite-cached") as opened:
         yield opened
 
 
@@ -331,3 +334,18 @@ def test_postgres_search_walks_the_hnsw_index(postgres):
         hits = store.search(vectors[0], model_name=MODEL, model_version="v1", top=10)
     assert "hnsw" in plan, plan
     assert hits[0].sop_instance_uid == "7.0"
+
+
+def test_the_sqlite_vector_cache_sees_rows_written_by_another_connection(tmp_path):
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    rng = np.random.default_rng(14)
+    first, second = unit(rng, 2)
+    with open_store(url, cache_vectors=True) as server, open_store(url) as indexer:
+        indexer.add([record(first, "1")])
+        assert [h.sop_instance_uid for h in server.search(second, model_name=MODEL, model_version="v1")] == [
+            "1"
+        ]
+        indexer.add([record(second, "2")])
+        hits = server.search(second, model_name=MODEL, model_version="v1")
+    assert [h.sop_instance_uid for h in hits] == ["2", "1"]
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5)

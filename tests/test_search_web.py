@@ -34,7 +34,7 @@ def served(tiny_models_root, tmp_path_factory):
     url = f"sqlite:///{tmp_path_factory.mktemp('index') / 'index.db'}"
     assert main(["index", "-i", str(folder), "-m", str(tiny_models_root), "--store", url]) == 0
     with (
-        open_store(url) as store,
+        open_store(url, cache_vectors=True) as store,
         MedSigLIPRunner(tiny_models_root / "medsiglip", device="cpu") as runner,
         SearchServer(SearchService(store, runner), port=0, wado_root=WADO_ROOT) as server,
     ):

@@ -39,7 +39,7 @@ import numpy as np
 from medgemma_deploy.search.records import IndexRecord
 from medgemma_deploy.search.store import VectorStore, open_store
 
-__all__ = ["main", "run_store", "synthetic_vectors"]
+__all__ = ["main", "run_queries", "run_store", "synthetic_vectors"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,13 @@ def run_store(
     started = time.perf_counter()
     store.bulk_load(_records(data["rows"]))
     build_s = time.perf_counter() - started
+    return {**run_queries(store, data, exact, k), "build_s": build_s}
+
+
+def run_queries(
+    store: VectorStore, data: dict[str, np.ndarray], exact: np.ndarray, k: int = 10
+) -> dict[str, Any]:
+    """Run the queries on an already filled ``store`` (``build_s`` None)."""
     latencies, recalls, planted_hits = [], [], []
     pairs = {int(original): int(duplicate) for original, duplicate in data["planted_pairs"]}
     for index, query in enumerate(data["queries"]):
@@ -129,10 +136,12 @@ def run_store(
         if index < len(pairs):
             original = int(data["planted_pairs"][index][0])
             planted_hits.append(bool(found) and found[0] in (original, pairs[original]))
+    first_ms = 1000 * latencies[0]
     latencies.sort()
     return {
+        "first_ms": first_ms,
         "rows": len(data["rows"]),
-        "build_s": build_s,
+        "build_s": None,
         "p50_ms": 1000 * statistics.median(latencies),
         "p95_ms": 1000 * latencies[min(len(latencies) - 1, round(0.95 * len(latencies)) - 1)],
         "recall_at_10": float(np.mean(recalls)),
@@ -169,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in [s.strip() for s in args.stores.split(",") if s.strip()]:
             if name == "sqlite":
                 with open_store(f"sqlite:///{Path(work) / 'bench.db'}") as store:
-                    results["sqlite (apsw + sqlite-vec, exact)"] = run_store(store, data, exact)
+                    results["sqlite, exact: table scan (CLI)"] = run_store(store, data, exact)
+                # The same file again, searched as search-server does: vectors cached in memory.
+                with open_store(f"sqlite:///{Path(work) / 'bench.db'}", cache_vectors=True) as store:
+                    results["sqlite, exact: in-memory matrix (search-server)"] = run_queries(
+                        store, data, exact
+                    )
             elif name == "postgresql":
                 results["postgresql (pgvector HNSW, cosine)"] = _run_postgres(
                     args.postgres_url, Path(work), data, exact
@@ -182,12 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.queries} queries, top 10; {os.cpu_count()} CPUs, "
         f"load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}"
     )
-    print("| store | rows | build (s) | p50 (ms) | p95 (ms) | recall@10 | planted@1 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| store | rows | build (s) | first query (ms) | p50 (ms) | p95 (ms) | recall@10 | planted@1 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
+        build = "(same file)" if r["build_s"] is None else f"{r['build_s']:.1f}"
         print(
-            f"| {name} | {r['rows']:,} | {r['build_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
-            f"{r['recall_at_10']:.4f} | {r['planted_at_1']:.3f} |"
+            f"| {name} | {r['rows']:,} | {build} | {r['first_ms']:.1f} | {r['p50_ms']:.1f} | "
+            f"{r['p95_ms']:.1f} | {r['recall_at_10']:.4f} | {r['planted_at_1']:.3f} |"
         )
     return 0
 

@@ -245,7 +245,8 @@ def run_server(args: argparse.Namespace) -> int:
     from medgemma_deploy.search.web import SearchServer
 
     settings = _settings(args)
-    with open_store(settings.store) as store:
+    # A server answers many queries: keep the embedded store's vectors in memory between them.
+    with open_store(settings.store, cache_vectors=True) as store:
         backend, model = _open_model(settings, args.models)
         with backend:
             server = SearchServer(SearchService(store, model), args.host, args.port, wado_root=args.wado_root)

@@ -121,8 +121,11 @@ class VectorStore(abc.ABC):
         self.close()
 
 
-def open_store(url: str | None) -> VectorStore:
+def open_store(url: str | None, *, cache_vectors: bool = False) -> VectorStore:
     """The store named by ``url`` (default :data:`DEFAULT_STORE`), connected and with its schema.
+
+    ``cache_vectors`` (long-running servers): the embedded store keeps each model's embeddings in
+    memory between queries; PostgreSQL's own buffers do that job, so it ignores the flag.
 
     Raises
     ------
@@ -135,7 +138,7 @@ def open_store(url: str | None) -> VectorStore:
     if scheme == "sqlite":
         from medgemma_deploy.search.sqlite_store import SQLiteStore
 
-        return SQLiteStore.open(url)
+        return SQLiteStore.open(url, cache_vectors=cache_vectors)
     if scheme in ("postgresql", "postgres"):
         from medgemma_deploy.search.postgres_store import PostgresStore
 
