@@ -140,7 +140,7 @@ def run_index(args: argparse.Namespace) -> int:
     from medgemma_deploy.operators.labels import load_label_sets
     from medgemma_deploy.operators.results import RunResults
     from medgemma_deploy.search.indexer import SearchIndexer
-    from medgemma_deploy.search.store import open_store
+    from medgemma_deploy.search.store import open_store, redact_url
 
     settings = _settings(args)
     check_input_path(args.input)
@@ -165,7 +165,8 @@ def run_index(args: argparse.Namespace) -> int:
     if args.output is not None:
         results.write(args.output)
         print(f"results: {args.output / 'results.json'}")
-    print(f"indexed {written} frames into {store.url} in {time.perf_counter() - started:.1f} s")
+    elapsed = time.perf_counter() - started
+    print(f"indexed {written} frames into {redact_url(store.url)} in {elapsed:.1f} s")
     if results.rejected:
         print(
             f"{len(results.rejected)} input(s) rejected; nothing of their studies was indexed",

@@ -3,10 +3,12 @@
 Python's own ``sqlite3`` cannot load extensions on this project's reference machine (it is built
 without ``enable_load_extension``), so the store uses ``apsw``, which bundles its own SQLite, and
 loads ``sqlite-vec`` into it. Embeddings are float32 BLOBs in an ordinary table and a search is a
-filtered scan ordered by ``vec_distance_cosine``: exact (recall 1.0), any SQL filter, and about
-0.2-0.25 s per query at 100,000 rows of 1152 dimensions on two busy cores (see
-``medgemma_deploy/bench/search_bench.py``). sqlite-vec's ``vec0`` table was no faster (about 0.19 s)
-and twenty times slower to fill, and it cannot filter on a findings column of varying keys.
+filtered scan ordered by ``vec_distance_cosine``: exact (recall 1.0) and any SQL filter. On two busy
+cores that scan took about 0.25 s per query at 100,000 rows of 1152 dimensions; sqlite-vec's ``vec0``
+table was barely faster (about 0.19 s), twenty times slower to fill (15 s against 0.7 s), and cannot
+filter on a findings column of varying keys. A long-running server opens the store with
+``cache_vectors=True`` instead: each model's embeddings stay in memory as one matrix and a query is
+one matrix product, still exact (figures: ``medgemma_deploy/bench/search_bench.py``).
 """
 
 from __future__ import annotations
