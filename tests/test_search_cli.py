@@ -270,3 +270,45 @@ def test_a_study_whose_classification_failed_is_not_indexed(demo_study, tiny_mod
     assert all("classification failed" in entry["reason"] for entry in entries)
     with open_store(url) as store:
         assert store.models() == []
+
+
+def test_study_with_index_from_the_environment_indexes_too(
+    demo_study, tiny_models_root, tmp_path, monkeypatch
+):
+    folder, files = demo_study
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    monkeypatch.setenv("MEDGEMMA_DEPLOY_INDEX", "true")
+    monkeypatch.setenv("MEDGEMMA_DEPLOY_STORE", url)
+    out = tmp_path / "out"
+    args = ["study", "-i", str(folder), "-o", str(out), "-m", str(tiny_models_root), "--max-new-tokens", "2"]
+    assert main([*args, "--quiet-tokens"]) == 0
+    with open_store(url) as store:
+        assert store.models()[0][2] == len(files)
+    results = json.loads((out / "results.json").read_text())
+    assert all(series["index"]["indexed"] for series in results["series"])
+
+
+def test_classify_with_an_unreachable_index_is_refused_before_any_work(
+    demo_study, tiny_models_root, tmp_path, capsys
+):
+    folder, _ = demo_study
+    out = tmp_path / "out"
+    store = "postgresql://indexer:hunter2@127.0.0.1:1/archive"
+    code = main(
+        [
+            "classify",
+            "-i",
+            str(folder),
+            "-o",
+            str(out),
+            "-m",
+            str(tiny_models_root),
+            "--index",
+            "--store",
+            store,
+        ]
+    )
+    assert code == 2
+    line = error_line(capsys.readouterr().err)
+    assert "127.0.0.1:1/archive" in line and "hunter2" not in line
+    assert not out.exists()
