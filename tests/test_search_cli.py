@@ -18,6 +18,7 @@ from medgemma_deploy.cli import main
 from medgemma_deploy.model_dir import model_identity
 from medgemma_deploy.search import IndexRecord, open_store
 from medgemma_deploy.synthetic import DEMO_PATIENT_ID, DEMO_PATIENT_NAME, write_demo_study
+from tests.search_support import fresh_database, running_postgres
 
 QUERY = "a chest x-ray with a right pneumothorax"
 
@@ -312,3 +313,26 @@ def test_classify_with_an_unreachable_index_is_refused_before_any_work(
     line = error_line(capsys.readouterr().err)
     assert "127.0.0.1:1/archive" in line and "hunter2" not in line
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    with running_postgres() as server:
+        yield fresh_database(server)
+
+
+def test_index_and_search_on_postgres_hold_no_patient_identifiers(
+    postgres_url, demo_study, tiny_models_root, capsys
+):
+    import psycopg
+
+    folder, files = demo_study
+    assert main(["index", "-i", str(folder), "-m", str(tiny_models_root), "--store", postgres_url]) == 0
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    document = search_json(capsys, postgres_url, tiny_models_root, "--like", str(files[0]))
+    assert document["hits"][0]["sop_instance_uid"] == source.SOPInstanceUID
+    with psycopg.connect(postgres_url) as connection:
+        dump = "\n".join(row[0] for row in connection.execute("SELECT t::text FROM medgemma_index_rows t"))
+    assert dump.count(source.StudyInstanceUID) == len(files)  # the dump holds every row
+    for identifier in (DEMO_PATIENT_NAME, DEMO_PATIENT_ID, str(source.AccessionNumber)):
+        assert identifier not in dump, identifier
