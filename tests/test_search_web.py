@@ -8,7 +8,9 @@ overlays must put red pixels on it. HTML asserts alone would pass a page whose i
 import io
 import json
 import shutil
+import signal
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -28,11 +30,17 @@ WADO_ROOT = "https://pacs.example.org/dicom-web"
 
 
 @pytest.fixture(scope="module")
-def served(tiny_models_root, tmp_path_factory):
+def indexed(tiny_models_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("study")
     files = write_demo_study(folder)
     url = f"sqlite:///{tmp_path_factory.mktemp('index') / 'index.db'}"
     assert main(["index", "-i", str(folder), "-m", str(tiny_models_root), "--store", url]) == 0
+    return url, files
+
+
+@pytest.fixture(scope="module")
+def served(indexed, tiny_models_root):
+    url, files = indexed
     with (
         open_store(url, cache_vectors=True) as store,
         MedSigLIPRunner(tiny_models_root / "medsiglip", device="cpu") as runner,
@@ -156,3 +164,38 @@ def test_page_renders_thumbnails_and_overlays_in_chromium(served, tmp_path):
         screenshot[..., 0].astype(int) - screenshot[..., 2].astype(int) > 60
     )
     assert red.sum() > 500, "the relevance overlays are not on the rendered page"
+
+
+def test_the_search_server_command_serves_stops_on_sigterm_and_refuses_a_busy_port(indexed, tiny_models_root):
+    url, _ = indexed
+    command = [
+        sys.executable,
+        "-m",
+        "medgemma_deploy",
+        "search-server",
+        "--store",
+        url,
+        "-m",
+        str(tiny_models_root),
+    ]
+    process = subprocess.Popen(
+        [*command, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = process.stdout.readline().strip()
+        assert line.startswith("serving http://127.0.0.1:"), process.stderr.read() if process.poll() else line
+        base = line.split()[1]
+        with urllib.request.urlopen(base + "/api/search?q=chest&top=2", timeout=60) as response:
+            assert len(json.loads(response.read())["hits"]) == 2
+        busy = subprocess.run(
+            [*command, "--port", base.rsplit(":", 1)[1]], capture_output=True, text=True, timeout=300
+        )
+        assert busy.returncode == 2
+        errors = [e for e in busy.stderr.splitlines() if e.startswith("medgemma-deploy: error:")]
+        assert len(errors) == 1 and "cannot listen" in errors[0]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -250,13 +251,26 @@ def run_server(args: argparse.Namespace) -> int:
     with open_store(settings.store, cache_vectors=True) as store:
         backend, model = _open_model(settings, args.models)
         with backend:
-            server = SearchServer(SearchService(store, model), args.host, args.port, wado_root=args.wado_root)
+            service = SearchService(store, model)
+            try:
+                server = SearchServer(service, args.host, args.port, wado_root=args.wado_root)
+            except OSError as exc:
+                raise UsageError(
+                    f"search-server: cannot listen on {args.host}:{args.port} ({exc.strerror})"
+                ) from exc
             # The tests and scripts read this line to find an ephemeral port.
             print(f"serving {server.url}", flush=True)
+            previous = signal.signal(signal.SIGTERM, _stop_serving)
             try:
                 server.serve_forever()
             except KeyboardInterrupt:
-                pass
+                logger.info("search-server stopping")
             finally:
+                signal.signal(signal.SIGTERM, previous)
                 server.stop()
     return 0
+
+
+def _stop_serving(signum: int, frame: object) -> None:
+    """SIGTERM (a container stop) ends ``serve_forever`` like Ctrl-C, so the store is closed cleanly."""
+    raise KeyboardInterrupt
