@@ -25,6 +25,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "medgemma_deploy.commands.worker",
     "medgemma_deploy.commands.listen",
     "medgemma_deploy.commands.jobs",
+    "medgemma_deploy.commands.search",
 )
 
 
@@ -122,6 +123,9 @@ def _add_classify_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also write each series' image embeddings as OUT/embeddings-<series>.npy",
     )
+    from medgemma_deploy.commands.search import add_index_arguments
+
+    add_index_arguments(parser)
 
 
 def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,6 +189,8 @@ def _run_pipeline(args: argparse.Namespace) -> int:
             "prompts": getattr(args, "prompts", None),
             "max_new_tokens": getattr(args, "max_new_tokens", None),
             "with_findings": getattr(args, "with_findings", None),
+            "index": getattr(args, "index", None),
+            "store": getattr(args, "store", None),
         }
     )
     check_input_path(args.input)
@@ -204,8 +210,17 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     else:
         engine = _report_engine(args, settings, classify_options)
     sink = None if args.command == "classify" or args.quiet_tokens else _TokenPrinter()
-    with engine:
-        results = engine.process(args.input, args.output, on_token=sink)
+    indexer = None
+    if settings.index:
+        from medgemma_deploy.search import SearchIndexer
+
+        indexer = engine.on_classified = SearchIndexer.open(settings.store)
+    try:
+        with engine:
+            results = engine.process(args.input, args.output, on_token=sink)
+    finally:
+        if indexer is not None:
+            indexer.close()
     if sink is not None:
         sink.finish()
     print(f"results: {args.output / 'results.json'}")

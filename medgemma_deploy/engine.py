@@ -30,7 +30,7 @@ from medgemma_deploy.operators.classify_pipeline import (
 )
 from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER
 from medgemma_deploy.operators.dicom_input import load_study_input
-from medgemma_deploy.operators.domain import LabelSet, Series
+from medgemma_deploy.operators.domain import LabelSet, Series, SeriesClassification
 from medgemma_deploy.operators.labels import load_label_sets
 from medgemma_deploy.operators.report_inputs import PromptBook
 from medgemma_deploy.operators.report_pipeline import (
@@ -119,6 +119,9 @@ class PipelineEngine:
         self.medsiglip = None
         self.medgemma = None
         self._remote = None
+        #: Called with each run's classifications and results before results.json is written
+        #: (the search index hooks in here); the frames' embeddings are kept for it.
+        self.on_classified: Callable[[list[SeriesClassification], RunResults], object] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> PipelineEngine:
@@ -206,6 +209,8 @@ class PipelineEngine:
         if result_version is not None:
             classify_options = dataclasses.replace(classify_options, result_version=result_version)
             report_options = dataclasses.replace(report_options, result_version=result_version)
+        if self.on_classified is not None:
+            classify_options = dataclasses.replace(classify_options, keep_embeddings=True)
         models = [runner.identity for runner in (self.medsiglip, self.medgemma) if runner is not None]
         results = RunResults(command=self.command, disclaimer=AI_DISCLAIMER, models=models)
         started = time.perf_counter()
@@ -222,6 +227,8 @@ class PipelineEngine:
                 results,
                 progress=_progress("classifying"),
             )
+            if self.on_classified is not None:
+                self.on_classified(classifications, results)
         if self.write_findings:
             segmentations = write_segmentations(classifications, output_dir, classify_options, results)
             parametric_maps = write_parametric_maps(classifications, output_dir, classify_options, results)

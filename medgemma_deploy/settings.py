@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ SETTINGS_TABLE: dict[str, tuple[str, Any]] = {
     "prompts": ("MEDGEMMA_DEPLOY_PROMPTS", None),
     "max_new_tokens": ("MEDGEMMA_DEPLOY_MAX_NEW_TOKENS", 512),
     "with_findings": ("MEDGEMMA_DEPLOY_WITH_FINDINGS", False),
+    "index": ("MEDGEMMA_DEPLOY_INDEX", False),
+    "store": ("MEDGEMMA_DEPLOY_STORE", "sqlite:///medgemma-index.db"),
 }
 CONFIG_ENV = "MEDGEMMA_DEPLOY_CONFIG"
 
@@ -54,6 +56,9 @@ class RunSettings:
     prompts: Path | None = None
     max_new_tokens: int = 512
     with_findings: bool = False
+    index: bool = False
+    # Not in the logged repr: a PostgreSQL URL may carry a password.
+    store: str = field(default="sqlite:///medgemma-index.db", repr=False)
 
 
 def resolve_settings(

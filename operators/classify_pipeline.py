@@ -60,6 +60,8 @@ class ClassifyOptions:
     write_embeddings: bool = False
     result_version: int = 1
     relevance_format: str = "both"
+    #: Keep each frame's embedding in the classification without writing it (the search index needs it).
+    keep_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.relevance_format not in RELEVANCE_FORMATS:
@@ -137,7 +139,7 @@ def classify_study_input(
                 series,
                 label_set,
                 relevance_top_k=options.relevance_top_k,
-                with_embeddings=options.write_embeddings,
+                with_embeddings=options.write_embeddings or options.keep_embeddings,
                 model=model,
             )
         except (InputError, ValueError) as exc:

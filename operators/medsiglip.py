@@ -301,6 +301,21 @@ class MedSigLIPRunner:
         )
         return embeddings
 
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """``(n_texts, embedding_dim)`` float32 L2-normalised text embeddings (free-text search queries).
+
+        Tokenised like the label-set prompts (padded to the model's length, no attention mask), so
+        a query lands in the same space as the prompts and the image embeddings.
+        """
+        model = self._loaded()
+        rows = [
+            self._encode_text(model, texts[start : start + self.max_batch_size])
+            for start in range(0, len(texts), self.max_batch_size)
+        ]
+        if not rows:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        return torch.cat(rows).cpu().numpy().astype(np.float32)
+
     # ---- images ---------------------------------------------------------------------------------
 
     def score(self, images: Sequence[np.ndarray], label_set: LabelSet) -> ImageScores:

@@ -155,6 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pipe.add_argument(
         "--destination", action="append", metavar="AET@HOST:PORT", help="C-STORE results here (repeatable)"
     )
+    from medgemma_deploy.commands.search import add_index_arguments
+
+    add_index_arguments(pipe)
     pipe.add_argument("--stow-url", metavar="URL", help="also/instead STOW-RS results to this DICOMweb root")
 
 
@@ -210,7 +213,9 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         )
     except ValueError as exc:
         raise UsageError(f"--destination/--max-attempts/--backoff-seconds: {exc}") from exc
-    settings = resolve_settings({"device": args.device, "labels": args.labels}, environ)
+    settings = resolve_settings(
+        {"device": args.device, "labels": args.labels, "index": args.index, "store": args.store}, environ
+    )
     retention = options["retention_hours"]
     return ListenerConfig(
         ae_title=options["ae_title"],
@@ -226,6 +231,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
             relevance_top_k=settings.relevance_top_k,
             relevance_format=settings.relevance_format,
             prompts_file=options["prompts"],
+            index_store=settings.store if settings.index else None,
         ),
         destinations=destinations,
         stow_url=options["stow_url"],

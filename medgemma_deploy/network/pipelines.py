@@ -51,6 +51,9 @@ class PipelineOptions:
     relevance_top_k: int = 3
     relevance_format: str = "both"
     prompts_file: Path | None = None
+    #: Search index URL: when set, every classified study is also indexed there (``--index``). Kept
+    #: out of the logged repr: a PostgreSQL URL may carry a password.
+    index_store: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -132,15 +135,24 @@ class EnginePipeline:
     :class:`~medgemma_deploy.operators.results.RunResults`; its DICOM outputs are what is delivered.
     """
 
-    def __init__(self, name: str, engine: Any) -> None:
+    def __init__(self, name: str, engine: Any, *, index_store: str | None = None) -> None:
         self.name = name
         self.engine = engine
+        self.index_store = index_store
+        self._indexer: Any = None
 
     def open(self) -> None:
+        if self.index_store is not None:
+            from medgemma_deploy.search import SearchIndexer
+
+            self._indexer = self.engine.on_classified = SearchIndexer.open(self.index_store)
         self.engine.open()
 
     def close(self) -> None:
         self.engine.close()
+        if self._indexer is not None:
+            self._indexer.close()
+            self._indexer = self.engine.on_classified = None
 
     def process(self, input_dir: Path, output_dir: Path, *, result_version: int) -> PipelineRun:
         results = self.engine.process(input_dir, output_dir, result_version=result_version)
@@ -201,7 +213,7 @@ def _classify_factory(options: PipelineOptions) -> Pipeline:
         ),
         **kwargs,
     )
-    return EnginePipeline("classify", engine)
+    return EnginePipeline("classify", engine, index_store=options.index_store)
 
 
 def _medgemma_factory(name: str, module_name: str, class_name: str) -> PipelineFactory:
@@ -225,7 +237,8 @@ def _medgemma_factory(name: str, module_name: str, class_name: str) -> PipelineF
             kwargs["classify_options"] = ClassifyOptions(
                 relevance_top_k=options.relevance_top_k, relevance_format=options.relevance_format
             )
-        return EnginePipeline(name, engine_class(options.models_path, **kwargs))
+        engine = engine_class(options.models_path, **kwargs)
+        return EnginePipeline(name, engine, index_store=options.index_store)
 
     return factory
 

@@ -1,0 +1,142 @@
+"""What the search index holds and returns: one row per indexed frame, filters, hits.
+
+A row carries the frame's MedSigLIP image embedding, the model that made it, the DICOM UIDs that
+locate the frame in the PACS (Study/Series/SOP Instance UID and frame number, enough for a WADO-RS
+``.../studies/{study}/series/{series}/instances/{sop}/frames/{frame}`` link), the attributes the
+filters need (modality, body part, study date) and the frame's findings probabilities. It never
+holds a patient name, patient ID or accession number: the UIDs link back to the PACS, which keeps
+those behind its own access control.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FindingFilter", "IndexRecord", "SearchFilters", "SearchHit", "parse_finding_filter"]
+
+_DATE = re.compile(r"^\d{8}$")
+_FINDING_FILTER = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9]*\.?[0-9]+)\s*$")
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """One indexed frame (see the module docstring for what is, and is not, stored).
+
+    Attributes
+    ----------
+    embedding:
+        float32 ``(dim,)``, L2-normalised (MedSigLIP's pooled image embedding).
+    study_date:
+        DICOM DA ``YYYYMMDD`` or None when the instance has none.
+    findings:
+        Finding key → this frame's probability, from the label set the series was classified with.
+    thumbnail, overlay:
+        Small PNGs for the results page: the frame as the model saw it, and the same frame with the
+        relevance map of ``overlay_finding`` blended over it (None when the series had no map).
+    """
+
+    embedding: np.ndarray
+    model_name: str
+    model_version: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    frame_number: int
+    modality: str
+    body_part: str | None = None
+    study_date: str | None = None
+    findings: dict[str, float] = field(default_factory=dict)
+    thumbnail: bytes | None = None
+    overlay: bytes | None = None
+    overlay_finding: str | None = None
+
+    def __post_init__(self) -> None:
+        embedding = np.asarray(self.embedding, dtype=np.float32)
+        if embedding.ndim != 1 or embedding.size == 0:
+            raise ValueError(
+                f"embedding of {self.sop_instance_uid} must be a non-empty vector, got {embedding.shape}"
+            )
+        if not np.all(np.isfinite(embedding)):
+            raise ValueError(f"embedding of {self.sop_instance_uid} holds NaN or infinite values")
+        object.__setattr__(self, "embedding", embedding)
+        if self.frame_number < 1:
+            raise ValueError(
+                f"frame_number of {self.sop_instance_uid} must be 1 or more, got {self.frame_number}"
+            )
+        if self.study_date is not None and not _DATE.match(self.study_date):
+            raise ValueError(
+                f"study_date of {self.sop_instance_uid} must be YYYYMMDD, got {self.study_date!r}"
+            )
+
+
+@dataclass(frozen=True)
+class FindingFilter:
+    """Keep frames whose probability of ``key`` is at least ``minimum``."""
+
+    key: str
+    minimum: float
+
+
+def parse_finding_filter(text: str) -> FindingFilter:
+    """``"pneumothorax>=0.5"`` → :class:`FindingFilter`; ValueError names the expected form."""
+    match = _FINDING_FILTER.match(text)
+    if match is None:
+        raise ValueError(f"finding filter {text!r} must look like KEY>=PROBABILITY, e.g. pneumothorax>=0.5")
+    minimum = float(match.group(2))
+    if not 0.0 <= minimum <= 1.0:
+        raise ValueError(f"finding filter {text!r}: the probability must be in [0, 1]")
+    return FindingFilter(match.group(1), minimum)
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """Restrictions applied before ranking. ``date_from``/``date_to`` are inclusive ``YYYYMMDD``."""
+
+    modality: str | None = None
+    body_part: str | None = None
+    date_from: str | None = None
+    date_to: str | None = None
+    findings: tuple[FindingFilter, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("date_from", "date_to"):
+            value = getattr(self, name)
+            if value is not None and not _DATE.match(value):
+                raise ValueError(f"{name} must be a DICOM date YYYYMMDD, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One result: where the frame is, how similar it is (cosine similarity in [-1, 1])."""
+
+    row_id: int
+    score: float
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    frame_number: int
+    modality: str
+    body_part: str | None
+    study_date: str | None
+    findings: dict[str, float]
+    has_overlay: bool
+    overlay_finding: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "row_id": self.row_id,
+            "score": round(self.score, 6),
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "sop_instance_uid": self.sop_instance_uid,
+            "frame_number": self.frame_number,
+            "modality": self.modality,
+            "body_part": self.body_part,
+            "study_date": self.study_date,
+            "findings": {key: round(value, 6) for key, value in self.findings.items()},
+            "overlay_finding": self.overlay_finding if self.has_overlay else None,
+        }
