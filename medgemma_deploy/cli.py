@@ -303,6 +303,14 @@ def _configure_logging(verbose: bool) -> Callable[[], None]:
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     package_logger.propagate = False
+    # Library warnings (pydicom's on every odd value) become log records, shown only with -v: raw on
+    # stderr they bury the one line per rejected input that matters, and they name no input.
+    warnings_logger = logging.getLogger("py.warnings")
+    saved_warnings = (warnings_logger.level, warnings_logger.propagate)
+    logging.captureWarnings(True)
+    warnings_logger.addHandler(handler)
+    warnings_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    warnings_logger.propagate = False
     # Third-party chatter (transformers' progress bars, highdicom) stays off unless asked for.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as transformers_logging
@@ -315,6 +323,10 @@ def _configure_logging(verbose: bool) -> Callable[[], None]:
         package_logger.removeHandler(handler)
         package_logger.setLevel(saved[0])
         package_logger.propagate = saved[1]
+        logging.captureWarnings(False)
+        warnings_logger.removeHandler(handler)
+        warnings_logger.setLevel(saved_warnings[0])
+        warnings_logger.propagate = saved_warnings[1]
 
     return restore
 

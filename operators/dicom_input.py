@@ -45,7 +45,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
+from pydicom import config, dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -254,7 +254,7 @@ def _record(
             except Exception:  # a damaged element: the rejection names the file instead
                 value = ""
             # Only a valid UID is worth repeating: an invalid one may be why the file was rejected.
-            if value and UID(value).is_valid:
+            if value and UID(value, validation_mode=config.IGNORE).is_valid:
                 uids[field] = value
     entry = Rejection(source=str(source), reason=" ".join(reason.split()), stage=stage, **uids)
     (result.rejected if kind == "rejected" else result.skipped).append(entry)
@@ -355,7 +355,7 @@ def _check_header(dataset: Dataset, path: Path) -> None:
         value = dataset.get(keyword)
         if value is None or (keyword == "FrameOfReferenceUID" and value == ""):
             continue
-        uid = UID(str(value).strip())
+        uid = UID(str(value).strip(), validation_mode=config.IGNORE)
         if not uid.is_valid:
             raise InputError(
                 path,

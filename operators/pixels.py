@@ -40,10 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space
 from pydicom.pixels.decoders.base import Decoder, get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, RLELossless
 
 from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.domain import ImageFrame
@@ -94,6 +95,11 @@ class _PluginFailureFilter(logging.Filter):
 _decoding = threading.local()
 logging.getLogger("pydicom.pixels.decoders.base").addFilter(_PluginFailureFilter())
 _OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+#: Decoding plugin per transfer syntax where the default one is unsafe on damaged data:
+#: pylibjpeg-rle panics (a Rust panic, a ``BaseException`` that prints a Rust backtrace straight to
+#: stderr) on an RLE segment that overruns its frame; pydicom's own RLE decoder raises a ValueError.
+_PREFERRED_PLUGINS = {RLELossless: "pydicom"}
 
 #: Largest Rows or Columns accepted; larger values are corrupt headers, not images.
 MAX_DIMENSION = 32768
@@ -405,7 +411,7 @@ def _transfer_syntax(dataset: Dataset, path: Path) -> UID:
         raise InputError(
             path, "missing (0002,0010) 'Transfer Syntax UID': the pixel data cannot be interpreted"
         )
-    transfer_syntax = UID(str(uid).strip())
+    transfer_syntax = UID(str(uid).strip(), validation_mode=config.IGNORE)
     if not transfer_syntax.is_valid or not transfer_syntax.is_transfer_syntax:
         raise InputError(
             path,
@@ -467,10 +473,13 @@ def _decoder_for(transfer_syntax: UID, path: Path) -> Decoder:
 def _decode_frame(
     dataset: Dataset, decoder: Decoder, transfer_syntax: UID, index: int, n_frames: int, path: Path
 ) -> tuple[np.ndarray, str]:
+    plugin = _PREFERRED_PLUGINS.get(transfer_syntax, "")
     _decoding.active = True
     try:
-        array, meta = decoder.as_array(dataset, index=index)
-    except Exception as exc:  # the plugins raise their own types; every one means "undecodable"
+        array, meta = decoder.as_array(dataset, index=index, decoding_plugin=plugin)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # plugins raise their own types, Rust panics included
         detail = _OBJECT_ADDRESS.sub("", " ".join(str(exc).split())) or type(exc).__name__
         raise InputError(
             path,
