@@ -204,6 +204,12 @@ def write_mutants(folder: Path, count: int, seed: int) -> list[Mutant]:
     it), so that valid survivors are distinct instances, and its own series, so that one mutant's
     fate never depends on another's.
     """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about each invalid value set: that is the point
+        return _write_mutants(folder, count, seed)
+
+
+def _write_mutants(folder: Path, count: int, seed: int) -> list[Mutant]:
     rng = random.Random(seed)
     sources = available_sources()
     if not sources:
