@@ -166,6 +166,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     from medgemma_deploy.classify_run import ClassifyEngine
     from medgemma_deploy.engine import check_input_path
     from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
+    from medgemma_deploy.operators.pixels import MemoryBudget
     from medgemma_deploy.settings import resolve_settings
 
     settings = resolve_settings(
@@ -181,8 +182,13 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         }
     )
     check_input_path(args.input)
+    budget = MemoryBudget(
+        max_frame_megapixels=settings.max_frame_megapixels,
+        max_series_frames=settings.max_series_frames,
+        max_series_decoded_bytes=settings.max_series_decoded_mib * 2**20,
+    )
     classify_options = ClassifyOptions(
-        relevance_top_k=settings.relevance_top_k, write_embeddings=settings.write_embeddings
+        relevance_top_k=settings.relevance_top_k, write_embeddings=settings.write_embeddings, budget=budget
     )
     if args.command == "classify":
         engine = ClassifyEngine(

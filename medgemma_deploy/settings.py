@@ -33,6 +33,10 @@ SETTINGS_TABLE: dict[str, tuple[str, Any]] = {
     "prompts": ("MEDGEMMA_DEPLOY_PROMPTS", None),
     "max_new_tokens": ("MEDGEMMA_DEPLOY_MAX_NEW_TOKENS", 512),
     "with_findings": ("MEDGEMMA_DEPLOY_WITH_FINDINGS", False),
+    # The memory budget (operators/pixels.py MemoryBudget), checked from headers before any decode.
+    "max_frame_megapixels": ("MEDGEMMA_DEPLOY_MAX_FRAME_MEGAPIXELS", 20),
+    "max_series_frames": ("MEDGEMMA_DEPLOY_MAX_SERIES_FRAMES", 2000),
+    "max_series_decoded_mib": ("MEDGEMMA_DEPLOY_MAX_SERIES_DECODED_MIB", 160),
 }
 CONFIG_ENV = "MEDGEMMA_DEPLOY_CONFIG"
 
@@ -52,6 +56,9 @@ class RunSettings:
     prompts: Path | None = None
     max_new_tokens: int = 512
     with_findings: bool = False
+    max_frame_megapixels: int = 20
+    max_series_frames: int = 2000
+    max_series_decoded_mib: int = 160
 
 
 def resolve_settings(
@@ -92,6 +99,9 @@ def resolve_settings(
         raise UsageError(f"relevance_top_k must be >= 0, got {settings.relevance_top_k}")
     if settings.max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
+    for name in ("max_frame_megapixels", "max_series_frames", "max_series_decoded_mib"):
+        if getattr(settings, name) < 1:
+            raise UsageError(f"{name} must be >= 1, got {getattr(settings, name)}")
     logger.debug("settings: %s", settings)
     return settings
 

@@ -28,6 +28,7 @@ from medgemma_deploy.operators.domain import (
 )
 from medgemma_deploy.operators.labels import select_label_set
 from medgemma_deploy.operators.outputs import save_dicom
+from medgemma_deploy.operators.pixels import MemoryBudget
 from medgemma_deploy.operators.results import RunResults, WrittenObject
 from medgemma_deploy.operators.seg_writer import build_relevance_segmentations
 from medgemma_deploy.operators.sr_writer import build_findings_sr
@@ -52,6 +53,8 @@ class ClassifyOptions:
     relevance_top_k: int = 3
     write_embeddings: bool = False
     result_version: int = 1
+    #: Memory limits checked from the headers before any pixel is decoded.
+    budget: MemoryBudget = field(default_factory=MemoryBudget)
 
 
 @dataclass
