@@ -307,3 +307,44 @@ def test_cli_stderr_has_only_log_lines_for_hostile_inputs(ct, tiny_models_root, 
     ]
     assert raw == []
     assert completed.stderr.count("WARNING rejected") == 3
+
+
+# Finding 2 (isolation): any exception in one series' step rejects that series; a worker outage stops.
+def test_a_failing_step_rejects_its_series_only_and_a_service_error_propagates(ct, tmp_path):
+    from medgemma_deploy.errors import ServiceError
+    from medgemma_deploy.operators.domain import ImageFrame
+    from medgemma_deploy.operators.results import RunResults
+
+    path = tmp_path / "slice.dcm"
+    frame = ImageFrame(path, ct, 1, np.zeros((2, 2), np.float32), np.zeros((2, 2), np.float32), "test")
+    series = Series(str(ct.StudyInstanceUID), str(ct.SeriesInstanceUID), "CT", None, [frame])
+    results = RunResults(command="classify", disclaimer="test")
+
+    def broken() -> None:
+        raise KeyError("1.2.826.0.1.3680043.9.9999.77")
+
+    assert results.isolated(series, "seg", broken) is None
+    [rejection] = results.rejected
+    assert rejection.source == str(path) and rejection.stage == "seg" and "KeyError" in rejection.reason
+    assert results.isolated(series, "sr", lambda: "written") == "written"
+
+    def outage() -> None:
+        raise ServiceError("worker grpc://127.0.0.1:1: UNAVAILABLE")
+
+    with pytest.raises(ServiceError):
+        results.isolated(series, "classify", outage)
+    assert len(results.rejected) == 1
+
+
+# Finding 8 (sanitising): the derivation copy holds no control characters and no invalid Type 2 value.
+def test_derivation_copies_drop_control_characters_and_invalid_inherited_values(ct):
+    from medgemma_deploy.operators.dicom_common import prepare_sources
+
+    source = copy.deepcopy(ct)
+    source.PatientName = "AB\x00CD^E\x07F"
+    source.StudyDate = "20241399"  # no such month
+    source.AccessionNumber = "A" * 40  # SH allows 16 characters
+    [prepared] = prepare_sources([source])
+    assert str(prepared.PatientName) == "ABCD^EF"
+    assert prepared.StudyDate in (None, "") and prepared.AccessionNumber in (None, "")
+    assert str(source.PatientName) == "AB\x00CD^E\x07F"  # the caller's dataset is untouched
