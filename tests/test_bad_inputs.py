@@ -31,6 +31,12 @@ from medgemma_deploy.operators.results import series_rejection
 from tests.conftest import read_testdata
 from tests.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
 
+# The tests set invalid values on purpose; pydicom's warning about each one is expected here.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning"),
+    pytest.mark.filterwarnings("ignore:The value length:UserWarning"),
+]
+
 
 def _fresh(dataset: pydicom.Dataset, label: str) -> pydicom.Dataset:
     """A copy with its own SOP Instance and Series UIDs (so it never joins the good slice's series)."""

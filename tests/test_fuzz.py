@@ -7,7 +7,8 @@ process so that its peak RSS can be measured, must:
 * exit 0 or 3 (never 1), with no traceback on stderr and no raw warning lines;
 * write ``results.json`` accounting for every input file (in a series, rejected or skipped);
 * process the good neighbours (their series written, not rejected);
-* peak under the memory target: 2.5 GB above a run of the good files alone (the loaded models).
+* peak under the memory target: 2.5 GB above a run of the good files alone (the loaded models);
+* write only SR and SEG objects that pass dciodvfy with no error (when dciodvfy is installed).
 
 The totals are printed (``pytest -s``) so they can be quoted: inputs, runs, tracebacks, peak RSS.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.dciodvfy import DCIODVFY, run_dciodvfy
 from tests.fuzz_support import available_sources, good_copy, write_mutants
 
 #: Mutated inputs in all, and per classify run.
@@ -94,7 +96,7 @@ def test_every_fuzz_run_exits_cleanly_accounts_for_every_input_and_stays_in_budg
     code, stderr, baseline_rss = _classify(baseline_folder, tmp_path / "good-out", tiny_models_root)
     assert code == 0, stderr
 
-    tracebacks, peak_rss, n_inputs, failures = 0, 0, 0, []
+    tracebacks, peak_rss, n_inputs, n_validated, failures = 0, 0, 0, 0, []
     for folder, files in fuzz_folders:
         out = tmp_path / f"out-{folder.name}"
         code, stderr, rss = _classify(folder, out, tiny_models_root)
@@ -113,6 +115,13 @@ def test_every_fuzz_run_exits_cleanly_accounts_for_every_input_and_stays_in_budg
         missing = {str(f) for f in files} - _accounted(results)
         if missing:
             failures.append(f"{folder.name}: not in results.json: {sorted(missing)[:5]}")
+        if DCIODVFY is not None:  # nothing invalid in an input may reach an output
+            for output in results["outputs"]:
+                if output["kind"] in ("SR", "SEG"):
+                    n_validated += 1
+                    errors = run_dciodvfy(out / output["path"])
+                    if errors:
+                        failures.append(f"{folder.name}: {output['path']} fails dciodvfy: {errors[:3]}")
         rejected = {entry["source"] for entry in results["rejected"]}
         for good in files[-len(GOOD_NEIGHBOURS) :]:
             if str(good) in rejected:
@@ -120,7 +129,7 @@ def test_every_fuzz_run_exits_cleanly_accounts_for_every_input_and_stays_in_budg
     print(
         f"\nfuzz totals: {n_inputs} inputs ({N_INPUTS} mutated, seed {SEED}) in {len(fuzz_folders)} runs, "
         f"{tracebacks} tracebacks, peak RSS {peak_rss / 1e9:.2f} GB "
-        f"(good files alone: {baseline_rss / 1e9:.2f} GB)"
+        f"(good files alone: {baseline_rss / 1e9:.2f} GB), {n_validated} SR/SEG outputs through dciodvfy"
     )
     assert not failures, "\n".join(failures)
     assert peak_rss - baseline_rss <= RSS_HEADROOM_BYTES, (
