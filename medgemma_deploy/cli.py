@@ -176,6 +176,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     from medgemma_deploy.classify_run import ClassifyEngine
     from medgemma_deploy.engine import check_input_path
     from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
+    from medgemma_deploy.operators.pixels import MemoryBudget
     from medgemma_deploy.settings import resolve_settings
 
     settings = resolve_settings(
@@ -194,10 +195,16 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         }
     )
     check_input_path(args.input)
+    budget = MemoryBudget(
+        max_frame_megapixels=settings.max_frame_megapixels,
+        max_series_frames=settings.max_series_frames,
+        max_series_decoded_bytes=settings.max_series_decoded_mib * 2**20,
+    )
     classify_options = ClassifyOptions(
         relevance_top_k=settings.relevance_top_k,
         write_embeddings=settings.write_embeddings,
         relevance_format=settings.relevance_format,
+        budget=budget,
     )
     if args.command == "classify":
         engine = ClassifyEngine(
@@ -327,6 +334,14 @@ def _configure_logging(verbose: bool) -> Callable[[], None]:
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     package_logger.propagate = False
+    # Library warnings (pydicom's on every odd value) become log records, shown only with -v: raw on
+    # stderr they bury the one line per rejected input that matters, and they name no input.
+    warnings_logger = logging.getLogger("py.warnings")
+    saved_warnings = (warnings_logger.level, warnings_logger.propagate)
+    logging.captureWarnings(True)
+    warnings_logger.addHandler(handler)
+    warnings_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    warnings_logger.propagate = False
     # Third-party chatter (transformers' progress bars, highdicom) stays off unless asked for.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as transformers_logging
@@ -339,6 +354,10 @@ def _configure_logging(verbose: bool) -> Callable[[], None]:
         package_logger.removeHandler(handler)
         package_logger.setLevel(saved[0])
         package_logger.propagate = saved[1]
+        logging.captureWarnings(False)
+        warnings_logger.removeHandler(handler)
+        warnings_logger.setLevel(saved_warnings[0])
+        warnings_logger.propagate = saved_warnings[1]
 
     return restore
 

@@ -214,7 +214,7 @@ class PipelineEngine:
         models = [runner.identity for runner in (self.medsiglip, self.medgemma) if runner is not None]
         results = RunResults(command=self.command, disclaimer=AI_DISCLAIMER, models=models)
         started = time.perf_counter()
-        study_input = load_study_input(input_path, progress=_file_progress)
+        study_input = load_study_input(input_path, progress=_file_progress, budget=classify_options.budget)
         record_input(study_input, results)
         classifications = []
         if self.medsiglip is not None:

@@ -2,11 +2,16 @@
 
 An :class:`InputError` is about one input (a file or an instance): it carries the path and a
 pydicom-style reason (what was found, what is allowed, the likely cause) and never patient values.
-Cores collect them per file so the rest of a study is still processed.
+Cores collect them per file so the rest of a study is still processed. A :class:`ServiceError` is
+the opposite: a failure of something the run depends on, which no input caused.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -33,3 +38,32 @@ class UsageError(Exception):
 
 class ModelLoadError(UsageError):
     """A model directory is missing, incomplete or not of the expected architecture."""
+
+
+class ServiceError(RuntimeError):
+    """A service the run depends on failed (a model worker, its transport): not the input's fault.
+
+    Per-input isolation rejects an input for anything else that goes wrong with it; this one stops
+    the run instead, so that the caller (the listener) retries the whole job later rather than
+    recording good inputs as rejected.
+    """
+
+
+def describe_exception(error: BaseException) -> str:
+    """``Type: message`` on one line (the message's whitespace collapsed), for a rejection reason."""
+    detail = " ".join(str(error).split())
+    return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+
+
+@contextmanager
+def warnings_logged(logger: logging.Logger, source: str | Path) -> Iterator[None]:
+    """Send the warnings raised inside the block to ``logger`` at DEBUG, naming ``source``.
+
+    pydicom and highdicom warn about every odd value they meet; raw on stderr those lines drown the
+    one line per rejected input that matters, and they do not say which input they are about.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        logger.debug("%s: %s: %s", source, warning.category.__name__, " ".join(str(warning.message).split()))

@@ -36,6 +36,10 @@ SETTINGS_TABLE: dict[str, tuple[str, Any]] = {
     "with_findings": ("MEDGEMMA_DEPLOY_WITH_FINDINGS", False),
     "index": ("MEDGEMMA_DEPLOY_INDEX", False),
     "store": ("MEDGEMMA_DEPLOY_STORE", "sqlite:///medgemma-index.db"),
+    # The memory budget (operators/pixels.py MemoryBudget), checked from headers before any decode.
+    "max_frame_megapixels": ("MEDGEMMA_DEPLOY_MAX_FRAME_MEGAPIXELS", 20),
+    "max_series_frames": ("MEDGEMMA_DEPLOY_MAX_SERIES_FRAMES", 2000),
+    "max_series_decoded_mib": ("MEDGEMMA_DEPLOY_MAX_SERIES_DECODED_MIB", 160),
 }
 CONFIG_ENV = "MEDGEMMA_DEPLOY_CONFIG"
 
@@ -59,6 +63,9 @@ class RunSettings:
     index: bool = False
     # Not in the logged repr: a PostgreSQL URL may carry a password.
     store: str = field(default="sqlite:///medgemma-index.db", repr=False)
+    max_frame_megapixels: int = 20
+    max_series_frames: int = 2000
+    max_series_decoded_mib: int = 160
 
 
 def resolve_settings(
@@ -101,6 +108,9 @@ def resolve_settings(
         raise UsageError(f"relevance_format must be seg, pmap or both, got {settings.relevance_format!r}")
     if settings.max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
+    for name in ("max_frame_megapixels", "max_series_frames", "max_series_decoded_mib"):
+        if getattr(settings, name) < 1:
+            raise UsageError(f"{name} must be >= 1, got {getattr(settings, name)}")
     logger.debug("settings: %s", settings)
     return settings
 

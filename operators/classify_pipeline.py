@@ -1,8 +1,9 @@
 """The classification pipeline as plain steps: study input → findings → SEG + SR files.
 
 Each step is one function over the domain types, so the MONAI Deploy operators (one step per
-operator), the CLI (all steps in a row) and the listener (later) run the very same code. A failure
-in one series is recorded as a rejection with the reason, and the other series go on.
+operator), the CLI (all steps in a row) and the listener (later) run the very same code. Any failure
+in one series, at any step, is recorded as a rejection naming its files and the reason
+(:meth:`RunResults.isolated`), and the other series go on.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from highdicom.pm import ParametricMap
 from highdicom.seg import Segmentation
 
-from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.classification import ImageScorer, classify_series
 from medgemma_deploy.operators.domain import (
     AlgorithmInfo,
@@ -28,6 +29,7 @@ from medgemma_deploy.operators.domain import (
 )
 from medgemma_deploy.operators.labels import select_label_set
 from medgemma_deploy.operators.outputs import save_dicom
+from medgemma_deploy.operators.pixels import MemoryBudget
 from medgemma_deploy.operators.pmap_writer import NoPatientGeometryError, build_relevance_parametric_maps
 from medgemma_deploy.operators.results import RunResults, WrittenObject, series_rejection
 from medgemma_deploy.operators.seg_writer import build_relevance_segmentations
@@ -60,6 +62,8 @@ class ClassifyOptions:
     write_embeddings: bool = False
     result_version: int = 1
     relevance_format: str = "both"
+    #: Memory limits checked from the headers before any pixel is decoded.
+    budget: MemoryBudget = field(default_factory=MemoryBudget)
     #: Keep each frame's embedding in the classification without writing it (the search index needs it).
     keep_embeddings: bool = False
 
@@ -132,20 +136,11 @@ def classify_study_input(
     for index, series in enumerate(all_series):
         if progress is not None:
             progress(index, len(all_series), series)
-        try:
-            label_set = select_label_set(label_sets, series.modality, series.body_part_examined)
-            classification = classify_series(
-                scorer,
-                series,
-                label_set,
-                relevance_top_k=options.relevance_top_k,
-                with_embeddings=options.write_embeddings or options.keep_embeddings,
-                model=model,
-            )
-        except (InputError, ValueError) as exc:
-            results.reject(series_rejection(series, "classify", exc))
-            continue
-        classifications.append(classification)
+        classification = results.isolated(
+            series, "classify", partial(_classify, scorer, series, model, label_sets, options)
+        )
+        if classification is not None:
+            classifications.append(classification)
     return classifications
 
 
@@ -168,16 +163,13 @@ def write_segmentations(
         if not classification.relevance_maps:
             continue
         algorithm = algorithm_for(classification.model, classification.label_set, options)
-        try:
-            segmentations = build_relevance_segmentations(
-                classification, algorithm, result_version=options.result_version
-            )
-        except (InputError, ValueError) as exc:
-            results.reject(series_rejection(series, "seg", exc))
-            continue
-        by_series[series.series_instance_uid] = segmentations
-        for segmentation in segmentations:
-            results.outputs.append(save_dicom(segmentation, out_dir, "SEG", series.series_instance_uid))
+
+        outcome = results.isolated(
+            series, "seg", partial(_write_segmentations, classification, algorithm, options, out_dir)
+        )
+        if outcome is not None:
+            by_series[series.series_instance_uid] = outcome[0]
+            results.outputs.extend(outcome[1])
     return by_series
 
 
@@ -203,24 +195,22 @@ def write_parametric_maps(
             continue
         algorithm = algorithm_for(classification.model, classification.label_set, options)
         try:
-            maps = build_relevance_parametric_maps(
-                classification, algorithm, result_version=options.result_version
+            outcome = results.isolated(
+                series,
+                "pmap",
+                partial(_write_parametric_maps, classification, algorithm, options, out_dir),
+                passthrough=(NoPatientGeometryError,),
             )
         except NoPatientGeometryError as exc:
+            # Not a failure of the series: its images cannot carry this object (named in results).
             if options.writes_seg:
                 results.skip(series_rejection(series, "pmap", exc))
             else:
                 results.reject(series_rejection(series, "pmap", exc))
             continue
-        except (InputError, ValueError) as exc:
-            results.reject(series_rejection(series, "pmap", exc))
-            continue
-        by_series[series.series_instance_uid] = maps
-        for instances in maps.values():
-            for parametric_map in instances:
-                results.outputs.append(
-                    save_dicom(parametric_map, out_dir, "PMAP", series.series_instance_uid)
-                )
+        if outcome is not None:
+            by_series[series.series_instance_uid] = outcome[0]
+            results.outputs.extend(outcome[1])
     return by_series
 
 
@@ -237,18 +227,21 @@ def write_findings_reports(
     for classification in classifications:
         series = classification.series
         algorithm = algorithm_for(classification.model, classification.label_set, options)
-        try:
-            report = build_findings_sr(
+        written = results.isolated(
+            series,
+            "sr",
+            partial(
+                _write_findings_sr,
                 classification,
+                segmentations,
+                parametric_maps,
                 algorithm,
-                segmentations=segmentations.get(series.series_instance_uid, ()),
-                parametric_maps=parametric_maps.get(series.series_instance_uid),
-                result_version=options.result_version,
-            )
-        except (InputError, ValueError) as exc:
-            results.reject(series_rejection(series, "sr", exc))
-        else:
-            results.outputs.append(save_dicom(report, out_dir, "SR", series.series_instance_uid))
+                options,
+                out_dir,
+            ),
+        )
+        if written is not None:
+            results.outputs.append(written)
         embeddings_file = None
         if options.write_embeddings and classification.embeddings is not None:
             embeddings_file = out_dir / f"embeddings-{series.series_instance_uid}.npy"
@@ -262,3 +255,63 @@ def write_findings_reports(
                 )
             )
         results.add_classification(classification, embeddings_file)
+
+
+def _classify(
+    scorer: ImageScorer,
+    series: Series,
+    model: ModelIdentity,
+    label_sets: Sequence[LabelSet],
+    options: ClassifyOptions,
+) -> SeriesClassification:
+    label_set = select_label_set(label_sets, series.modality, series.body_part_examined)
+    return classify_series(
+        scorer,
+        series,
+        label_set,
+        relevance_top_k=options.relevance_top_k,
+        with_embeddings=options.write_embeddings or options.keep_embeddings,
+        model=model,
+    )
+
+
+def _write_segmentations(
+    classification: SeriesClassification, algorithm: AlgorithmInfo, options: ClassifyOptions, out_dir: Path
+) -> tuple[list[Segmentation], list[WrittenObject]]:
+    segmentations = build_relevance_segmentations(
+        classification, algorithm, result_version=options.result_version
+    )
+    series_uid = classification.series.series_instance_uid
+    return segmentations, [save_dicom(seg, out_dir, "SEG", series_uid) for seg in segmentations]
+
+
+def _write_parametric_maps(
+    classification: SeriesClassification, algorithm: AlgorithmInfo, options: ClassifyOptions, out_dir: Path
+) -> tuple[dict[str, list[ParametricMap]], list[WrittenObject]]:
+    maps = build_relevance_parametric_maps(classification, algorithm, result_version=options.result_version)
+    series_uid = classification.series.series_instance_uid
+    written = [
+        save_dicom(parametric_map, out_dir, "PMAP", series_uid)
+        for instances in maps.values()
+        for parametric_map in instances
+    ]
+    return maps, written
+
+
+def _write_findings_sr(
+    classification: SeriesClassification,
+    segmentations: Mapping[str, Sequence[Segmentation]],
+    parametric_maps: Mapping[str, Mapping[str, Sequence[ParametricMap]]],
+    algorithm: AlgorithmInfo,
+    options: ClassifyOptions,
+    out_dir: Path,
+) -> WrittenObject:
+    series_uid = classification.series.series_instance_uid
+    report = build_findings_sr(
+        classification,
+        algorithm,
+        segmentations=segmentations.get(series_uid, ()),
+        parametric_maps=parametric_maps.get(series_uid),
+        result_version=options.result_version,
+    )
+    return save_dicom(report, out_dir, "SR", series_uid)

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import highdicom.sr
+from pydicom import config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
+from pydicom.valuerep import validate_value
 
 from medgemma_deploy.operators.domain import AlgorithmInfo, Code, ModelIdentity
 
@@ -139,6 +143,8 @@ def prepare_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
     The caller's datasets are never modified. Each copy:
 
     * has no pixel data (derivation needs only the metadata);
+    * has no control characters in any string value (a NUL in Patient's Name, say), and an
+      inherited Type 2 Patient/Study value that breaks its VR's rules is emptied (unknown);
     * drops ``PixelSpacing``/``ImagerPixelSpacing``/``NominalScannedPixelSpacing`` when the value
       is not two positive numbers (e.g. ``0\\0`` on a CR): highdicom would copy the zeros into
       the SEG's pixel measures, and a spacing is never invented;
@@ -293,8 +299,14 @@ def _fixed_copy(dataset: Dataset) -> Dataset:
             logger.debug("%s: dropping %s %r from the derivation copy", sop_instance_uid, keyword,
                          fixed[keyword].value)
             del fixed[keyword]
+    _strip_control_characters(fixed, sop_instance_uid)
     for keyword in _TYPE2_INHERITED:
         if keyword not in fixed:
+            setattr(fixed, keyword, None)
+        elif not _is_valid_value(fixed[keyword]):
+            # A value the source got wrong (a date "20241301", a 70-character Accession Number) would
+            # make every derived object fail validation; Type 2 allows empty, which means unknown.
+            logger.debug("%s: invalid %s emptied for derivation", sop_instance_uid, keyword)
             setattr(fixed, keyword, None)
     raw_sex = str(fixed.PatientSex or "")
     sex = raw_sex.strip().upper()
@@ -313,6 +325,52 @@ def _fixed_copy(dataset: Dataset) -> Dataset:
     return fixed
 
 
+def _strip_control_characters(dataset: Dataset, sop_instance_uid: str) -> None:
+    """Remove control characters (NUL, BEL…) from every string value, nested ones included.
+
+    PS3.5 6.1.3 allows only ESC (character set switching) in short strings, plus CR, LF, FF and TAB
+    in texts (LT, ST, UT); a NUL in Patient's Name would be copied into every derived object and
+    fail validation. Only the derivation copy is changed; patient values are never logged.
+    """
+    for element in dataset:
+        if element.VR == "SQ":
+            for item in element.value:
+                _strip_control_characters(item, sop_instance_uid)
+            continue
+        allowed = _TEXT_CONTROL_CHARACTERS if element.VR in ("LT", "ST", "UT") else _ESCAPE
+        if element.VR not in _STRING_VRS or element.value is None:
+            continue
+        values = element.value if element.VM > 1 else [element.value]
+        cleaned = [_without_controls(str(value), allowed) for value in values]
+        if cleaned != [str(value) for value in values]:
+            logger.debug("%s: control characters removed from %s", sop_instance_uid, element.tag)
+            element.value = cleaned if element.VM > 1 else cleaned[0]
+
+
+_STRING_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT"}
+)
+_ESCAPE = frozenset("\x1b")
+_TEXT_CONTROL_CHARACTERS = frozenset("\x1b\r\n\f\t")
+
+
+def _without_controls(text: str, allowed: frozenset[str]) -> str:
+    return "".join(ch for ch in text if ch in allowed or not (ord(ch) < 0x20 or ord(ch) == 0x7F))
+
+
+def _is_valid_value(element: DataElement) -> bool:
+    """Whether pydicom's value rules for the element's VR (length, characters, format) accept it."""
+    if element.value in (None, ""):
+        return True
+    values = element.value if element.VM > 1 else [element.value]
+    try:
+        for value in values:
+            validate_value(element.VR, value, config.RAISE)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def _is_positive_pair(value: object) -> bool:
     if value is None or isinstance(value, (str, bytes)):
         return False
@@ -320,7 +378,7 @@ def _is_positive_pair(value: object) -> bool:
         numbers = [float(item) for item in value]  # type: ignore[union-attr]
     except (TypeError, ValueError):
         return False
-    return len(numbers) == 2 and all(number > 0 for number in numbers)
+    return len(numbers) == 2 and all(0 < number < math.inf for number in numbers)
 
 
 def _check_algorithm_info(info: AlgorithmInfo) -> None:

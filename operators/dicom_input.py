@@ -12,7 +12,13 @@ Rules, in the order they are applied:
   file in sorted order is kept.
 * **SOP class** (stage ``sop-class``). Image storage classes are used; SR, PR, KO, SEG, RT Dose and
   every other known non-image class are skipped even when they carry pixel data. An unknown
-  (private) SOP class is used when it has pixel data.
+  (private) SOP class, or a retired image class that highdicom cannot derive objects from, is
+  skipped as unsupported: every output must name its source's SOP class and IOD.
+* **Header** (stage ``header``), before any pixel is decoded: every element must parse (a byte
+  flip can give an unknown VR); Study, Series, SOP Instance and Frame of Reference UIDs must be
+  valid UIDs (PS3.5 9.1), because every output references them; Image Orientation (Patient) must
+  be two non-zero, non-parallel direction vectors; and the Image Pixel module must fit the memory
+  budget (:class:`~medgemma_deploy.operators.pixels.MemoryBudget`).
 * **Pixels** (stage ``pixels``). :func:`~medgemma_deploy.operators.pixels.render_frames`; an image
   whose pixel data is missing, absurd or undecodable is rejected.
 * **Series** (stage ``series``). Instances are grouped by Study then Series Instance UID. Within a
@@ -24,7 +30,9 @@ Rules, in the order they are applied:
   Every frame of every instance becomes one :class:`ImageFrame` (a multi-image CR/DX series gives one
   frame per image).
 
-Each rejection or skip is also logged on this module's logger at WARNING, one line each.
+Each rejection or skip is also logged on this module's logger at WARNING, one line each. An
+unexpected exception while reading one file rejects that file (never the run), and the warnings
+pydicom raises while reading go to this module's logger instead of stderr.
 """
 
 from __future__ import annotations
@@ -33,18 +41,19 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
+from pydicom import config, dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, UID_dictionary
 
-from medgemma_deploy.errors import InputError, UsageError
+from medgemma_deploy.errors import InputError, UsageError, describe_exception, warnings_logged
 from medgemma_deploy.operators.domain import ImageFrame, Rejection, Series, Study, StudyInput
-from medgemma_deploy.operators.pixels import PIXEL_DATA_KEYWORDS, render_frames
+from medgemma_deploy.operators.pixels import MemoryBudget, check_pixel_module, render_frames
 
 __all__ = ["TOMOGRAPHIC_MODALITIES", "is_image_sop_class", "load_study_input"]
 
@@ -88,7 +97,12 @@ def is_image_sop_class(sop_class_uid: str) -> bool:
     return uid in UID_dictionary and "Image Storage" in UID(uid).name
 
 
-def load_study_input(path: str | Path, *, progress: Callable[[int, int], None] | None = None) -> StudyInput:
+def load_study_input(
+    path: str | Path,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    budget: MemoryBudget | None = None,
+) -> StudyInput:
     """Read every DICOM file under ``path`` into studies and series of display-ready frames.
 
     Parameters
@@ -97,6 +111,9 @@ def load_study_input(path: str | Path, *, progress: Callable[[int, int], None] |
         A DICOM file, or a folder searched recursively (see the module docstring for the rules).
     progress:
         Called as ``progress(done, total)`` after each file is read and rendered.
+    budget:
+        Memory limits, checked from the headers before anything is decoded (default:
+        :class:`~medgemma_deploy.operators.pixels.MemoryBudget`()).
 
     Returns
     -------
@@ -112,18 +129,114 @@ def load_study_input(path: str | Path, *, progress: Callable[[int, int], None] |
     root = Path(path)
     if not root.exists():
         raise UsageError(f"input path {root} does not exist")
+    budget = budget or MemoryBudget()
     result = StudyInput(studies=[])
     files = _discover(root, result) if root.is_dir() else [root]
-    instances: list[_Instance] = []
     first_copy: dict[str, Path] = {}
-    for done, file in enumerate(files, start=1):
-        instance = _load_instance(file, result, first_copy)
-        if instance is not None:
-            instances.append(instance)
+    # Pass 1: headers only, so that a series beyond the memory budget is refused before any decode.
+    headers = [_read_header(file, result, first_copy, budget) for file in files]
+    _check_series_budget([h for h in headers if h is not None], budget, result)
+    instances: list[_Instance] = []
+    for done, header in enumerate(headers, start=1):
+        if header is not None and not header.refused:
+            instance = _render_instance(header, result, budget)
+            if instance is not None:
+                instances.append(instance)
         if progress is not None:
             progress(done, len(files))
     result.studies = _group(instances, result)
     return result
+
+
+@dataclass
+class _Header:
+    """A file whose header passed every check; its pixels are not decoded yet."""
+
+    path: Path
+    dataset: Dataset
+    n_frames: int
+    decoded_bytes: int
+    refused: bool = False
+
+
+def _read_header(
+    path: Path, result: StudyInput, first_copy: dict[str, Path], budget: MemoryBudget
+) -> _Header | None:
+    """Read and check one file without decoding pixels; ``None`` when it is rejected or skipped."""
+    dataset = None
+    stage = "read"
+    try:
+        with warnings_logged(logger, path):
+            dataset = _read_dataset(path)
+            _check_usable(dataset, path, first_copy)
+            stage = "header"
+            _check_header(dataset, path)
+            stage = "pixels"
+            n_frames = check_pixel_module(dataset, path, budget)
+    except InputError as exc:
+        _record(result, "rejected", path, exc.reason, stage, dataset)
+        return None
+    except _NotUsedError as exc:
+        _record(result, exc.kind, path, exc.reason, exc.stage, dataset)
+        return None
+    except Exception as exc:  # one damaged file must never stop the run: reject it, name the cause
+        _record(result, "rejected", path, f"unexpected error: {describe_exception(exc)}", stage, dataset)
+        return None
+    rows, columns, samples = int(dataset.Rows), int(dataset.Columns), int(dataset.SamplesPerPixel)
+    decoded = budget.decoded_bytes(rows, columns, samples, n_frames)
+    return _Header(path=path, dataset=dataset, n_frames=n_frames, decoded_bytes=decoded)
+
+
+def _check_series_budget(headers: list[_Header], budget: MemoryBudget, result: StudyInput) -> None:
+    """Refuse every file of a series whose frames together exceed the budget, naming the limit."""
+    by_series: dict[tuple[str, str], list[_Header]] = {}
+    for header in headers:
+        key = (_text(header.dataset, "StudyInstanceUID"), _text(header.dataset, "SeriesInstanceUID"))
+        by_series.setdefault(key, []).append(header)
+    for (_, series_uid), members in by_series.items():
+        frames = sum(h.n_frames for h in members)
+        decoded = sum(h.decoded_bytes for h in members)
+        reason = None
+        if frames > budget.max_series_frames:
+            reason = (
+                f"series {series_uid} has {frames} frames in {len(members)} file(s), beyond the memory "
+                f"budget of {budget.max_series_frames} frames per series (max_series_frames)"
+            )
+        elif decoded > budget.max_series_decoded_bytes:
+            reason = (
+                f"series {series_uid} takes {decoded / 2**20:.0f} MiB decoded in {len(members)} file(s), "
+                f"beyond the memory budget of {budget.max_series_decoded_bytes / 2**20:.0f} MiB per series "
+                "(max_series_decoded_bytes)"
+            )
+        if reason is None:
+            continue
+        for header in members:
+            header.refused = True
+            _record(result, "rejected", header.path, reason, "pixels", header.dataset)
+
+
+def _render_instance(header: _Header, result: StudyInput, budget: MemoryBudget) -> _Instance | None:
+    path, dataset = header.path, header.dataset
+    try:
+        with warnings_logged(logger, path):
+            frames = render_frames(dataset, path, budget)
+    except InputError as exc:
+        _record(result, "rejected", path, exc.reason, "pixels", dataset)
+        return None
+    except Exception as exc:  # a decoder or LUT failure of one file rejects that file only
+        _record(result, "rejected", path, f"unexpected error: {describe_exception(exc)}", "pixels", dataset)
+        return None
+    return _Instance(
+        path=path,
+        dataset=dataset,
+        study_uid=_text(dataset, "StudyInstanceUID"),
+        series_uid=_text(dataset, "SeriesInstanceUID"),
+        frames=frames,
+    )
+
+
+def _text(dataset: Dataset, keyword: str) -> str:
+    return str(dataset.get(keyword, "") or "").strip()
 
 
 def _record(
@@ -136,8 +249,12 @@ def _record(
             ("series_instance_uid", "SeriesInstanceUID"),
             ("sop_instance_uid", "SOPInstanceUID"),
         ):
-            value = str(dataset.get(keyword, "") or "").strip()
-            if value:
+            try:
+                value = str(dataset.get(keyword, "") or "").strip()
+            except Exception:  # a damaged element: the rejection names the file instead
+                value = ""
+            # Only a valid UID is worth repeating: an invalid one may be why the file was rejected.
+            if value and UID(value, validation_mode=config.IGNORE).is_valid:
                 uids[field] = value
     entry = Rejection(source=str(source), reason=" ".join(reason.split()), stage=stage, **uids)
     (result.rejected if kind == "rejected" else result.skipped).append(entry)
@@ -179,27 +296,6 @@ def _discover(root: Path, result: StudyInput) -> list[Path]:
     return sorted(files, key=lambda p: p.parts)
 
 
-def _load_instance(path: Path, result: StudyInput, first_copy: dict[str, Path]) -> _Instance | None:
-    dataset = None
-    try:
-        dataset = _read_dataset(path)
-        _check_usable(dataset, path, first_copy)
-        frames = render_frames(dataset, path)
-    except InputError as exc:
-        _record(result, "rejected", path, exc.reason, "read" if dataset is None else "pixels", dataset)
-        return None
-    except _NotUsedError as exc:
-        _record(result, exc.kind, path, exc.reason, exc.stage, dataset)
-        return None
-    return _Instance(
-        path=path,
-        dataset=dataset,
-        study_uid=str(dataset.StudyInstanceUID).strip(),
-        series_uid=str(dataset.SeriesInstanceUID).strip(),
-        frames=frames,
-    )
-
-
 def _check_usable(dataset: Dataset, path: Path, first_copy: dict[str, Path]) -> None:
     """SOP class, Type 1 UIDs and duplicates; records the first copy of each SOP Instance UID."""
     sop_class = str(dataset.get("SOPClassUID", "") or "").strip()
@@ -207,10 +303,18 @@ def _check_usable(dataset: Dataset, path: Path, first_copy: dict[str, Path]) -> 
         raise _NotUsedError("skipped", _DICOMDIR, "read")
     if not sop_class:
         raise _NotUsedError("rejected", "missing (0008,0016) 'SOP Class UID' (Type 1)", "read")
-    has_pixels = any(keyword in dataset for keyword in PIXEL_DATA_KEYWORDS)
-    if not is_image_sop_class(sop_class) and (sop_class in UID_dictionary or not has_pixels):
+    if sop_class in UID_dictionary and not is_image_sop_class(sop_class):
         raise _NotUsedError(
             "skipped", f"{UID(sop_class).name} ({sop_class}) is not an image; skipped", "sop-class"
+        )
+    if sop_class not in _derivable_sop_classes():
+        # highdicom needs the source's IOD to build a SEG or SR that references it.
+        kind = "a retired image class" if sop_class in UID_dictionary else "an unknown or private SOP class"
+        raise _NotUsedError(
+            "skipped",
+            f"(0008,0016) 'SOP Class UID' {sop_class[:64]!r} is {kind}: unsupported, since every output "
+            "must reference a standard image SOP class; skipped",
+            "sop-class",
         )
     for keyword, tag in (
         ("StudyInstanceUID", "(0020,000D) 'Study Instance UID'"),
@@ -224,6 +328,85 @@ def _check_usable(dataset: Dataset, path: Path, first_copy: dict[str, Path]) -> 
         reason = f"duplicate SOP Instance UID, the same instance was already read from {first_copy[sop_uid]}"
         raise _NotUsedError("skipped", f"{reason}; skipped", "read")
     first_copy[sop_uid] = path
+
+
+_VALIDATED_UIDS = (
+    ("StudyInstanceUID", "(0020,000D) 'Study Instance UID'"),
+    ("SeriesInstanceUID", "(0020,000E) 'Series Instance UID'"),
+    ("SOPInstanceUID", "(0008,0018) 'SOP Instance UID'"),
+    ("FrameOfReferenceUID", "(0020,0052) 'Frame of Reference UID'"),
+)
+#: A direction cosine vector shorter than this, or two whose cross product is, is no direction.
+_MIN_DIRECTION_NORM = 1e-3
+
+
+@lru_cache(maxsize=1)
+def _derivable_sop_classes() -> frozenset[str]:
+    """Image SOP classes whose IOD highdicom knows, i.e. that a derived SEG or SR can reference."""
+    # highdicom keeps the map private; it is the exact table its SEG/SR constructors look sources up in.
+    from highdicom._standard_utils import get_sop_class_iod_map
+
+    return frozenset(uid for uid in get_sop_class_iod_map() if is_image_sop_class(uid))
+
+
+def _check_header(dataset: Dataset, path: Path) -> None:
+    """UIDs every output references, and patient geometry; raises :class:`InputError` naming the tag."""
+    for keyword, tag in _VALIDATED_UIDS:
+        value = dataset.get(keyword)
+        if value is None or (keyword == "FrameOfReferenceUID" and value == ""):
+            continue
+        uid = UID(str(value).strip(), validation_mode=config.IGNORE)
+        if not uid.is_valid:
+            raise InputError(
+                path,
+                f"a {tag} of {str(value)[:80]!r} is not a valid UID (PS3.5 9.1: digits and dots, no leading "
+                "zeros, at most 64 characters); every output must reference it, so the instance is rejected",
+            )
+    orientations = [dataset]
+    positions = [dataset]
+    for group_keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in dataset.get(group_keyword) or ():
+            orientations.extend(group.get("PlaneOrientationSequence") or ())
+            positions.extend(group.get("PlanePositionSequence") or ())
+    for holder in orientations:
+        if holder.get("ImageOrientationPatient") not in (None, ""):
+            _check_orientation(holder.ImageOrientationPatient, path)
+    for holder in positions:
+        if holder.get("ImagePositionPatient") not in (None, ""):
+            _check_numbers(holder.ImagePositionPatient, 3, "(0020,0032) 'Image Position (Patient)'", path)
+
+
+def _check_numbers(value: object, count: int, tag: str, path: Path) -> np.ndarray:
+    try:
+        numbers = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+    except (TypeError, ValueError) as exc:
+        raise InputError(path, f"a {tag} value is not {count} numbers") from exc
+    if numbers.shape != (count,) or not np.isfinite(numbers).all():
+        raise InputError(path, f"a {tag} value must be {count} finite numbers, got {numbers.size} value(s)")
+    return numbers
+
+
+def _check_orientation(value: object, path: Path) -> None:
+    tag = "(0020,0037) 'Image Orientation (Patient)'"
+    cosines = _check_numbers(value, 6, tag, path)
+    row, column = cosines[:3], cosines[3:]
+    if min(np.linalg.norm(row), np.linalg.norm(column)) < _MIN_DIRECTION_NORM:
+        raise InputError(path, f"a {tag} has a zero row or column direction: the geometry is damaged")
+    scale = np.linalg.norm(row) * np.linalg.norm(column)
+    if np.linalg.norm(np.cross(row, column)) < _MIN_DIRECTION_NORM * scale:
+        raise InputError(path, f"a {tag} has parallel row and column directions: the geometry is damaged")
+
+
+def _parse_all(dataset: Dataset) -> None:
+    """Convert every element, nested ones too, so that a damaged one fails here and not in a writer.
+
+    pydicom converts elements lazily; a byte flip that gives an unknown VR would otherwise raise
+    ``NotImplementedError`` only when some later step touches that element.
+    """
+    for element in dataset:
+        if element.VR == "SQ":
+            for item in element.value:
+                _parse_all(item)
 
 
 def _read_dataset(path: Path) -> Dataset:
@@ -242,6 +425,10 @@ def _read_dataset(path: Path) -> Dataset:
             raise InputError(path, f"the file is truncated: {message.split(' in file ')[0]}")
         logger.debug("%s: pydicom: %s", path, message)
     _check_complete(dataset, path)
+    try:
+        _parse_all(dataset)
+    except Exception as exc:  # the parser raises several types for damaged values; all mean "unreadable"
+        raise InputError(path, f"an element cannot be parsed: {describe_exception(exc)}") from exc
     file_meta = getattr(dataset, "file_meta", None)
     if file_meta is None or not file_meta.get("TransferSyntaxUID"):
         _set_transfer_syntax_from_encoding(dataset, path)

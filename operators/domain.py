@@ -33,9 +33,10 @@ __all__ = [
 class Rejection:
     """An input that was not used, and why (one line, no patient values).
 
-    ``stage`` says where it was stopped: ``read`` (not DICOM, truncated), ``sop-class`` (not an
-    image: SR, PR, KO…), ``pixels`` (missing/undecodable/absurd pixel data), ``series`` (inconsistent
-    series), or a later stage (``classify``, ``seg``, ``sr``, ``report``).
+    ``stage`` says where it was stopped: ``read`` (not DICOM, truncated, unparseable),
+    ``sop-class`` (not an image: SR, PR, KO…, or an unsupported class), ``header`` (invalid UIDs or
+    geometry), ``pixels`` (missing/undecodable/absurd pixel data, beyond the memory budget),
+    ``series`` (inconsistent series), or a later stage (``classify``, ``seg``, ``sr``, ``report``).
     """
 
     source: str
@@ -44,9 +45,15 @@ class Rejection:
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None
+    #: Every file the rejection covers when it is about more than one (a series failing at a
+    #: later stage); ``source`` is then the first of them.
+    files: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        data = {k: v for k, v in self.__dict__.items() if v is not None and k != "files"}
+        if self.files:
+            data["files"] = list(self.files)
+        return data
 
 
 @dataclass

@@ -3,13 +3,16 @@
 The pipeline for every frame follows DICOM PS3.3 C.11 (grayscale) and C.7.6.3 (color):
 
 1. **Check the Image Pixel module** before decoding (:func:`check_pixel_module`): Pixel Data present,
-   sane dimensions, a supported Photometric Interpretation and, for native transfer syntaxes, a buffer
-   as long as Rows × Columns × Samples × Frames × Bits Allocated / 8.
+   sane dimensions within the memory budget (:class:`MemoryBudget`), a Number of Frames that is not
+   empty, a Transfer Syntax UID that is a transfer syntax, a supported Photometric Interpretation, a
+   finite and plausible Rescale Slope/Intercept and, for native transfer syntaxes, a buffer as long as
+   Rows × Columns × Samples × Frames × Bits Allocated / 8.
 2. **Decode** with pydicom's decoder for the transfer syntax (native, deflated, big endian, RLE, JPEG
    baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K), one frame at a time so that a multi-frame
    instance never has all frames decoded at once. YBR color is converted to RGB.
 3. **Modality LUT** (C.11.1: Rescale Slope/Intercept or Modality LUT Sequence) → ``values`` (float32;
-   Hounsfield units for CT). Enhanced multi-frame objects take it from the shared or per-frame
+   Hounsfield units for CT); a LUT that overflows or gives non-finite values rejects the instance.
+   Enhanced multi-frame objects take it from the shared or per-frame
    Pixel Value Transformation functional group.
 4. **VOI LUT** (C.11.2) → ``display`` in [0, 1], first match wins:
 
@@ -30,15 +33,18 @@ Color images (RGB, YBR_*, PALETTE COLOR through its palette) keep shape (rows, c
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space
 from pydicom.pixels.decoders.base import Decoder, get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, RLELossless
 
 from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.domain import ImageFrame
@@ -57,11 +63,15 @@ from medgemma_deploy.operators.voi import (
 __all__ = [
     "CT_BODY_PART_WINDOWS",
     "CT_DEFAULT_WINDOWS",
+    "DECODED_BYTES_PER_SAMPLE",
     "MAX_DIMENSION",
     "MAX_FRAMES",
+    "MAX_MODALITY_MAGNITUDE",
     "PIXEL_DATA_KEYWORDS",
     "SUPPORTED_PHOTOMETRIC_INTERPRETATIONS",
+    "MemoryBudget",
     "apply_window",
+    "check_budget",
     "check_pixel_module",
     "ct_default_window",
     "render_frames",
@@ -86,10 +96,61 @@ _decoding = threading.local()
 logging.getLogger("pydicom.pixels.decoders.base").addFilter(_PluginFailureFilter())
 _OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
+#: Decoding plugin per transfer syntax where the default one is unsafe on damaged data:
+#: pylibjpeg-rle panics (a Rust panic, a ``BaseException`` that prints a Rust backtrace straight to
+#: stderr) on an RLE segment that overruns its frame; pydicom's own RLE decoder raises a ValueError.
+_PREFERRED_PLUGINS = {RLELossless: "pydicom"}
+
 #: Largest Rows or Columns accepted; larger values are corrupt headers, not images.
 MAX_DIMENSION = 32768
 #: Largest Number of Frames accepted.
 MAX_FRAMES = 10000
+
+#: Bytes held per decoded sample: ``values`` and ``display`` are both float32 (:class:`ImageFrame`).
+DECODED_BYTES_PER_SAMPLE = 8
+
+#: Largest magnitude a Modality LUT / rescale may produce. No modality's real-world unit comes near
+#: it (CT: -1024…~30000 HU; PET activity concentrations stay below 1e9 Bq/ml), while a slope of
+#: 1e30 or an intercept of 1e308 would turn every later float32 step into inf or NaN.
+MAX_MODALITY_MAGNITUDE = 1e12
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """How much decoded image one input may take, checked from the header before any decode.
+
+    The defaults keep a classify run within 2.5 GB above the loaded models. Every frame of a series
+    is held decoded twice as float32 (``values`` and ``display``), and the relevance maps and the
+    SEG are built at source size for the whole series, so a run peaks at about 110 bytes per
+    source pixel (measured: 100 CT slices of 512 × 512, 26 M pixels, peaked 2.8 GB above the
+    models; one 4900 × 4900 radiograph, 24 M pixels, 2.2 GB). 160 MiB decoded is 21 M pixels per
+    series, about 80 such CT slices; larger series need a larger budget (and the memory) until
+    frames are streamed. A declared size beyond a limit rejects the input, naming the limit.
+
+    Attributes
+    ----------
+    max_frame_megapixels:
+        Rows × Columns of one frame, in millions (a 6000 × 6000 radiograph is 36).
+    max_series_frames:
+        Frames of one series (all its instances together).
+    max_series_decoded_bytes:
+        Rows × Columns × Samples × Frames × :data:`DECODED_BYTES_PER_SAMPLE` of one series.
+    """
+
+    max_frame_megapixels: float = 20.0
+    max_series_frames: int = 2000
+    max_series_decoded_bytes: int = 160 * 2**20
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame_megapixels", "max_series_frames", "max_series_decoded_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"MemoryBudget.{name} must be a positive number, got {value!r}")
+
+    def decoded_bytes(self, rows: int, columns: int, samples: int, frames: int) -> int:
+        """Bytes the decoded frames of this shape take in memory."""
+        return rows * columns * samples * frames * DECODED_BYTES_PER_SAMPLE
+
 
 #: The three pixel data elements of PS3.3 C.7.6.3 / C.7.6.24 in the order they are looked for.
 PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -101,7 +162,7 @@ SUPPORTED_PHOTOMETRIC_INTERPRETATIONS: dict[str, int] = {
 }
 
 
-def check_pixel_module(dataset: Dataset, path: Path) -> int:
+def check_pixel_module(dataset: Dataset, path: Path, budget: MemoryBudget | None = None) -> int:
     """Check the Image Pixel module of ``dataset`` without decoding; return its number of frames.
 
     Parameters
@@ -110,6 +171,8 @@ def check_pixel_module(dataset: Dataset, path: Path) -> int:
         The instance as read by ``dcmread`` (pixel data included).
     path:
         Its file, named in the error.
+    budget:
+        Limits on one frame and on this instance's frames (default: :class:`MemoryBudget`()).
 
     Returns
     -------
@@ -120,19 +183,31 @@ def check_pixel_module(dataset: Dataset, path: Path) -> int:
     ------
     InputError
         No pixel data element; Rows/Columns/Bits Allocated/Samples per Pixel missing or out of range;
-        Number of Frames out of range; an unsupported Photometric Interpretation or one that does not
-        match Samples per Pixel; or, for a native transfer syntax, a pixel buffer shorter than the
-        header promises (the file may be truncated) or longer by one frame or more.
+        Number of Frames empty or out of range; a frame or an instance beyond the memory budget; a
+        Transfer Syntax UID that is not a transfer syntax; an unsupported Photometric Interpretation
+        or one that does not match Samples per Pixel; a Rescale Slope/Intercept that is not finite,
+        a zero slope or one that gives values beyond :data:`MAX_MODALITY_MAGNITUDE`; or, for a
+        native transfer syntax, a pixel buffer shorter than the header promises (the file may be
+        truncated) or longer by one frame or more.
     """
+    budget = budget or MemoryBudget()
     keyword = _pixel_data_keyword(dataset)
     if keyword is None:
         raise InputError(path, "missing (7FE0,0010) 'Pixel Data': the instance has no pixel data to read")
     rows = _int_attribute(dataset, "Rows", "(0028,0010)", path, MAX_DIMENSION)
     columns = _int_attribute(dataset, "Columns", "(0028,0011)", path, MAX_DIMENSION)
     frames = 1
-    if dataset.get("NumberOfFrames") not in (None, ""):
+    if "NumberOfFrames" in dataset:
+        # Present but empty is not "one frame": the header is damaged and the data cannot be sized.
+        if dataset.get("NumberOfFrames") in (None, ""):
+            raise InputError(
+                path,
+                "(0028,0008) 'Number of Frames' is present but empty (it is Type 1 where present): "
+                "the number of frames in the pixel data is unknown",
+            )
         frames = _int_attribute(dataset, "NumberOfFrames", "(0028,0008)", path, MAX_FRAMES)
     samples = _int_attribute(dataset, "SamplesPerPixel", "(0028,0002)", path)
+    check_budget(rows, columns, samples, frames, budget, path)
     bits_allocated = _int_attribute(dataset, "BitsAllocated", "(0028,0100)", path)
     if bits_allocated not in (1, 8, 16, 32, 64):
         raise InputError(
@@ -166,10 +241,93 @@ def check_pixel_module(dataset: Dataset, path: Path) -> int:
     if keyword != "PixelData" or not transfer_syntax.is_encapsulated:
         samples_stored = 2 if photometric == "YBR_FULL_422" else samples
         _check_native_length(dataset, keyword, (rows, columns, samples_stored, frames, bits_allocated), path)
+    if samples == 1:
+        bits_stored = int(dataset.BitsStored) if keyword == "PixelData" else bits_allocated
+        _check_rescale(dataset, bits_stored, path)
     return frames
 
 
-def render_frames(dataset: Dataset, path: Path) -> list[ImageFrame]:
+def check_budget(
+    rows: int, columns: int, samples: int, frames: int, budget: MemoryBudget, path: Path
+) -> None:
+    """Refuse a frame or an instance whose declared size is beyond ``budget``, naming the limit.
+
+    Raises
+    ------
+    InputError
+        Rows × Columns above ``max_frame_megapixels``, frames above ``max_series_frames`` or the
+        decoded size above ``max_series_decoded_bytes``.
+    """
+    megapixels = rows * columns / 1e6
+    if megapixels > budget.max_frame_megapixels:
+        raise InputError(
+            path,
+            f"a frame of Rows × Columns {rows} × {columns} ({megapixels:.1f} megapixels) exceeds the memory "
+            f"budget of {budget.max_frame_megapixels:g} megapixels per frame (max_frame_megapixels)",
+        )
+    if frames > budget.max_series_frames:
+        raise InputError(
+            path,
+            f"a (0028,0008) 'Number of Frames' of {frames} exceeds the memory budget of "
+            f"{budget.max_series_frames} frames per series (max_series_frames)",
+        )
+    decoded = budget.decoded_bytes(rows, columns, samples, frames)
+    if decoded > budget.max_series_decoded_bytes:
+        raise InputError(
+            path,
+            f"{frames} frame(s) of {rows} × {columns} × {samples} sample(s) take {_mib(decoded)} decoded, "
+            f"beyond the memory budget of {_mib(budget.max_series_decoded_bytes)} per series "
+            "(max_series_decoded_bytes)",
+        )
+
+
+def _mib(size: int | float) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
+def _check_rescale(dataset: Dataset, bits_stored: int, path: Path) -> None:
+    """Rescale Slope/Intercept (top level and functional groups) finite, slope non-zero, range plausible."""
+    holders: list[Dataset] = [dataset]
+    for group_keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in dataset.get(group_keyword) or ():
+            holders.extend(group.get("PixelValueTransformationSequence") or ())
+    # The stored values span at most 2**bits_stored, signed or not.
+    stored_magnitude = float(2**bits_stored)
+    for holder in holders:
+        slope = _float_or_none(holder, "RescaleSlope", "(0028,1053)", path)
+        intercept = _float_or_none(holder, "RescaleIntercept", "(0028,1052)", path)
+        if slope is None and intercept is None:
+            continue
+        slope = 1.0 if slope is None else slope
+        intercept = 0.0 if intercept is None else intercept
+        if slope == 0:
+            raise InputError(
+                path,
+                "a (0028,1053) 'Rescale Slope' of 0 maps every pixel to one value: the header is damaged",
+            )
+        if abs(slope) * stored_magnitude + abs(intercept) > MAX_MODALITY_MAGNITUDE:
+            raise InputError(
+                path,
+                f"a (0028,1053) 'Rescale Slope' of {slope:g} with a (0028,1052) 'Rescale Intercept' of "
+                f"{intercept:g} gives values beyond ±{MAX_MODALITY_MAGNITUDE:g} for {bits_stored}-bit "
+                "pixels: the header is damaged",
+            )
+
+
+def _float_or_none(holder: Dataset, keyword: str, tag: str, path: Path) -> float | None:
+    value = holder.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(path, f"a {tag} '{keyword}' value of {value!r} is not a number") from exc
+    if not math.isfinite(number):
+        raise InputError(path, f"a {tag} '{keyword}' value of {number} is not finite")
+    return number
+
+
+def render_frames(dataset: Dataset, path: Path, budget: MemoryBudget | None = None) -> list[ImageFrame]:
     """Decode every frame of ``dataset`` and render it for display (see the module docstring).
 
     Parameters
@@ -178,6 +336,8 @@ def render_frames(dataset: Dataset, path: Path) -> list[ImageFrame]:
         One image instance, pixel data included.
     path:
         The file it came from (recorded in each frame and named in errors).
+    budget:
+        Memory limits checked before decoding (default: :class:`MemoryBudget`()).
 
     Returns
     -------
@@ -191,7 +351,7 @@ def render_frames(dataset: Dataset, path: Path) -> list[ImageFrame]:
         installed decoding plugin, and pixel data the decoder cannot decode.
     """
     path = Path(path)
-    n_frames = check_pixel_module(dataset, path)
+    n_frames = check_pixel_module(dataset, path, budget)
     transfer_syntax = _transfer_syntax(dataset, path)
     decoder = _decoder_for(transfer_syntax, path)
     frames: list[ImageFrame] = []
@@ -199,10 +359,25 @@ def render_frames(dataset: Dataset, path: Path) -> list[ImageFrame]:
         raw, photometric = _decode_frame(dataset, decoder, transfer_syntax, index, n_frames, path)
         try:
             values, display, window_source = _render(dataset, raw, photometric, index, path)
-        except (AttributeError, IndexError, KeyError, NotImplementedError, TypeError, ValueError) as exc:
+        except (
+            ArithmeticError,  # OverflowError from a Modality LUT whose entries do not fit its dtype
+            AttributeError,
+            IndexError,
+            KeyError,
+            NotImplementedError,
+            TypeError,
+            ValueError,
+        ) as exc:
+            detail = " ".join(str(exc).split()) or type(exc).__name__
             raise InputError(
-                path, f"the Modality, VOI or palette LUT of frame {index + 1} cannot be applied: {exc}"
+                path, f"the Modality, VOI or palette LUT of frame {index + 1} cannot be applied: {detail}"
             ) from exc
+        if not np.isfinite(values).all():
+            raise InputError(
+                path,
+                f"the Modality LUT of frame {index + 1} gives non-finite values (inf or NaN): "
+                "the rescale or LUT attributes are damaged",
+            )
         frames.append(ImageFrame(path, dataset, index + 1, values, display, window_source))
     return frames
 
@@ -239,7 +414,14 @@ def _transfer_syntax(dataset: Dataset, path: Path) -> UID:
         raise InputError(
             path, "missing (0002,0010) 'Transfer Syntax UID': the pixel data cannot be interpreted"
         )
-    return UID(str(uid))
+    transfer_syntax = UID(str(uid).strip(), validation_mode=config.IGNORE)
+    if not transfer_syntax.is_valid or not transfer_syntax.is_transfer_syntax:
+        raise InputError(
+            path,
+            f"a (0002,0010) 'Transfer Syntax UID' of {str(uid)[:64]!r} is not a transfer syntax "
+            "(PS3.5 Annex A): the pixel data cannot be interpreted",
+        )
+    return transfer_syntax
 
 
 def _check_native_length(
@@ -294,10 +476,13 @@ def _decoder_for(transfer_syntax: UID, path: Path) -> Decoder:
 def _decode_frame(
     dataset: Dataset, decoder: Decoder, transfer_syntax: UID, index: int, n_frames: int, path: Path
 ) -> tuple[np.ndarray, str]:
+    plugin = _PREFERRED_PLUGINS.get(transfer_syntax, "")
     _decoding.active = True
     try:
-        array, meta = decoder.as_array(dataset, index=index)
-    except Exception as exc:  # the plugins raise their own types; every one means "undecodable"
+        array, meta = decoder.as_array(dataset, index=index, decoding_plugin=plugin)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # plugins raise their own types, Rust panics included
         detail = _OBJECT_ADDRESS.sub("", " ".join(str(exc).split())) or type(exc).__name__
         raise InputError(
             path,

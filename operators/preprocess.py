@@ -11,6 +11,10 @@ with the resize and normalisation of the model's ``preprocessor_config.json``:
    the image and the rest after it, ``d`` being the difference of the sides. The padding is returned
    as a :class:`PadGeometry` so that maps computed on the model's grid can be put back on the
    source pixels (:meth:`PadGeometry.to_source`);
+   An image whose square would be longer than :data:`MAX_PADDED_SIDE` is first shrunk by an integer
+   factor with area averaging, so that the square never exceeds it (a 1 × 100000 image would pad to
+   100000², 40 GB of float32, for a 448 × 448 model input); images of ordinary size follow the recipe
+   exactly;
 4. resize to the processor's ``size`` (448x448 for ``google/medsiglip-448``) with its ``resample``
    filter, antialiased the way PIL does it (``torch.nn.functional.interpolate(..., antialias=True)``
    implements PIL's filters): bilinear (PIL code 2, MedSigLIP's) or bicubic (3);
@@ -39,6 +43,7 @@ import torch.nn.functional as F
 from medgemma_deploy.errors import ModelLoadError
 
 __all__ = [
+    "MAX_PADDED_SIDE",
     "PREPROCESSOR_CONFIG",
     "MedSigLIPPreprocessor",
     "PadGeometry",
@@ -53,6 +58,10 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 #: PIL resampling codes (``preprocessor_config.json`` ``resample``) → torch interpolation modes.
 #: Both are antialiased like PIL's; other PIL filters have no torch equivalent.
 _RESAMPLE_MODES: dict[int, str] = {2: "bilinear", 3: "bicubic"}
+
+#: Longest side of the zero-padded square built at source resolution (8192² float32 is 256 MiB
+#: per channel). Longer images are shrunk first by area averaging; the model sees 448 × 448 anyway.
+MAX_PADDED_SIDE = 8192
 
 #: ``display`` values may overshoot [0, 1] by float rounding; more than this is a caller's bug.
 _RANGE_TOLERANCE = 1e-3
@@ -262,7 +271,15 @@ class MedSigLIPPreprocessor:
         padding = PadGeometry.for_shape(image.shape[0], image.shape[1])
         tensor = torch.from_numpy(image).to(self.device)
         tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-        tensor = F.pad(tensor, (padding.left, padding.right, padding.top, padding.bottom))
+        square = padding
+        factor = -(-padding.side // MAX_PADDED_SIDE)
+        if factor > 1:
+            # The returned geometry stays the source's (maps go back onto source pixels); only the
+            # square the model input is resized from is built at 1/factor of the source resolution.
+            small = (max(1, round(padding.rows / factor)), max(1, round(padding.columns / factor)))
+            tensor = F.interpolate(tensor[None], size=small, mode="area")[0]
+            square = PadGeometry.for_shape(*small)
+        tensor = F.pad(tensor, (square.left, square.right, square.top, square.bottom))
         mode = _RESAMPLE_MODES[self.resample]
         resized = F.interpolate(
             tensor[None], size=self.size, mode=mode, align_corners=False, antialias=self.antialias

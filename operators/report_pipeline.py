@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.domain import (
     AlgorithmInfo,
     ModelIdentity,
@@ -31,7 +31,7 @@ from medgemma_deploy.operators.report_inputs import (
     build_report_request,
 )
 from medgemma_deploy.operators.report_sr_writer import build_report_sr
-from medgemma_deploy.operators.results import RunResults, series_rejection
+from medgemma_deploy.operators.results import RunResults, WrittenObject, series_rejection
 
 __all__ = [
     "ReportGenerator",
@@ -127,15 +127,13 @@ def generate_reports(
                 )
             else:
                 context = findings_context_for(classification, options.findings_top_k)
-        try:
-            request = build_report_request(
-                series, prompts, settings=options.settings, findings_context=context
-            )
-            sink = (lambda piece, s=series: on_token(s, piece)) if on_token is not None else None
-            result = generator.generate(request, on_token=sink)
-        except (InputError, ValueError) as exc:
-            results.reject(series_rejection(series, "report", exc))
+        sink = (lambda piece, s=series: on_token(s, piece)) if on_token is not None else None
+        drafted = results.isolated(
+            series, "report", partial(_draft, series, prompts, options, context, generator, sink)
+        )
+        if drafted is None:
             continue
+        request, result = drafted
         for warning in _warnings(request, result):
             logger.warning("series %s: %s", series.series_instance_uid, warning)
         if not result.text.strip():
@@ -172,18 +170,41 @@ def write_report_srs(
             "notes": list(request.notes),
             "warnings": _warnings(request, result),
         }
-        try:
-            document = build_report_sr(
-                series, result, request, model, algorithm, result_version=options.result_version
-            )
-        except (InputError, ValueError) as exc:
-            results.reject(series_rejection(series, "report", exc))
+        written = results.isolated(
+            series, "report", partial(_write_report_sr, report, algorithm, options, out_dir)
+        )
+        if written is None:
             results.add_report(series, entry)
             continue
-        written = save_dicom(document, out_dir, "REPORT-SR", series.series_instance_uid)
         results.outputs.append(written)
         entry["sr_sop_instance_uid"] = written.sop_instance_uid
         results.add_report(series, entry)
+
+
+def _draft(
+    series: Series,
+    prompts: PromptBook,
+    options: ReportOptions,
+    context: list[tuple[str, float]] | None,
+    generator: ReportGenerator,
+    sink: Callable[[str], None] | None,
+) -> tuple[ReportRequest, ReportResult]:
+    request = build_report_request(series, prompts, settings=options.settings, findings_context=context)
+    return request, generator.generate(request, on_token=sink)
+
+
+def _write_report_sr(
+    report: SeriesReport, algorithm: AlgorithmInfo, options: ReportOptions, out_dir: Path
+) -> WrittenObject:
+    document = build_report_sr(
+        report.series,
+        report.result,
+        report.request,
+        report.model,
+        algorithm,
+        result_version=options.result_version,
+    )
+    return save_dicom(document, out_dir, "REPORT-SR", report.series.series_instance_uid)
 
 
 def _warnings(request: ReportRequest, result: ReportResult) -> list[str]:

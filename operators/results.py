@@ -10,18 +10,21 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom.uid import UID
 
-from medgemma_deploy.errors import InputError
+from medgemma_deploy.errors import InputError, ServiceError, describe_exception, warnings_logged
 from medgemma_deploy.operators.domain import ModelIdentity, Rejection, Series, SeriesClassification
 
 __all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "RunResults", "WrittenObject", "series_rejection"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Everything usable was processed and written.
 EXIT_OK = 0
@@ -78,6 +81,32 @@ class RunResults:
         if log:
             logger.warning("skipped: %s: %s", rejection.source, rejection.reason)
 
+    def isolated(
+        self,
+        series: Series,
+        stage: str,
+        step: Callable[[], T],
+        *,
+        passthrough: tuple[type[Exception], ...] = (),
+    ) -> T | None:
+        """Run one step of one series; a failure rejects that series and returns ``None``.
+
+        Whatever goes wrong while classifying, drafting or writing one series (a damaged source
+        attribute, a writer's or a library's bug) is that series' rejection, named by file, and
+        the run goes on with the others. Only a :class:`ServiceError` (the worker failed; no input
+        caused it) propagates, so that the caller retries the run instead. Warnings raised inside
+        go to the log, naming the series. Exceptions in ``passthrough`` also propagate: they are
+        outcomes the caller records itself (e.g. a series whose images cannot carry an object).
+        """
+        try:
+            with warnings_logged(logger, f"series {series.series_instance_uid}"):
+                return step()
+        except (ServiceError, *passthrough):
+            raise
+        except Exception as error:  # isolation: one series' failure never costs the others
+            self.reject(series_rejection(series, stage, error))
+            return None
+
     def series_entry(self, series: Series) -> dict[str, Any]:
         """The ``series`` entry of ``series`` (created on first use), shared by findings and report."""
         for entry in self.series:
@@ -89,6 +118,7 @@ class RunResults:
             "modality": series.modality,
             "body_part_examined": series.body_part_examined,
             "n_frames": len(series.frames),
+            "files": _series_files(series),
             "windows": sorted({frame.window_source for frame in series.frames}),
         }
         self.series.append(entry)
@@ -193,15 +223,38 @@ class RunResults:
 
 
 def series_rejection(series: Series, stage: str, error: Exception) -> Rejection:
-    """A series-level failure as a rejection: the file/UID an ``InputError`` names, else the series."""
+    """A series-level failure as a rejection naming files, never only a UID.
+
+    An :class:`InputError` naming one instance (by file or SOP Instance UID) becomes a rejection of
+    that file; any other failure is the series': its first file is the ``source`` and ``files``
+    lists every file of it. Errors that are not ``InputError``/``ValueError`` are our own bugs or
+    a library's, so their traceback is logged at DEBUG for the developers.
+    """
+    files = _series_files(series)
+    by_uid = {frame.sop_instance_uid: str(frame.path) for frame in series.frames}
     if isinstance(error, InputError):
-        source, reason = error.source, error.reason
+        reason = error.reason
+        source = by_uid.get(error.source, error.source)
+        if source in files:
+            files = [source]
     else:
-        source, reason = f"series {series.series_instance_uid}", " ".join(str(error).split())
+        reason = " ".join(str(error).split()) if isinstance(error, ValueError) else ""
+        if not reason:
+            reason = f"unexpected error: {describe_exception(error)}"
+            logger.debug("series %s, stage %s", series.series_instance_uid, stage, exc_info=error)
+        source = files[0] if files else f"series {series.series_instance_uid}"
+        if len(files) > 1:
+            reason = f"series {series.series_instance_uid} ({len(files)} files): {reason}"
     return Rejection(
         source=source,
         reason=reason,
         stage=stage,
         study_instance_uid=series.study_instance_uid,
         series_instance_uid=series.series_instance_uid,
+        files=tuple(files) if len(files) > 1 else (),
     )
+
+
+def _series_files(series: Series) -> list[str]:
+    """The distinct files of ``series`` in frame order."""
+    return list(dict.fromkeys(str(frame.path) for frame in series.frames))

@@ -331,3 +331,74 @@ def test_stow_rs_delivery_statuses(tmp_path, demo_files):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is not installed (apt-get install dcmtk)")
+def test_three_good_slices_are_delivered_although_a_neighbour_has_an_empty_number_of_frames(
+    tmp_path, tiny_models_root
+):
+    """Issue 12: one malformed instance used to fail its whole study's job (12 acknowledged lost)."""
+    from pydicom.data import get_testdata_file
+
+    from medgemma_deploy.commands.jobs import describe_status
+    from medgemma_deploy.network.pipelines import PipelineOptions, make_pipeline
+
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    folder = tmp_path / "study"
+    folder.mkdir()
+    series_uid = generate_uid(entropy_srcs=["issue 12 listener series"])
+    good_uids = []
+    for index in range(4):
+        ds = source.copy()
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+            entropy_srcs=["issue 12 listener", str(index)]
+        )
+        ds.InstanceNumber = index + 1
+        x, y, z = (float(v) for v in source.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + 5.0 * index]
+        if index == 3:
+            ds.NumberOfFrames = None  # the bad neighbour
+            bad_uid = str(ds.SOPInstanceUID)
+        else:
+            good_uids.append(str(ds.SOPInstanceUID))
+        ds.save_as(folder / f"slice{index}.dcm", enforce_file_format=True)
+    destination = RecordingDestination()
+    settings = {
+        "ae_title": "MEDGEMMA", "spool": tmp_path / "spool", "destinations": (), "stow_url": "http://unused.invalid",
+        "host": "127.0.0.1", "port": 0, "allow": ("STORESCU@127.0.0.1",), "quiet_s": 0.5, "min_free_bytes": 0,
+        "retry": RetryPolicy(max_attempts=3, base_s=0.05, max_s=0.2), "retention_s": None, "drain_s": 30,
+    }  # fmt: skip
+    pipeline = make_pipeline("classify", PipelineOptions(models_path=tiny_models_root, device="cpu"))
+    listener = Listener(ListenerConfig(**settings), pipeline=pipeline, destinations=[destination])
+    listener.start()
+    try:
+        command = ["storescu", "-nh", "-aet", "STORESCU", "-aec", "MEDGEMMA", "+sd", "127.0.0.1"]
+        command += [str(listener.port), str(folder)]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+        [job] = wait_until(
+            lambda: [j for j in listener.store.jobs() if j.state in (JobState.DELIVERED, JobState.FAILED)],
+            300,
+            0.2,
+            "the study's job finished",
+        )
+        assert job.state is JobState.DELIVERED and job.n_instances == 4 and job.n_rejected == 1
+        [rejected] = listener.store.rejected_inputs(job.id)
+        assert rejected.sop_instance_uid == bad_uid
+        assert "'Number of Frames' is present but empty" in rejected.reason
+        assert any(q["sop_instance_uid"] == bad_uid for q in listener.store.quarantined())
+        assert "rejected input: 1 instance(s) quarantined" in describe_status(job)
+        outputs = listener.store.outputs(job.id)
+        assert set(destination.received) == {o.sop_instance_uid for o in outputs}
+        srs = [pydicom.dcmread(listener.spool.path(o.path)) for o in outputs if o.kind == "SR"]
+        assert len(srs) == 1
+        evidence = {
+            str(item.ReferencedSOPInstanceUID)
+            for study in srs[0].CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence
+            for item in series.ReferencedSOPSequence
+        }
+        segs = {o.sop_instance_uid for o in outputs if o.kind == "SEG"}
+        assert evidence == set(good_uids) | segs  # the three good slices (and our SEG), not the bad one
+    finally:
+        listener.stop()

@@ -374,3 +374,26 @@ def test_listen_refuses_to_start_with_an_unusable_pipeline(tmp_path, capsys):
     assert errors[0].startswith("medgemma-deploy listen: error: --pipeline nope: unknown")
     assert errors[1] == f"medgemma-deploy listen: error: model path {tmp_path / 'missing'} does not exist"
     assert not (tmp_path / "spool" / "listener.lock").exists() or Spool(tmp_path / "spool").lock() is None
+
+
+def test_jobs_tells_rejected_input_apart_from_failed_will_retry(tmp_path):
+    from medgemma_deploy.network.jobmodel import Job, RejectedInput
+
+    def job(**changes) -> Job:
+        base = dict(
+            id=1, study_instance_uid="1.2.3", version=1, state=JobState.DELIVERED, pipeline="classify",
+            n_instances=4, attempts=0, last_error=None, not_before=0.0, n_outputs=2, n_rejected=0,
+            created_at=0.0, updated_at=0.0, last_instance_at=0.0, delivered_at=None,
+        )  # fmt: skip
+        return Job(**{**base, **changes})
+
+    retrying = job(state=JobState.QUEUED, attempts=2, last_error="process: unavailable", not_before=130.0)
+    assert jobs_command.describe_status(retrying, now=100.0).startswith("failed, will retry (attempt 2")
+    rejected = job(n_rejected=1)
+    assert jobs_command.describe_status(rejected) == "rejected input: 1 instance(s) quarantined"
+    given_up = job(state=JobState.FAILED, attempts=10, last_error="gave up")
+    assert jobs_command.describe_status(given_up).startswith("failed after 10 attempt(s)")
+    table = jobs_command.format_table(
+        [rejected], {1: [RejectedInput(1, "1.2.3.4", "studies/x.dcm", "pixels", "empty frames")]}
+    )
+    assert "rejected 1.2.3.4 [pixels]: empty frames" in table and "└ rejected input: 1" in table

@@ -203,3 +203,36 @@ def test_an_unexpected_delivery_error_fails_the_job_instead_of_spinning(setting)
     [job] = wait_until(lambda: _finished(setting["store"]), 20, 0.02, "failed")
     assert job.state is JobState.FAILED and "no presentation context" in job.last_error
     assert destination.calls == 1
+
+
+def test_a_crash_is_retried_with_backoff_then_its_instances_quarantined_with_the_reason(setting):
+    pipeline = ScriptedPipeline([KeyError("a bug in a writer")] * 10)
+    setting["add"]()
+    setting["start"](pipeline, FlakyDestination())
+    [job] = wait_until(lambda: _finished(setting["store"]), 20, 0.02, "failed after retries")
+    assert job.state is JobState.FAILED and pipeline.calls == [1, 1, 1, 1]
+    assert "process crashed: KeyError" in job.last_error and "gave up after 4 attempts" in job.last_error
+    rejected = setting["store"].rejected_inputs(job.id)
+    assert len(rejected) == 3 and {r.stage for r in rejected} == {"process"}
+    quarantined = setting["store"].quarantined()
+    assert sorted(q["path"] for q in quarantined) == sorted(r.path for r in rejected)
+    assert all("process crashed: KeyError" in q["reason"] for q in quarantined)
+
+
+def test_rejected_inputs_are_listed_with_the_job_and_the_rest_is_delivered(setting):
+    class RejectFirst(ScriptedPipeline):
+        def process(self, input_dir: Path, output_dir: Path, *, result_version: int) -> PipelineRun:
+            run = super().process(input_dir, output_dir, result_version=result_version)
+            first = sorted(input_dir.iterdir())[0]
+            refused = Rejection(str(first), "empty frames", "pixels")
+            return PipelineRun(outputs=run.outputs, rejected=(refused,))
+
+    destination = FlakyDestination()
+    setting["add"]()
+    setting["start"](RejectFirst([]), destination)
+    [job] = wait_until(lambda: _finished(setting["store"]), 20, 0.02, "delivered")
+    assert job.state is JobState.DELIVERED and job.n_rejected == 1 and len(destination.received) == 2
+    [rejected] = setting["store"].rejected_inputs(job.id)
+    assert rejected.reason == "empty frames" and rejected.stage == "pixels"
+    [quarantined] = setting["store"].quarantined()
+    assert quarantined["path"] == rejected.path and "empty frames" in quarantined["reason"]

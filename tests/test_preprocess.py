@@ -218,3 +218,34 @@ def test_bad_settings_are_refused(kwargs, message):
     arguments = {"size": (8, 8), "image_mean": MEAN, "image_std": STD, **kwargs}
     with pytest.raises(ValueError, match=message):
         MedSigLIPPreprocessor(**arguments)
+
+
+def test_a_one_by_100000_image_never_builds_its_full_size_square(monkeypatch):
+    """Issue 12: 1 × N images were zero-padded to N × N at full resolution (1 × 100000: 40 GB)."""
+    from medgemma_deploy.operators import preprocess as module
+
+    widest = []
+    real_pad = module.F.pad
+
+    def recording_pad(tensor, pad, *args, **kwargs):
+        padded = real_pad(tensor, pad, *args, **kwargs)
+        widest.append(max(padded.shape[-2:]))
+        return padded
+
+    monkeypatch.setattr(module.F, "pad", recording_pad)
+    preprocessor = module.MedSigLIPPreprocessor(size=(32, 32), image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    batch = preprocessor([np.full((1, 100_000), 0.5, np.float32)])
+    assert batch.pixel_values.shape == (1, 3, 32, 32)
+    assert max(widest) <= module.MAX_PADDED_SIDE
+    assert batch.geometry[0].side == 100_000 and batch.geometry[0].rows == 1  # maps still go to the source
+
+
+def test_shrinking_before_padding_stays_close_to_the_exact_recipe():
+    from medgemma_deploy.operators import preprocess as module
+
+    ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32)[:, None]  # smooth, so halving loses nothing
+    image = np.repeat(ramp, module.MAX_PADDED_SIDE + 2000, axis=1)
+    preprocessor = module.MedSigLIPPreprocessor(size=(32, 32), image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    shrunk = preprocessor([image]).pixel_values  # shrunk by 2 before padding
+    exact = preprocessor([image[::2, ::2]]).pixel_values  # the same picture at half size, exact recipe
+    assert float((shrunk - exact).abs().max()) < 0.05

@@ -255,6 +255,13 @@ def _label_set_without_prompts() -> pb.LabelSet:
     return definition
 
 
+def _label_set_with_prompt(prompt: str) -> pb.LabelSet:
+    definition = convert.label_set_to_proto(_label_set())
+    definition.version = "huge prompt"
+    definition.findings[0].positive_prompts.append(prompt)
+    return definition
+
+
 def _other_definition_same_version() -> pb.LabelSet:
     definition = convert.label_set_to_proto(_label_set())
     definition.findings[0].positive_prompts.append("a changed prompt")
@@ -277,6 +284,14 @@ BAD_CLASSIFY = [
     ("unknown-finding", {"relevance_finding_keys": ["no_such_finding"]}, "relevance_finding_keys[0]"),
     ("label-set-without-prompts", {"label_set": _label_set_without_prompts()}, "positive_prompts: is empty"),
     ("changed-label-set-same-version", {"label_set": _other_definition_same_version()}, "new version"),
+    # Issue 12: a 1 × 100000 image was INTERNAL ("tried to allocate 40000000000 bytes") after padding.
+    (
+        "one-by-100000",
+        {"images": [convert.array_to_proto(np.zeros((1, 100_000), np.float32))]},
+        "padded to a 100000 × 100000 square",
+    ),
+    # Issue 12: a 10 MB label prompt was accepted and logged as one 10.5 MB line.
+    ("huge-label-prompt", {"label_set": _label_set_with_prompt("x" * 100_000)}, "exceed the limit of 2048"),
 ]
 
 
@@ -324,6 +339,29 @@ BAD_REPORTS = [
         "messages[0].role",
     ),
     ("too-many-tokens", _report(max_new_tokens=100_000), "exceeds the worker's limit of 64"),
+    # Issue 12: 200 consecutive user turns were INTERNAL (a TemplateError from the chat template).
+    (
+        "200-user-turns",
+        pb.GenerateReportRequest(
+            messages=[pb.ChatMessage(role="user", content=[pb.ContentPart(text="hi")])] * 200
+        ),
+        "200 messages exceed the limit of 32",
+    ),
+    (
+        "consecutive-user-turns",
+        pb.GenerateReportRequest(
+            messages=[pb.ChatMessage(role="user", content=[pb.ContentPart(text="hi")])] * 2
+        ),
+        "messages[1].role: 'user' where 'assistant' is expected",
+    ),
+    # Issue 12: a 10 MB report text took 75 s (and 5 GB) to be refused; now refused before tokenizing.
+    (
+        "huge-text",
+        pb.GenerateReportRequest(
+            messages=[pb.ChatMessage(role="user", content=[pb.ContentPart(text="word " * 60_000)])]
+        ),
+        "300000 characters of text exceed the limit of 262144",
+    ),
     ("sampling-option-when-greedy", _report(top_k=5), "only apply with do_sample=True"),
     (
         "uint16-chat-image",
@@ -402,3 +440,12 @@ def test_metrics_endpoint(worker, stub):
         'medgemma_worker_model_info{device="cpu"',
     ):
         assert name in text, name
+
+
+def test_status_messages_are_cut_to_a_bounded_length():
+    from medgemma_deploy.serving.errors import BadRequestError
+    from medgemma_deploy.serving.servicer import MAX_STATUS_MESSAGE_CHARS, status_for
+
+    code, message = status_for(BadRequestError("label_set_name", "x" * 1_000_000))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(message) < MAX_STATUS_MESSAGE_CHARS + 60 and message.endswith("characters in all)")

@@ -11,17 +11,19 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medgemma_deploy.errors import UsageError
+from medgemma_deploy.network.jobmodel import JobState
 
 if TYPE_CHECKING:
-    from medgemma_deploy.network.jobstore import Job
+    from medgemma_deploy.network.jobstore import Job, RejectedInput
 
-__all__ = ["DEFAULT_SPOOL", "format_table", "main", "register", "run"]
+__all__ = ["DEFAULT_SPOOL", "describe_status", "format_table", "main", "register", "run"]
 
 DEFAULT_SPOOL = Path("/var/spool/medgemma")
 _STATES = ("received", "queued", "running", "delivering", "delivered", "failed")
@@ -72,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from exc
         try:
             jobs = store.jobs(states=args.state, study_instance_uid=args.study)
+            rejected: dict[int, list[RejectedInput]] = {}
+            for item in store.rejected_inputs():
+                rejected.setdefault(item.job_id, []).append(item)
         finally:
             store.close()
     except UsageError as exc:
@@ -81,28 +86,61 @@ def run(args: argparse.Namespace) -> int:
         jobs = jobs[-args.limit :]
     if args.json:
         for job in jobs:
-            print(json.dumps(job.to_json(), sort_keys=True))
+            record = {**job.to_json(), "status": describe_status(job)}
+            record["rejected_inputs"] = [item.to_json() for item in rejected.get(job.id, [])]
+            print(json.dumps(record, sort_keys=True))
     else:
-        print(format_table(jobs))
+        print(format_table(jobs, rejected))
     return 0
 
 
-def format_table(jobs: Sequence[Job]) -> str:
-    """A fixed-width table: id, state, version, instances, outputs, attempts, updated, study, error."""
+def describe_status(job: Job, now: float | None = None) -> str:
+    """What an operator needs to know about a job's problems, in words.
+
+    ``failed, will retry`` (a transient failure or a crash, attempts left) is told apart from
+    ``failed`` (given up) and from ``rejected input`` (the job went on without some instances,
+    which are listed and quarantined).
+    """
+    now = time.time() if now is None else now
+    parts = []
+    if job.last_error and job.state in (JobState.QUEUED, JobState.DELIVERING, JobState.RUNNING):
+        wait = max(0.0, job.not_before - now)
+        parts.append(f"failed, will retry (attempt {job.attempts} failed; next in {wait:.0f} s)")
+    elif job.state is JobState.FAILED:
+        parts.append(f"failed after {job.attempts} attempt(s), not retried")
+    if job.n_rejected:
+        parts.append(f"rejected input: {job.n_rejected} instance(s) quarantined")
+    return "; ".join(parts) or job.state.value
+
+
+def format_table(jobs: Sequence[Job], rejected: Mapping[int, Sequence[RejectedInput]] | None = None) -> str:
+    """A fixed-width table: id, state, version, instances, outputs, rejected, attempts, updated, study.
+
+    Under each job with a problem: its status in words (:func:`describe_status`), the last error,
+    and each rejected instance with its stage and reason.
+    """
+    rejected = rejected or {}
     header = (
-        f"{'ID':>5} {'STATE':<10} {'VER':>3} {'INST':>5} {'OUT':>4} {'TRY':>3} "
-        f"{'UPDATED (UTC)':<19} STUDY / LAST ERROR"
+        f"{'ID':>5} {'STATE':<10} {'VER':>3} {'INST':>5} {'OUT':>4} {'REJ':>4} {'TRY':>3} "
+        f"{'UPDATED (UTC)':<19} STUDY / STATUS"
     )
     lines = [header]
     for job in jobs:
         updated = datetime.fromtimestamp(job.updated_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         outputs = "" if job.n_outputs is None else str(job.n_outputs)
+        refused = "" if job.n_rejected is None else str(job.n_rejected)
         lines.append(
             f"{job.id:>5} {job.state.value:<10} {job.version:>3} {job.n_instances:>5} {outputs:>4} "
-            f"{job.attempts:>3} {updated:<19} {job.study_instance_uid}"
+            f"{refused:>4} {job.attempts:>3} {updated:<19} {job.study_instance_uid}"
         )
+        status = describe_status(job)
+        if status != job.state.value:
+            lines.append(f"{'':>5} └ {status}")
         if job.last_error:
-            lines.append(f"{'':>5} └ {job.last_error}")
+            lines.append(f"{'':>5} └ last error: {job.last_error}")
+        for item in rejected.get(job.id, []):
+            instance = item.sop_instance_uid or item.path
+            lines.append(f"{'':>5} └ rejected {instance} [{item.stage}]: {item.reason}")
     if len(lines) == 1:
         lines.append("(no jobs)")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ __all__ = [
     "NewInstance",
     "OutputRecord",
     "RecordOutcome",
+    "RejectedInput",
     "instance_from_row",
     "job_from_row",
 ]
@@ -26,7 +27,10 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 #: Tables: instances (one row per SOP Instance UID, newest content), jobs (one per study version),
-#: outputs (objects a job wrote), deliveries (per object and destination), quarantine.
+#: outputs (objects a job wrote), deliveries (per object and destination), quarantine, and
+#: rejected_inputs (the instances a job's pipeline refused, with the stage and reason). Every
+#: statement is ``IF NOT EXISTS``, so a version-1 store made before rejected_inputs existed gets
+#: the table on its next read-write open; readers treat its absence as "none recorded".
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -84,6 +88,14 @@ CREATE TABLE IF NOT EXISTS quarantine (
     path TEXT NOT NULL,
     reason TEXT NOT NULL,
     received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejected_inputs (
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    sop_instance_uid TEXT,
+    path TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (job_id, path)
 );
 """
 
@@ -168,6 +180,20 @@ class Job:
         data = dict(self.__dict__)
         data["state"] = self.state.value
         return data
+
+
+@dataclass(frozen=True)
+class RejectedInput:
+    """An instance of a job that its pipeline refused: where it is in the spool, the stage and why."""
+
+    job_id: int
+    sop_instance_uid: str | None
+    path: str
+    stage: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from medgemma_deploy.network.jobmodel import (
     NewInstance,
     OutputRecord,
     RecordOutcome,
+    RejectedInput,
     instance_from_row,
     job_from_row,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "NewInstance",
     "OutputRecord",
     "RecordOutcome",
+    "RejectedInput",
 ]  # the records live in jobmodel and are re-exported here
 
 _INSTANCE_COLUMNS = (*(f.name for f in dataclasses.fields(NewInstance)), "version", "received_at")
@@ -157,6 +159,50 @@ class JobStore:
                 "VALUES (?, ?, ?, ?, ?)",
                 (sop_instance_uid, calling_aet, path, reason, time.time()),
             ).lastrowid
+
+    def record_rejected(self, rejected: Sequence[RejectedInput], *, calling_aet: str | None = None) -> None:
+        """List a job's refused instances with the job, and quarantine each with its reason.
+
+        The spool file stays where it is (other versions of the study may still use it); the
+        quarantine row names it so an operator can find it. Recording the same job again (a
+        retry) replaces its list instead of adding duplicates.
+        """
+        with self._transaction():
+            for item in rejected:
+                exists = self._db.execute(
+                    "SELECT 1 FROM rejected_inputs WHERE job_id = ? AND path = ?", (item.job_id, item.path)
+                ).fetchone()
+                self._db.execute(
+                    "INSERT OR REPLACE INTO rejected_inputs (job_id, sop_instance_uid, path, stage, reason) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (item.job_id, item.sop_instance_uid, item.path, item.stage, item.reason),
+                )
+                if exists is None:
+                    self._db.execute(
+                        "INSERT INTO quarantine (sop_instance_uid, calling_aet, path, reason, received_at) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (
+                            item.sop_instance_uid,
+                            calling_aet,
+                            item.path,
+                            f"job {item.job_id}, {item.stage}: {item.reason}",
+                            time.time(),
+                        ),
+                    )
+
+    def rejected_inputs(self, job_id: int | None = None) -> list[RejectedInput]:
+        """The refused instances of one job (or of every job), in job then path order."""
+        query = "SELECT job_id, sop_instance_uid, path, stage, reason FROM rejected_inputs"
+        params: tuple[int, ...] = ()
+        if job_id is not None:
+            query += " WHERE job_id = ?"
+            params = (job_id,)
+        with self._lock:
+            try:
+                rows = self._db.execute(query + " ORDER BY job_id, path", params).fetchall()
+            except sqlite3.OperationalError:  # a store from before the table, opened read-only
+                return []
+        return [RejectedInput(**dict(row)) for row in rows]
 
     def quarantined(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -6,9 +6,16 @@ instances, with ``result_version`` = the study version, so a retry of the same v
 the same SOP Instance UIDs and a re-opened study gets new ones. Its outputs are recorded and the
 job moves to ``delivering``; each destination then gets the objects it has not acknowledged yet.
 
+Bad inputs never cost their neighbours: the pipeline rejects each bad instance on its own and
+processes the rest, and the job lists the refused instances (stage and reason) and quarantines
+them, then delivers what the good ones gave.
+
 Failures: a transient one (worker unavailable, PACS down, disk full) counts an attempt and is
-retried after an exponential backoff; a permanent one (bad input, objects refused) fails the job
-at once, keeping the reason. ``medgemma-deploy jobs --retry ID`` gives a failed job a new start.
+retried after an exponential backoff; so is a crash of the pipeline itself (a bug: it may not be
+the input's fault, and a retry after a fix or a restart may succeed), and when its attempts run
+out every instance of the job is quarantined with the reason. A permanent one (bad input, objects
+refused) fails the job at once, keeping the reason. ``medgemma-deploy jobs --retry ID`` gives a
+failed job a new start.
 """
 
 from __future__ import annotations
@@ -19,14 +26,23 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from medgemma_deploy.errors import InputError, UsageError
 from medgemma_deploy.network.audit import AuditLog
 from medgemma_deploy.network.delivery import DeliveryError, DeliveryItem, Destination
-from medgemma_deploy.network.jobstore import Job, JobState, JobStore, OutputRecord
+from medgemma_deploy.network.jobstore import (
+    InstanceRecord,
+    Job,
+    JobState,
+    JobStore,
+    OutputRecord,
+    RejectedInput,
+)
 from medgemma_deploy.network.metrics import ListenerMetrics
 from medgemma_deploy.network.pipelines import Pipeline
 from medgemma_deploy.network.spool import Spool
+from medgemma_deploy.operators.domain import Rejection
 
 __all__ = ["RetryPolicy", "WorkerLoop", "is_transient"]
 
@@ -206,9 +222,13 @@ class WorkerLoop:
                 self.spool.remove_tree(output_dir)  # a previous attempt's partial output
             run = self.pipeline.process(work / "input", output_dir, result_version=job.version)
         except Exception as exc:
-            self._failed(job, "process", exc)
+            if is_transient(exc) or isinstance(exc, (InputError, UsageError)):
+                self._failed(job, "process", exc)
+            else:
+                self._crashed(job, exc)
             return None
         seconds = time.perf_counter() - started
+        self._record_rejected(job, instances, run.rejected)
         self.metrics.pipeline_seconds(seconds)
         for rejection in run.rejected:
             self.audit.event(
@@ -264,6 +284,64 @@ class WorkerLoop:
             outputs=[{"sop_instance_uid": o.sop_instance_uid, "kind": o.kind} for o in outputs],
         )
         return processed
+
+    def _record_rejected(
+        self, job: Job, instances: Sequence[InstanceRecord], rejected: Sequence[Rejection]
+    ) -> None:
+        """List the refused instances with the job and quarantine them (matched by spool file name)."""
+        by_name = {Path(instance.path).name: instance for instance in instances}
+        records: dict[str, RejectedInput] = {}
+        for rejection in rejected:
+            for source in (rejection.source, *rejection.files):
+                instance = by_name.get(Path(source).name)
+                if instance is None or instance.path in records:
+                    continue
+                records[instance.path] = RejectedInput(
+                    job_id=job.id,
+                    sop_instance_uid=instance.sop_instance_uid,
+                    path=instance.path,
+                    stage=rejection.stage,
+                    reason=rejection.reason,
+                )
+        if records:
+            self.store.record_rejected(list(records.values()))
+
+    def _crashed(self, job: Job, exc: BaseException) -> None:
+        """The pipeline itself failed: retry with backoff; once attempts run out, quarantine the inputs."""
+        logger.error("job %d process crashed", job.id, exc_info=exc)
+        reason = f"process crashed: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        current = self.store.job(job.id)
+        delay = self.retry.delay((current.attempts if current else 0) + 1)
+        updated = self.store.retry_later(job.id, reason, delay_s=delay, max_attempts=self.retry.max_attempts)
+        if updated.state is not JobState.FAILED:
+            self.metrics.job("retry")
+            self.audit.event(
+                "job-retry",
+                job_id=job.id,
+                study_instance_uid=job.study_instance_uid,
+                version=job.version,
+                attempts=updated.attempts,
+                delay_s=round(delay, 2),
+                reason=reason,
+                stage="process",
+            )
+            return
+        instances = self.store.study_instances(job.study_instance_uid, job.version)
+        self.store.record_rejected(
+            [
+                RejectedInput(job.id, i.sop_instance_uid, i.path, "process", updated.last_error or reason)
+                for i in instances
+            ]
+        )
+        self.metrics.job("failed")
+        self.audit.event(
+            "job-failed",
+            job_id=job.id,
+            study_instance_uid=job.study_instance_uid,
+            version=job.version,
+            attempts=updated.attempts,
+            reason=updated.last_error,
+        )
 
     # -- delivery -------------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ from medgemma_deploy.serving.convert import array_from_proto, array_to_proto
 from medgemma_deploy.serving.errors import BadRequestError
 
 __all__ = [
+    "MAX_CHAT_MESSAGES",
+    "MAX_CHAT_TEXT_CHARS",
     "chat_from_proto",
     "chat_to_proto",
     "image_to_chat_array",
@@ -27,6 +29,14 @@ __all__ = [
 ]
 
 _ROLES = ("system", "user", "assistant")
+
+#: Most chat messages one request may hold. A report prompt is one system turn and one user turn
+#: (with its images); a longer conversation is not what the worker serves.
+MAX_CHAT_MESSAGES = 32
+#: Most characters of text in one request, all turns together. MedGemma's context is 128 K tokens
+#: (several characters each); far more text only costs tokenizer time before the context check
+#: refuses it (a 10 MB text took 75 s and 5 GB to be refused).
+MAX_CHAT_TEXT_CHARS = 262_144
 _OPTIONAL_SETTINGS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
 
@@ -36,11 +46,20 @@ def chat_from_proto(messages: Sequence[pb.ChatMessage], *, max_pixels: int) -> l
     Raises
     ------
     BadRequestError
-        No messages, an unknown role, an empty turn or text, an image of the wrong shape or dtype,
-        or no user text at all (an empty prompt).
+        No messages, too many messages or too much text (:data:`MAX_CHAT_MESSAGES`,
+        :data:`MAX_CHAT_TEXT_CHARS`), an unknown role, turns that do not alternate, an empty turn
+        or text, an image of the wrong shape or dtype, or no user text at all (an empty prompt).
     """
     if not messages:
         raise BadRequestError("messages", "is empty")
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise BadRequestError("messages", f"{len(messages)} messages exceed the limit of {MAX_CHAT_MESSAGES}")
+    n_chars = sum(len(part.text) for message in messages for part in message.content)
+    if n_chars > MAX_CHAT_TEXT_CHARS:
+        raise BadRequestError(
+            "messages", f"{n_chars} characters of text exceed the limit of {MAX_CHAT_TEXT_CHARS}"
+        )
+    _check_alternation([message.role for message in messages])
     chat: list[dict[str, Any]] = []
     user_text = False
     for index, message in enumerate(messages):
@@ -69,6 +88,24 @@ def chat_from_proto(messages: Sequence[pb.ChatMessage], *, max_pixels: int) -> l
     if not user_text:
         raise BadRequestError("messages", "no user turn has any text: the prompt is empty")
     return chat
+
+
+def _check_alternation(roles: Sequence[str]) -> None:
+    """An optional first system turn, then user and assistant turns alternating from a user turn.
+
+    Gemma's chat template raises a TemplateError for anything else (200 consecutive user turns were
+    an INTERNAL error); checking here names the turn and answers INVALID_ARGUMENT.
+    """
+    turns = list(roles[1:] if roles and roles[0] == "system" else roles)
+    offset = len(roles) - len(turns)
+    for index, role in enumerate(turns):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if role != expected:
+            raise BadRequestError(
+                f"messages[{index + offset}].role",
+                f"{role!r} where {expected!r} is expected: after an optional first system turn, "
+                "turns must alternate user, assistant, user…",
+            )
 
 
 def chat_to_proto(messages: Sequence[dict[str, Any]]) -> list[pb.ChatMessage]:

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from medgemma_deploy._proto import worker_pb2 as pb
 from medgemma_deploy._proto import worker_pb2_grpc
-from medgemma_deploy.errors import ModelLoadError, UsageError
+from medgemma_deploy.errors import ModelLoadError, ServiceError, UsageError
 from medgemma_deploy.serving.tls import ClientTLS
 
 __all__ = [
@@ -42,7 +42,7 @@ _MIB = 1024 * 1024
 _MESSAGE_FILL = 0.9
 
 
-class WorkerError(RuntimeError):
+class WorkerError(ServiceError):
     """The worker could not do the work (not a problem of the request): retry later."""
 
     def __init__(self, code: grpc.StatusCode, details: str, target: str) -> None:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Protocol
 
 import grpc
+import jinja2
 import numpy as np
 import torch
 
@@ -41,11 +42,17 @@ from medgemma_deploy.serving.report_service import ReportService
 
 __all__ = [
     "API_VERSION",
+    "MAX_LABEL_FINDINGS",
+    "MAX_LABEL_TEXT_CHARS",
+    "MAX_PROMPTS_PER_FINDING",
+    "MAX_STATUS_MESSAGE_CHARS",
     "QUEUE_FULL_PUSHBACK_MS",
     "RETRY_PUSHBACK_KEY",
     "STATUS_TABLE",
     "WorkerCore",
     "WorkerServicer",
+    "check_image_shape",
+    "check_label_set_size",
     "status_for",
 ]
 
@@ -54,10 +61,12 @@ logger = logging.getLogger(__name__)
 #: The proto package, reported by ModelInfo.
 API_VERSION = pb.DESCRIPTOR.package
 
-#: Exception class → gRPC status, first match wins (subclasses before their bases).
+#: Exception class → gRPC status, first match wins (subclasses before their bases). A chat
+#: template error is the request's (the messages do not fit the model's chat format).
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (BadRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (InputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (jinja2.TemplateError, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (torch.cuda.OutOfMemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
@@ -77,12 +86,82 @@ _DEADLINE_SLACK_S = 0.1
 _POLL_S = 0.25
 
 
+#: Longest status message (and log line) an error gives: a message quoting a 10 MB field must not
+#: become a 10 MB log line or trailer.
+MAX_STATUS_MESSAGE_CHARS = 500
+
+#: Most label-set text one Classify request may carry: findings, prompts per finding, characters
+#: per prompt (SigLIP reads 64 tokens of a prompt; longer text is never used).
+MAX_LABEL_FINDINGS = 256
+MAX_PROMPTS_PER_FINDING = 64
+MAX_LABEL_TEXT_CHARS = 2048
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status and one-line message for an exception (INTERNAL when not in the table)."""
+    """The status and one-line message for an exception (INTERNAL when not in the table).
+
+    The message is cut to :data:`MAX_STATUS_MESSAGE_CHARS`, saying how long it was.
+    """
     for error_type, code in STATUS_TABLE:
         if isinstance(error, error_type):
-            return code, str(error)
-    return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {' '.join(str(error).split())}"
+            return code, _truncated(str(error))
+    return grpc.StatusCode.INTERNAL, _truncated(f"{type(error).__name__}: {' '.join(str(error).split())}")
+
+
+def _truncated(message: str) -> str:
+    if len(message) <= MAX_STATUS_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_STATUS_MESSAGE_CHARS]}… ({len(message)} characters in all)"
+
+
+def check_label_set_size(message: pb.LabelSet, field: str = "label_set") -> None:
+    """Refuse a label set with more findings, prompts or text than any real one needs, before use.
+
+    Raises
+    ------
+    BadRequestError
+        Names the field and the limit (:data:`MAX_LABEL_FINDINGS`, :data:`MAX_PROMPTS_PER_FINDING`,
+        :data:`MAX_LABEL_TEXT_CHARS`).
+    """
+    if len(message.findings) > MAX_LABEL_FINDINGS:
+        raise BadRequestError(
+            f"{field}.findings", f"{len(message.findings)} findings exceed the limit of {MAX_LABEL_FINDINGS}"
+        )
+    texts = [(f"{field}.name", message.name), (f"{field}.version", message.version)]
+    for index, finding in enumerate(message.findings):
+        path = f"{field}.findings[{index}]"
+        texts += [(f"{path}.key", finding.key), (f"{path}.display_name", finding.display_name)]
+        for kind in ("positive_prompts", "negative_prompts"):
+            prompts = getattr(finding, kind)
+            if len(prompts) > MAX_PROMPTS_PER_FINDING:
+                raise BadRequestError(
+                    f"{path}.{kind}", f"{len(prompts)} prompts exceed the limit of {MAX_PROMPTS_PER_FINDING}"
+                )
+            texts += [(f"{path}.{kind}[{n}]", prompt) for n, prompt in enumerate(prompts)]
+    for path, text in texts:
+        if len(text) > MAX_LABEL_TEXT_CHARS:
+            raise BadRequestError(path, f"{len(text)} characters exceed the limit of {MAX_LABEL_TEXT_CHARS}")
+
+
+def check_image_shape(message: pb.Array, field: str, max_pixels: int) -> None:
+    """Refuse an image whose zero-padded square exceeds ``max_pixels``, before any pixel is touched.
+
+    MedSigLIP sees every image padded to a square of its longer side, so a 1 × 100000 image costs
+    100000² pixels (40 GB of float32), not 100000: the square is what must fit the limit.
+
+    Raises
+    ------
+    BadRequestError
+        The longer side squared exceeds ``max_pixels``.
+    """
+    shape = list(message.shape)
+    if len(shape) >= 2 and max(shape[0], shape[1]) ** 2 > max_pixels:
+        side = max(shape[0], shape[1])
+        raise BadRequestError(
+            f"{field}.shape",
+            f"{shape[:2]} is padded to a {side} × {side} square for the model ({side**2} pixels), beyond "
+            f"the worker's limit of {max_pixels} pixels",
+        )
 
 
 class WorkerCore(Protocol):
@@ -118,6 +197,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             images = self._images(request.images, limits)
             choice = request.WhichOneof("label_set_choice")
             if choice == "label_set":
+                check_label_set_size(request.label_set)
                 label_set = service.register_label_set(convert.label_set_from_proto(request.label_set))
             elif choice == "label_set_name":
                 label_set = service.find_label_set(request.label_set_name)
@@ -295,6 +375,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise BadRequestError(
                 "images", f"{len(messages)} images exceed the limit of {limits.max_images_per_request}"
             )
+        for index, message in enumerate(messages):
+            check_image_shape(message, f"images[{index}]", limits.max_image_pixels)
         return [
             convert.display_image_from_proto(message, f"images[{index}]", max_pixels=limits.max_image_pixels)
             for index, message in enumerate(messages)
