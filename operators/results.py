@@ -232,11 +232,14 @@ def series_rejection(series: Series, stage: str, error: Exception) -> Rejection:
     """
     files = _series_files(series)
     by_uid = {frame.sop_instance_uid: str(frame.path) for frame in series.frames}
+    sop_instance_uid = None
     if isinstance(error, InputError):
         reason = error.reason
         source = by_uid.get(error.source, error.source)
         if source in files:
             files = [source]
+            # The instance is named by file; its UID goes beside it for the listener's records.
+            sop_instance_uid = next((uid for uid, path in by_uid.items() if path == source), None)
     else:
         reason = " ".join(str(error).split()) if isinstance(error, ValueError) else ""
         if not reason:
@@ -251,6 +254,7 @@ def series_rejection(series: Series, stage: str, error: Exception) -> Rejection:
         stage=stage,
         study_instance_uid=series.study_instance_uid,
         series_instance_uid=series.series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
         files=tuple(files) if len(files) > 1 else (),
     )
 

@@ -245,7 +245,8 @@ def test_nul_in_patient_name_never_reaches_an_output(engine, ct, tmp_path):
     path = _save(bad, folder / "nul.dcm")
     document = _run(engine, path, ct, tmp_path)
     outputs = [o for o in document["outputs"] if o["source_series_instance_uid"] == bad.SeriesInstanceUID]
-    assert {o["kind"] for o in outputs} == {"SR", "SEG"}
+    # The default relevance format writes the maps as SEG and Parametric Map.
+    assert {o["kind"] for o in outputs} == {"SR", "SEG", "PMAP"}
     for output in outputs:
         written = pydicom.dcmread(tmp_path / "out" / output["path"])
         assert str(written.PatientName) == "ABCD"

@@ -212,7 +212,9 @@ def test_pipeline_names_the_projection_image_without_parametric_map(
     assert [entry.stage for entry in results.skipped] == skipped
     assert [entry.stage for entry in results.rejected] == rejected
     for entry in results.skipped + results.rejected:
-        assert entry.source == cr_series.frames[0].sop_instance_uid
+        # Named by file, like every series-level refusal (the SOP Instance UID goes beside it).
+        assert entry.source == str(cr_series.frames[0].path)
+        assert entry.sop_instance_uid == cr_series.frames[0].sop_instance_uid
         assert "Parametric Map" in entry.reason and "Frame of Reference" in entry.reason
 
 
