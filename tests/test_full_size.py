@@ -47,7 +47,10 @@ def test_full_size_medgemma_with_two_layers_drafts_a_report_on_a_real_cr(tmp_pat
     assert text["hidden_size"] == GEMMA_SHAPES["4b"]["hidden_size"] and text["num_hidden_layers"] == 2
     assert text["vocab_size"] == 262208
     write_real_cr(tmp_path / "input")
-    options = ReportOptions(settings=GenerationSettings(max_new_tokens=6))
+    # Sampled: greedy decoding of random tied embeddings repeats the prompt's last token ("\n")
+    # forever, which is whitespace; a seeded sample draws from the whole 262,208-id vocabulary.
+    sampled = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1.0, seed=0)
+    options = ReportOptions(settings=sampled)
     with ReportEngine(tmp_path / "models", device="cpu", report_options=options) as engine:
         tokenizer = engine.medgemma.processor.tokenizer
         # Every id of the real-size vocabulary decodes to text (the widened tokenizer).
