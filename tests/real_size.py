@@ -8,7 +8,8 @@ the worker's 64 MiB message). These builders write, into a folder:
 * :func:`write_large_radiograph` — that CR's pixels resampled to any size (e.g. a 3,000 x 3,000 CR
   or a 4,280 x 3,520 DX), uncompressed, new UIDs;
 * :func:`write_multislice_ct` — pydicom-data's 512 x 512 CT slice (693_UNCI.dcm) repeated as a
-  series of ``n`` slices 5 mm apart, each slice's pixels shifted so the slices differ.
+  series of ``n`` slices 5 mm apart in one frame of reference, each slice's pixels shifted so the
+  slices differ.
 
 Every builder skips the test, with the reason, when pydicom-data is not installed.
 """
@@ -79,6 +80,9 @@ def write_multislice_ct(folder: Path, n_slices: int) -> list[Path]:
     source = pydicom.dcmread(_testdata("693_UNCI.dcm"))
     pixels = source.pixel_array
     series_uid = generate_uid(entropy_srcs=["real-size ct", str(n_slices)])
+    # 693_UNCI.dcm has lost its Frame of Reference UID (de-identified); a scanner's series has one,
+    # and a SEG of the series needs it.
+    frame_of_reference = generate_uid(entropy_srcs=["real-size ct frame of reference", str(n_slices)])
     folder.mkdir(parents=True, exist_ok=True)
     x, y, z = (float(v) for v in source.get("ImagePositionPatient", [0.0, 0.0, 0.0]))
     paths = []
@@ -88,6 +92,7 @@ def write_multislice_ct(folder: Path, n_slices: int) -> list[Path]:
         ds.ImagePositionPatient = [x, y, z + 5.0 * index]
         ds.ImageOrientationPatient = source.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])
         ds.InstanceNumber = index + 1
+        ds.FrameOfReferenceUID = frame_of_reference
         # Slices must differ, or a per-slice bug (wrong order, one slice scored n times) hides.
         ds.PixelData = np.ascontiguousarray(np.roll(pixels, 3 * index, axis=1)).tobytes()
         path = folder / f"ct-{index:03d}.dcm"
