@@ -23,11 +23,9 @@ from typing import Protocol
 
 from monai.deploy.core import Application
 
-from medgemma_deploy.engine import PipelineEngine, check_input_path
+from medgemma_deploy.engine import EngineOptions, PipelineEngine, check_input_path
 from medgemma_deploy.errors import UsageError
 from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
-from medgemma_deploy.operators.report_inputs import GenerationSettings
-from medgemma_deploy.operators.report_pipeline import ReportOptions
 from medgemma_deploy.operators.results import EXIT_USAGE, RunResults
 from medgemma_deploy.settings import RunSettings, resolve_settings
 
@@ -117,30 +115,14 @@ def open_engine(
     settings: RunSettings, model_path: str | Path, *, classify: bool, report: bool
 ) -> PipelineEngine:
     """Load the models an app needs, once (raises UsageError with one line on any problem)."""
-    try:
-        generation = GenerationSettings(max_new_tokens=settings.max_new_tokens)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    engine = PipelineEngine(
-        Path(model_path),
-        classify=classify,
-        report=report,
-        backend=settings.backend,
-        label_files=settings.labels,
-        prompts_file=settings.prompts,
-        device=settings.device,
-        classify_options=classify_options(settings),
-        report_options=ReportOptions(settings=generation, with_findings=settings.with_findings),
-    )
+    options = EngineOptions.from_settings(settings)
+    engine = PipelineEngine(Path(model_path), classify=classify, report=report, **options.as_kwargs())
     return engine.open()
 
 
 def classify_options(settings: RunSettings) -> ClassifyOptions:
-    return ClassifyOptions(
-        relevance_top_k=settings.relevance_top_k,
-        write_embeddings=settings.write_embeddings,
-        relevance_format=settings.relevance_format,
-    )
+    """The classify operators' options: the ones every engine gets (:class:`EngineOptions`)."""
+    return EngineOptions.from_settings(settings).classify_options
 
 
 def run_app(app_class: type, module: str, argv: Sequence[str] | None = None) -> int:

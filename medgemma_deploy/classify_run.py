@@ -5,15 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from medgemma_deploy.engine import PipelineEngine, check_device, check_input_path
+from medgemma_deploy.engine import EngineOptions, PipelineEngine, check_device, check_input_path
 from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
+from medgemma_deploy.operators.report_pipeline import ReportOptions
 from medgemma_deploy.operators.results import RunResults
 
 __all__ = ["ClassifyEngine", "check_device", "run_classify"]
 
 
 class ClassifyEngine(PipelineEngine):
-    """The classify pipeline alone: loads MedSigLIP once, processes many inputs."""
+    """The classify pipeline alone: loads MedSigLIP once, processes many inputs.
+
+    Takes :class:`~medgemma_deploy.engine.EngineOptions`' keywords, like every engine (the prompts
+    and report options are not used).
+    """
 
     command = "classify"
 
@@ -23,8 +28,10 @@ class ClassifyEngine(PipelineEngine):
         *,
         backend: str = "local",
         label_files: Sequence[Path] | None = None,
+        prompts_file: Path | None = None,
         device: str | None = None,
-        options: ClassifyOptions | None = None,
+        classify_options: ClassifyOptions | None = None,
+        report_options: ReportOptions | None = None,
     ) -> None:
         super().__init__(
             models_path,
@@ -32,21 +39,17 @@ class ClassifyEngine(PipelineEngine):
             classify=True,
             report=False,
             label_files=label_files,
+            prompts_file=prompts_file,
             device=device,
-            classify_options=options,
+            classify_options=classify_options,
+            report_options=report_options,
         )
 
 
 def run_classify(
-    input_path: Path,
-    output_dir: Path,
-    models_path: Path,
-    *,
-    label_files: Sequence[Path] | None = None,
-    device: str | None = None,
-    options: ClassifyOptions | None = None,
+    input_path: Path, output_dir: Path, models_path: Path, *, options: EngineOptions | None = None
 ) -> RunResults:
     """One-shot :class:`ClassifyEngine`: load, process ``input_path``, unload."""
     check_input_path(input_path)
-    with ClassifyEngine(models_path, label_files=label_files, device=device, options=options) as engine:
+    with ClassifyEngine(models_path, **(options or EngineOptions()).as_kwargs()) as engine:
         return engine.process(input_path, output_dir)

@@ -174,10 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_pipeline(args: argparse.Namespace) -> int:
     from medgemma_deploy.classify_run import ClassifyEngine
-    from medgemma_deploy.engine import check_input_path
-    from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
-    from medgemma_deploy.operators.pixels import MemoryBudget
+    from medgemma_deploy.engine import EngineOptions, check_input_path
+    from medgemma_deploy.report_run import ReportEngine
     from medgemma_deploy.settings import resolve_settings
+    from medgemma_deploy.study_run import StudyEngine
 
     settings = resolve_settings(
         {
@@ -195,27 +195,13 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         }
     )
     check_input_path(args.input)
-    budget = MemoryBudget(
-        max_frame_megapixels=settings.max_frame_megapixels,
-        max_series_frames=settings.max_series_frames,
-        max_series_decoded_bytes=settings.max_series_decoded_mib * 2**20,
-    )
-    classify_options = ClassifyOptions(
-        relevance_top_k=settings.relevance_top_k,
-        write_embeddings=settings.write_embeddings,
-        relevance_format=settings.relevance_format,
-        budget=budget,
-    )
+    options = EngineOptions.from_settings(settings).as_kwargs()
     if args.command == "classify":
-        engine = ClassifyEngine(
-            args.models,
-            backend=settings.backend,
-            label_files=settings.labels,
-            device=settings.device,
-            options=classify_options,
-        )
+        engine = ClassifyEngine(args.models, **options)
+    elif args.command == "study":
+        engine = StudyEngine(args.models, **options)
     else:
-        engine = _report_engine(args, settings, classify_options)
+        engine = ReportEngine(args.models, **options, medsiglip_path=args.medsiglip)
     sink = None if args.command == "classify" or args.quiet_tokens else _TokenPrinter()
     indexer = None
     if settings.index:
@@ -238,38 +224,6 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     if results.rejected:
         print(f"{len(results.rejected)} input(s) rejected; see results.json", file=sys.stderr)
     return results.exit_code
-
-
-def _report_engine(args: argparse.Namespace, settings: object, classify_options: object) -> object:
-    from medgemma_deploy.operators.report_inputs import GenerationSettings
-    from medgemma_deploy.operators.report_pipeline import ReportOptions
-    from medgemma_deploy.report_run import ReportEngine
-    from medgemma_deploy.study_run import StudyEngine
-
-    try:
-        generation = GenerationSettings(max_new_tokens=settings.max_new_tokens)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    report_options = ReportOptions(settings=generation, with_findings=settings.with_findings)
-    if args.command == "study":
-        return StudyEngine(
-            args.models,
-            backend=settings.backend,
-            label_files=settings.labels,
-            prompts_file=settings.prompts,
-            device=settings.device,
-            classify_options=classify_options,
-            report_options=report_options,
-        )
-    return ReportEngine(
-        args.models,
-        backend=settings.backend,
-        prompts_file=settings.prompts,
-        label_files=settings.labels,
-        device=settings.device,
-        options=report_options,
-        medsiglip_path=args.medsiglip,
-    )
 
 
 class _TokenPrinter:

@@ -25,8 +25,8 @@ RANDOM_WEIGHTS_BANNER = """\
 
 def run_demo(output: Path, *, device: str | None = None) -> int:
     """Build the demo study and models under ``output``, run the pipeline, print what it wrote."""
-    from medgemma_deploy.operators.report_inputs import GenerationSettings
-    from medgemma_deploy.operators.report_pipeline import ReportOptions
+    from medgemma_deploy.engine import EngineOptions
+    from medgemma_deploy.settings import resolve_settings
     from medgemma_deploy.study_run import StudyEngine
     from medgemma_deploy.synthetic import write_demo_study
     from medgemma_deploy.testmodels import make_test_models
@@ -42,8 +42,11 @@ def run_demo(output: Path, *, device: str | None = None) -> int:
     make_test_models(models_dir)
     print(f"tiny random models: {models_dir}")
     # The study pipeline: MedSigLIP findings (SR + SEG), then MedGemma drafts grounded on them.
-    report_options = ReportOptions(settings=GenerationSettings(max_new_tokens=48), with_findings=True)
-    with StudyEngine(models_dir, device=device, report_options=report_options) as engine:
+    # The demo's own choices go in as flags would; every other setting (environment, YAML) applies.
+    settings = resolve_settings(
+        {"backend": "local", "device": device, "max_new_tokens": 48, "with_findings": True}
+    )
+    with StudyEngine(models_dir, **EngineOptions.from_settings(settings).as_kwargs()) as engine:
         results = engine.process(input_dir, results_dir)
     print()
     print("findings and draft reports (RANDOM WEIGHTS, meaningless):")

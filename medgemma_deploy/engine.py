@@ -15,8 +15,10 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from medgemma_deploy.errors import UsageError
 from medgemma_deploy.model_dir import resolve_model_dir
@@ -32,7 +34,8 @@ from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER
 from medgemma_deploy.operators.dicom_input import load_study_input
 from medgemma_deploy.operators.domain import LabelSet, Series, SeriesClassification
 from medgemma_deploy.operators.labels import load_label_sets
-from medgemma_deploy.operators.report_inputs import PromptBook
+from medgemma_deploy.operators.pixels import MemoryBudget
+from medgemma_deploy.operators.report_inputs import GenerationSettings, PromptBook
 from medgemma_deploy.operators.report_pipeline import (
     ReportOptions,
     TokenSink,
@@ -40,8 +43,9 @@ from medgemma_deploy.operators.report_pipeline import (
     write_report_srs,
 )
 from medgemma_deploy.operators.results import RunResults
+from medgemma_deploy.settings import RunSettings
 
-__all__ = ["PipelineEngine", "check_device", "check_input_path"]
+__all__ = ["EngineOptions", "PipelineEngine", "check_device", "check_input_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,59 @@ def check_input_path(input_path: Path) -> Path:
     if input_path.is_dir() and not any(p.is_file() for p in input_path.rglob("*")):
         raise UsageError(f"input folder {input_path} is empty: there are no files to process")
     return input_path
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The keyword arguments every engine takes, made from the run settings in one place.
+
+    The CLI, the MONAI Deploy apps, the listener's pipelines and the demo all build their engines
+    with ``Engine(models_path, **EngineOptions.from_settings(settings).as_kwargs())``, so a setting
+    added to :class:`~medgemma_deploy.settings.RunSettings` and mapped here reaches every one of
+    them (a test sets each setting by environment variable and sees it through the listener).
+    """
+
+    backend: str = "local"
+    label_files: tuple[Path, ...] = ()
+    prompts_file: Path | None = None
+    device: str | None = None
+    classify_options: ClassifyOptions = field(default_factory=ClassifyOptions)
+    report_options: ReportOptions = field(default_factory=ReportOptions)
+
+    @classmethod
+    def from_settings(cls, settings: RunSettings) -> EngineOptions:
+        """Every field of ``settings`` in the option that carries it.
+
+        Raises
+        ------
+        UsageError
+            The generation settings are refused (e.g. ``max_new_tokens`` out of range).
+        """
+        try:
+            generation = GenerationSettings(max_new_tokens=settings.max_new_tokens)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        return cls(
+            backend=settings.backend,
+            label_files=tuple(settings.labels),
+            prompts_file=settings.prompts,
+            device=settings.device,
+            classify_options=ClassifyOptions(
+                relevance_top_k=settings.relevance_top_k,
+                write_embeddings=settings.write_embeddings,
+                relevance_format=settings.relevance_format,
+                budget=MemoryBudget(
+                    max_frame_megapixels=settings.max_frame_megapixels,
+                    max_series_frames=settings.max_series_frames,
+                    max_series_decoded_bytes=settings.max_series_decoded_mib * 2**20,
+                ),
+            ),
+            report_options=ReportOptions(settings=generation, with_findings=settings.with_findings),
+        )
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The engines' keyword arguments (every engine class accepts all of them)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 class PipelineEngine:

@@ -6,13 +6,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medgemma_deploy.engine import PipelineEngine
+from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
 from medgemma_deploy.operators.report_pipeline import ReportOptions
 
 __all__ = ["ReportEngine"]
 
 
 class ReportEngine(PipelineEngine):
-    """The report pipeline: MedGemma (and MedSigLIP when grounding on findings), loaded once."""
+    """The report pipeline: MedGemma (and MedSigLIP when grounding on findings), loaded once.
+
+    Takes :class:`~medgemma_deploy.engine.EngineOptions`' keywords, like every engine, and
+    ``medsiglip_path`` when ``models_path`` is the MedGemma directory itself.
+    """
 
     command = "report"
 
@@ -21,10 +26,11 @@ class ReportEngine(PipelineEngine):
         models_path: Path | None,
         *,
         backend: str = "local",
-        prompts_file: Path | None = None,
         label_files: Sequence[Path] | None = None,
+        prompts_file: Path | None = None,
         device: str | None = None,
-        options: ReportOptions | None = None,
+        classify_options: ClassifyOptions | None = None,
+        report_options: ReportOptions | None = None,
         medsiglip_path: Path | None = None,
     ) -> None:
         super().__init__(
@@ -35,6 +41,7 @@ class ReportEngine(PipelineEngine):
             label_files=label_files,
             prompts_file=prompts_file,
             device=device,
-            report_options=options,
+            classify_options=classify_options,
+            report_options=report_options,
             medsiglip_path=medsiglip_path,
         )

@@ -57,7 +57,7 @@ from medgemma_deploy.operators.preprocess import MedSigLIPPreprocessor
 from medgemma_deploy.operators.relevance import (
     RelevanceGridCache,
     grid_key,
-    grids_to_images,
+    grid_to_source,
     patch_embeddings,
     relevance_grids,
 )
@@ -241,9 +241,20 @@ class MedSigLIPRunner:
     @property
     def image_size(self) -> tuple[int, int]:
         """The model input's (height, width), from its ``preprocessor_config.json``."""
+        return self.preprocessor.size
+
+    @property
+    def patch_grid(self) -> int:
+        """The side of the vision tower's patch grid, the resolution of :meth:`relevance_grids`."""
+        self._loaded()
+        return self._grid
+
+    @property
+    def preprocessor(self) -> MedSigLIPPreprocessor:
+        """The model's image preprocessing (a worker publishes it so clients send model-size images)."""
         self._loaded()
         assert self._preprocessor is not None
-        return self._preprocessor.size
+        return self._preprocessor
 
     # ---- text -----------------------------------------------------------------------------------
 
@@ -318,7 +329,9 @@ class MedSigLIPRunner:
 
     # ---- images ---------------------------------------------------------------------------------
 
-    def score(self, images: Sequence[np.ndarray], label_set: LabelSet) -> ImageScores:
+    def score(
+        self, images: Sequence[np.ndarray], label_set: LabelSet, *, at_model_input: bool = False
+    ) -> ImageScores:
         """Probabilities of every finding of ``label_set`` and the embedding of every image.
 
         Parameters
@@ -328,6 +341,9 @@ class MedSigLIPRunner:
             sizes; processed in batches of ``max_batch_size``.
         label_set:
             Findings and scoring (module docstring).
+        at_model_input:
+            The images are already padded and resized to the model's input
+            (``preprocessor.to_model_input``, done by a worker's client).
 
         Returns
         -------
@@ -348,7 +364,9 @@ class MedSigLIPRunner:
         for start in range(0, len(images), self.max_batch_size):
             chunk = images[start : start + self.max_batch_size]
             indices = range(start, start + len(chunk))
-            pooled, patches = self._encode_images(model, chunk, indices, with_patches=True)
+            pooled, patches = self._encode_images(
+                model, chunk, indices, with_patches=True, at_model_input=at_model_input
+            )
             positive = self._logit_scale * pooled @ text.positive.T + self._logit_bias
             if label_set.scoring == "softmax":
                 negative = self._logit_scale * pooled @ text.negative.T + self._logit_bias
@@ -371,8 +389,11 @@ class MedSigLIPRunner:
             embeddings=np.concatenate(embeddings).astype(np.float32),
         )
 
-    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """``(n_images, embedding_dim)`` float32 L2-normalised image embeddings, in order."""
+    def embed_images(self, images: Sequence[np.ndarray], *, at_model_input: bool = False) -> np.ndarray:
+        """``(n_images, embedding_dim)`` float32 L2-normalised image embeddings, in order.
+
+        ``at_model_input``: as :meth:`score`.
+        """
         model = self._loaded()
         rows = [
             self._encode_images(
@@ -380,6 +401,7 @@ class MedSigLIPRunner:
                 images[start : start + self.max_batch_size],
                 range(start, min(start + self.max_batch_size, len(images))),
                 with_patches=False,
+                at_model_input=at_model_input,
             )[0]
             for start in range(0, len(images), self.max_batch_size)
         ]
@@ -391,6 +413,32 @@ class MedSigLIPRunner:
         self, images: Sequence[np.ndarray], label_set: LabelSet, finding_keys: Sequence[str]
     ) -> list[np.ndarray]:
         """Per image, ``(len(finding_keys), rows, columns)`` float32 maps in [0, 1] on its own pixels.
+
+        The :meth:`relevance_grids` put on each image's pixels by
+        :func:`~medgemma_deploy.operators.relevance.grid_to_source`.
+
+        Raises
+        ------
+        ValueError
+            A key is not a finding of ``label_set``, or an image cannot be preprocessed.
+        """
+        grids = self.relevance_grids(images, label_set, finding_keys)
+        return [
+            grid_to_source(grid, image.shape[0], image.shape[1])
+            for image, grid in zip(images, grids, strict=True)
+        ]
+
+    def relevance_grids(
+        self,
+        images: Sequence[np.ndarray],
+        label_set: LabelSet,
+        finding_keys: Sequence[str],
+        *,
+        at_model_input: bool = False,
+    ) -> list[np.ndarray]:
+        """Per image, ``(len(finding_keys), g, g)`` float32 maps in [0, 1] on the model's patch grid.
+
+        The grid covers the zero-padded square the model saw; ``at_model_input``: as :meth:`score`.
 
         Raises
         ------
@@ -413,11 +461,17 @@ class MedSigLIPRunner:
             for start in range(0, len(missing), self.max_batch_size):
                 indices = missing[start : start + self.max_batch_size]
                 chunk = [images[i] for i in indices]
-                _, patches = self._encode_images(model, chunk, indices, with_patches=True)
+                _, patches = self._encode_images(
+                    model, chunk, indices, with_patches=True, at_model_input=at_model_input
+                )
                 for index, grid in zip(indices, relevance_grids(patches, text, self._grid), strict=True):
                     grids[index] = grid
                     self._grid_cache.remember(keys[index], grid)
-        return grids_to_images(images, grids, selected, self.device)
+        chosen = []
+        for grid in grids:
+            assert grid is not None
+            chosen.append(grid[selected].numpy().astype(np.float32))
+        return chosen
 
     # ---- internals ------------------------------------------------------------------------------
 
@@ -446,9 +500,10 @@ class MedSigLIPRunner:
         indices: Sequence[int],
         *,
         with_patches: bool,
+        at_model_input: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         assert self._preprocessor is not None
-        batch = self._preprocessor(images, indices=indices)
+        batch = self._preprocessor(images, indices=indices, at_model_input=at_model_input)
         with torch.inference_mode():
             output = model.vision_model(pixel_values=batch.pixel_values)
             pooled = F.normalize(output.pooler_output.float(), dim=-1)

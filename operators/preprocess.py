@@ -193,6 +193,26 @@ class MedSigLIPPreprocessor:
         self._mean = torch.tensor(self.image_mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(self.image_std, dtype=torch.float32, device=self.device).view(3, 1, 1)
 
+    @property
+    def resample_mode(self) -> str:
+        """The resize filter by name: ``"bilinear"`` or ``"bicubic"``."""
+        return _RESAMPLE_MODES[self.resample]
+
+    @classmethod
+    def from_resize(cls, size: tuple[int, int], resample_mode: str, antialias: bool) -> MedSigLIPPreprocessor:
+        """Steps 1-4 only (:meth:`to_model_input`), as a worker publishes them; on the CPU.
+
+        Raises
+        ------
+        ValueError
+            An unknown filter name or a bad size.
+        """
+        codes = {mode: code for code, mode in _RESAMPLE_MODES.items()}
+        if resample_mode not in codes:
+            raise ValueError(f"resample {resample_mode!r} is not one of {', '.join(codes)}")
+        # Normalisation is the worker's step 5; identity values keep this object well-formed.
+        return cls(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), resample=codes[resample_mode], antialias=antialias)
+
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> MedSigLIPPreprocessor:
         """Read ``preprocessor_config.json`` of a local model directory (no ``transformers`` needed).
@@ -240,12 +260,18 @@ class MedSigLIPPreprocessor:
         )
 
     def __call__(
-        self, images: Sequence[np.ndarray], *, indices: Sequence[int] | None = None
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        indices: Sequence[int] | None = None,
+        at_model_input: bool = False,
     ) -> PreprocessedBatch:
         """Preprocess images of any sizes into one ``(n, 3, height, width)`` batch.
 
         ``indices`` are the images' positions in the caller's sequence, used in error messages
-        when ``images`` is a part of it (default: 0, 1, 2…).
+        when ``images`` is a part of it (default: 0, 1, 2…). With ``at_model_input`` the images
+        are :meth:`to_model_input`'s output (steps 1-4 done, e.g. by a worker's client) and only
+        the normalisation is left; ``geometry`` then describes the square itself.
 
         Raises
         ------
@@ -262,15 +288,39 @@ class MedSigLIPPreprocessor:
         pixels = []
         geometry = []
         for index, image in zip(positions, images, strict=True):
-            tensor, padding = self._one(_checked_image(image, index))
-            pixels.append(tensor)
+            checked = _checked_image(image, index)
+            if at_model_input:
+                self._check_model_input(checked, index)
+                resized = _channels_first(torch.from_numpy(checked).to(self.device))
+                padding = PadGeometry.for_shape(height, width)
+            else:
+                resized, padding = self._resized(checked)
+            pixels.append(self._normalised(resized))
             geometry.append(padding)
         return PreprocessedBatch(torch.stack(pixels).to(self.dtype), geometry)
 
-    def _one(self, image: np.ndarray) -> tuple[torch.Tensor, PadGeometry]:
+    def to_model_input(self, image: np.ndarray, *, index: int = 0) -> tuple[np.ndarray, PadGeometry]:
+        """Steps 1-4 of the recipe: ``image`` padded, resized and clipped, float32 in [0, 1].
+
+        Returns the model-size image, ``(height, width)`` grey or ``(height, width, 3)`` RGB (grey
+        stays one channel: step 2 repeats it, so sending three would only triple the bytes), and
+        where the source sits in the square. Calling the preprocessor on it with
+        ``at_model_input=True`` gives exactly the pixels it gives for ``image`` itself: this is
+        what lets a worker's client send model-size images with results equal to in-process ones.
+
+        Raises
+        ------
+        ValueError
+            As :meth:`__call__`, naming ``images[index]``.
+        """
+        resized, padding = self._resized(_checked_image(image, index))
+        array = resized[0] if resized.shape[0] == 1 else resized.permute(1, 2, 0)
+        return np.ascontiguousarray(array.cpu().numpy(), dtype=np.float32), padding
+
+    def _resized(self, image: np.ndarray) -> tuple[torch.Tensor, PadGeometry]:
+        """``(channels, height, width)`` float32 in [0, 1]: padded to a square, resized, clipped."""
         padding = PadGeometry.for_shape(image.shape[0], image.shape[1])
-        tensor = torch.from_numpy(image).to(self.device)
-        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+        tensor = _channels_first(torch.from_numpy(image).to(self.device))
         square = padding
         factor = -(-padding.side // MAX_PADDED_SIDE)
         if factor > 1:
@@ -285,8 +335,17 @@ class MedSigLIPPreprocessor:
             tensor[None], size=self.size, mode=mode, align_corners=False, antialias=self.antialias
         )[0]
         # Bicubic overshoots; PIL clips to the 8-bit range, so clip to [0, 1] like it.
-        resized = resized.clamp_(0.0, 1.0).expand(3, -1, -1)
-        return (resized - self._mean) / self._std, padding
+        return resized.clamp_(0.0, 1.0), padding
+
+    def _normalised(self, resized: torch.Tensor) -> torch.Tensor:
+        return (resized.expand(3, -1, -1) - self._mean) / self._std
+
+    def _check_model_input(self, image: np.ndarray, index: int) -> None:
+        if image.shape[:2] != self.size:
+            raise ValueError(
+                f"images[{index}] has shape {image.shape}: a model-input image must be "
+                f"{self.size[0]}x{self.size[1]} (the model's input size, see to_model_input)"
+            )
 
     def __repr__(self) -> str:
         return (
@@ -314,6 +373,11 @@ def _settings_from_config(config: dict[str, Any]) -> dict[str, Any]:
         "image_std": list(config["image_std"]) if normalize else [1.0, 1.0, 1.0],
         "resample": int(config.get("resample", 2)),
     }
+
+
+def _channels_first(tensor: torch.Tensor) -> torch.Tensor:
+    """``(rows, columns)`` → ``(1, rows, columns)``; ``(rows, columns, 3)`` → ``(3, rows, columns)``."""
+    return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
 
 def _checked_image(image: np.ndarray, index: int) -> np.ndarray:

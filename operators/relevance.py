@@ -13,9 +13,10 @@ embedding the model itself would produce from that patch, in the joint image-tex
 A finding's map is ``p̂_j · (mean_i t+_i - mean_i t-_i)`` with ``p̂_j`` normalised: the patch's own
 ``(l+ - l-) / exp(logit_scale)``, positive exactly where that patch alone would give the finding a
 softmax probability above 0.5 (without negative prompts: ``p̂_j · mean_i t+_i`` minus its mean over
-the image). It is rectified, divided by its maximum (so it spans [0, 1], or is all zero when no
-patch alone favours the finding), resized from the patch grid to the padded square and cropped
-back to the source pixels. It costs one matrix product per image on top of the forward pass, needs
+the image). It is rectified and divided by its maximum (so it spans [0, 1], or is all zero when no
+patch alone favours the finding); :func:`grid_to_source` then resizes it from the patch grid onto
+the source pixels (the worker returns the grid itself, and its client calls the same function).
+It costs one matrix product per image on top of the forward pass, needs
 no gradients, is deterministic, and depends on the finding only through its text embeddings.
 A map shows *where* the image looks like the finding; *whether* it is there is the probability's job.
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RelevanceGridCache",
     "grid_key",
-    "grids_to_images",
+    "grid_to_source",
     "patch_embeddings",
     "relevance_grids",
 ]
@@ -105,24 +106,50 @@ def relevance_grids(patches: torch.Tensor, text: TextEmbeddings, grid_size: int)
     return list(grids)
 
 
-def grids_to_images(
-    images: Sequence[np.ndarray],
-    grids: Sequence[torch.Tensor | None],
-    selected: list[int],
-    device: torch.device,
-) -> list[np.ndarray]:
-    """Per image, ``(len(selected), rows, columns)`` float32 maps in [0, 1] on its own pixels.
+def grid_to_source(grid: torch.Tensor | np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """Maps on the model's patch grid → ``(n_maps, rows, columns)`` float32 on the source pixels.
 
-    The ``selected`` findings' rows of each image's grid are resized to the padded square and
-    cropped back to the image (:class:`~medgemma_deploy.operators.preprocess.PadGeometry`).
+    The one place maps leave the patch grid: the in-process runner and the worker's client both
+    call it (the worker sends grids, 4 KiB per map on MedSigLIP-448's 32x32 grid, not full-size
+    maps), so the SEG writer gets the same full-size map either way.
+
+    The result is the grid resized bilinearly (pixel centres aligned, edges clamped: PyTorch's
+    ``interpolate(..., mode="bilinear", align_corners=False)``) to the zero-padded square the
+    model saw, restricted to where the source image sits in it
+    (:class:`~medgemma_deploy.operators.preprocess.PadGeometry`). It is computed as two small
+    matrix products straight onto the cropped region, never materialising the square: a 1xN strip
+    costs N values per map, not N².
+
+    Parameters
+    ----------
+    grid:
+        ``(n_maps, g, g)`` values in [0, 1] over the whole padded square.
+    rows, columns:
+        The source image's size.
     """
-    maps = []
-    for image, grid in zip(images, grids, strict=True):
-        assert grid is not None
-        geometry = PadGeometry.for_shape(image.shape[0], image.shape[1])
-        chosen = grid[selected].to(device)
-        maps.append(geometry.to_source(chosen).clamp_(0.0, 1.0).cpu().numpy().astype(np.float32))
-    return maps
+    values = np.asarray(grid, dtype=np.float32)
+    if values.ndim != 3 or values.shape[1] != values.shape[2]:
+        raise ValueError(f"grid must have shape (n_maps, g, g), got {values.shape}")
+    geometry = PadGeometry.for_shape(rows, columns)
+    size = values.shape[1]
+    down = _bilinear_weights(size, geometry.side, geometry.top, rows)  # (rows, g)
+    across = _bilinear_weights(size, geometry.side, geometry.left, columns)  # (columns, g)
+    maps = np.matmul(np.matmul(down, values), across.T)
+    return np.clip(maps, 0.0, 1.0, out=maps)
+
+
+def _bilinear_weights(size: int, side: int, start: int, count: int) -> np.ndarray:
+    """``(count, size)`` weights of output pixels ``start … start+count-1`` of a ``size``→``side`` resize."""
+    scale = size / side
+    source = np.maximum((np.arange(start, start + count, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(np.int64), size - 1)
+    high = np.minimum(low + 1, size - 1)
+    fraction = source - low
+    weights = np.zeros((count, size), np.float64)
+    positions = np.arange(count)
+    np.add.at(weights, (positions, low), 1.0 - fraction)
+    np.add.at(weights, (positions, high), fraction)
+    return weights.astype(np.float32)
 
 
 def grid_key(label_set: LabelSet, image: np.ndarray) -> tuple:

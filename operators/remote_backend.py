@@ -17,7 +17,12 @@ The transport (:mod:`medgemma_deploy.serving.client`):
   (:class:`WorkerRequestError`; for reports an ``InputError``, as ``MedGemmaRunner`` raises),
   anything else a ``RuntimeError`` (:class:`WorkerError`).
 
-Images travel as float32, bit-identical to the in-process arrays: results equal the local ones.
+What travels (sizes: protos/README.md): when the worker publishes its model's input size, images
+go at that size, padded and resized here by the model's own recipe
+(``MedSigLIPPreprocessor.to_model_input``, the code the in-process runner runs), as float32; relevance
+maps come back on the patch grid and :func:`~medgemma_deploy.operators.relevance.grid_to_source` puts
+them on the source pixels, as in process. So a 4,280 x 3,520 DX costs 0.8 MB each way instead of
+60 MB, and results equal the local ones. An older worker gets full-size display images.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.classification import ImageScores
 from medgemma_deploy.operators.domain import LabelSet, ModelIdentity
 from medgemma_deploy.operators.medgemma import ReportResult
+from medgemma_deploy.operators.preprocess import MedSigLIPPreprocessor
+from medgemma_deploy.operators.relevance import grid_to_source
 from medgemma_deploy.operators.report_inputs import ReportRequest
 from medgemma_deploy.serving import chat_convert, convert
 from medgemma_deploy.serving.client import (
@@ -67,10 +74,18 @@ class RemoteMedSigLIP:
     def __init__(self, client: WorkerClient) -> None:
         self.client = client
         self._description: pb.ModelDescription | None = None
+        self._resize: MedSigLIPPreprocessor | None = None
 
     def load(self) -> RemoteMedSigLIP:
         """Check that the worker serves MedSigLIP (waiting while it loads)."""
-        self._description = self.client.model("medsiglip")
+        description = self.client.model("medsiglip")
+        self._description = description
+        if description.input_rows and description.input_columns and description.patch_grid:
+            self._resize = MedSigLIPPreprocessor.from_resize(
+                (description.input_rows, description.input_columns),
+                description.resample,
+                description.antialias,
+            )
         logger.info(
             "MedSigLIP %s (%s) on worker %s", self.identity.name, self.identity.version, self.client.target
         )
@@ -115,15 +130,29 @@ class RemoteMedSigLIP:
         maps: list[np.ndarray] = []
         for response in self._classify(images, label_set, keys=finding_keys):
             maps.extend(convert.array_from_proto(m, "relevance_maps") for m in response.relevance_maps)
-        return maps
+            maps.extend(convert.array_from_proto(g, "relevance_grids") for g in response.relevance_grids)
+        if self._resize is None:
+            return maps
+        return [
+            grid_to_source(grid, *np.shape(image)[:2]) for image, grid in zip(images, maps, strict=True)
+        ]
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        wire = [convert.image_to_proto(image, self.client.image_dtype) for image in images]
+        self._loaded()
+        wire = self._wire_images(images)
         rows = []
         for run in self.client.chunks([len(w.data) for w in wire]):
-            response = self.client.call("Embed", pb.EmbedRequest(images=wire[run]))
+            request = pb.EmbedRequest(images=wire[run], images_at_model_input=self._resize is not None)
+            response = self.client.call("Embed", request)
             rows.append(convert.array_from_proto(response.embeddings, "embeddings"))
         return np.concatenate(rows) if rows else np.zeros((0, self.embedding_dim), np.float32)
+
+    def _wire_images(self, images: Sequence[np.ndarray]) -> list[pb.Array]:
+        """Images as sent: at the model's input when the worker publishes it, else as they are."""
+        if self._resize is None:
+            return [convert.image_to_proto(image, self.client.image_dtype) for image in images]
+        resized = (self._resize.to_model_input(image, index=index)[0] for index, image in enumerate(images))
+        return [convert.image_to_proto(image, self.client.image_dtype) for image in resized]
 
     def _classify(
         self,
@@ -134,12 +163,16 @@ class RemoteMedSigLIP:
         keys: Sequence[str] = (),
     ) -> Iterator[pb.ClassifyResponse]:
         self._loaded()
-        wire = [convert.image_to_proto(image, self.client.image_dtype) for image in images]
+        wire = self._wire_images(images)
         definition = convert.label_set_to_proto(label_set)
-        # A request must fit, and so must its answer (maps are float32 per pixel and key).
+        # A request must fit, and so must its answer: full-size maps are float32 per pixel and key,
+        # grids (images at the model input) are float32 per patch and key.
+        grid = self._loaded().patch_grid
+        answer_pixels = [
+            grid * grid if self._resize is not None else int(np.prod(np.shape(i)[:2])) for i in images
+        ]
         sizes = [
-            max(len(w.data), int(np.prod(np.shape(i)[:2])) * 4 * len(keys))
-            for w, i in zip(wire, images, strict=True)
+            max(len(w.data), pixels * 4 * len(keys)) for w, pixels in zip(wire, answer_pixels, strict=True)
         ]
         for run in self.client.chunks(sizes):
             request = pb.ClassifyRequest(
@@ -148,6 +181,7 @@ class RemoteMedSigLIP:
                 return_embeddings=return_embeddings,
                 relevance_finding_keys=list(keys),
                 omit_probabilities=bool(keys) and not return_embeddings,
+                images_at_model_input=self._resize is not None,
             )
             yield self.client.call("Classify", request)
 
@@ -210,6 +244,9 @@ class RemoteMedGemma:
             request_id=request.source,
         )
         try:
+            # Prompt images are the 8-bit renderings the local processor gets: a 4,280 x 3,520 DX is
+            # 45 MB, under the default 64 MiB; a bigger prompt is refused here in one line.
+            self.client.check_fits(wire.ByteSize(), "the report prompt (its images)")
             for event in self.client.stream_report(wire):
                 kind = event.WhichOneof("event")
                 if kind == "delta" and event.delta.text and on_token is not None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.system_tools import require
+
 __all__ = ["ORTHANC_BINARY", "OrthancServer", "free_port", "orthanc_available", "running_orthanc"]
 
 ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -141,6 +143,9 @@ def running_orthanc(
     plugin with that script. A given ``http_port``/``dicom_port`` lets a test restart Orthanc on the
     same ports (to bring a destination back).
     """
+    # Fail now, naming the package, rather than wait startup_timeout_s for a server that cannot start
+    # (or, without the plugin, for a forward that never comes).
+    require("orthanc", *(("orthanc-python",) if python_script is not None else ()))
     workdir.mkdir(parents=True, exist_ok=True)
     extra = dict(extra or {})
     if python_script is not None:

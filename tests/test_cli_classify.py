@@ -11,6 +11,7 @@ import pytest
 from medgemma_deploy.cli import main
 from medgemma_deploy.synthetic import write_bad_inputs, write_demo_study
 from tests.dciodvfy import run_dciodvfy
+from tests.real_size import write_multislice_ct, write_real_cr
 from tests.sr_text import sr_texts
 
 
@@ -146,3 +147,18 @@ def test_usage_errors_exit_2_with_one_line_and_no_traceback(make_args, message, 
     error_lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(error_lines) == 1 and message in error_lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_real_size_radiograph_and_a_multislice_ct_through_the_cli(tiny_models_root, tmp_path):
+    """pydicom-data's 1,955 x 1,841 JPEG 2000 CR and a 20-slice 512 x 512 CT, as a PACS sends them."""
+    folder = tmp_path / "in"
+    write_real_cr(folder)
+    write_multislice_ct(folder, 20)
+    out = tmp_path / "out"
+    assert main(["classify", "-i", str(folder), "-o", str(out), "-m", str(tiny_models_root)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted((s["modality"], s["n_frames"]) for s in results["series"]) == [("CR", 1), ("CT", 20)]
+    segmentations = [out / o["path"] for o in results["outputs"] if o["kind"] == "SEG"]
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in segmentations]
+    shapes = sorted((int(ds.Rows), int(ds.Columns)) for ds in headers)
+    assert shapes == [(512, 512), (1955, 1841)], "relevance maps on the source pixels"

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.cli_options import cli_options
+from tests.system_tools import require
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -32,10 +33,8 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 
 
 def _kubectl() -> str:
-    found = shutil.which("kubectl")
-    if found is None:
-        pytest.skip("kubectl not installed (Debian package kubectl; ./run tests installs it)")
-    return found
+    require("kubectl")
+    return shutil.which("kubectl")  # type: ignore[return-value]  # present: require passed
 
 
 def render(overlay: Path) -> list[dict]:

@@ -21,15 +21,12 @@ import pytest
 from medgemma_deploy.network.jobstore import JobStore
 from medgemma_deploy.synthetic import write_bad_inputs, write_demo_study
 from tests.listener_support import REPO, ListenerProcess, all_finished, jobs, send_as_is, wait_until
-from tests.orthanc import free_port, orthanc_available, running_orthanc
+from tests.orthanc import free_port, running_orthanc
+from tests.system_tools import require
 
-pytestmark = [
-    pytest.mark.network,
-    pytest.mark.skipif(not orthanc_available(), reason="Orthanc is not installed (apt-get install orthanc)"),
-    pytest.mark.skipif(
-        shutil.which("storescu") is None, reason="dcmtk is not installed (apt-get install dcmtk)"
-    ),
-]
+# Orthanc, its Python plugin and storescu are checked where they are used (tests.system_tools): a
+# missing one fails at once naming its Debian package; ./run tests installs them.
+pytestmark = pytest.mark.network
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -38,6 +35,7 @@ PLUGIN = REPO / "deploy" / "orthanc" / "medgemma_forward.py"
 
 
 def storescu(port: int, *paths: Path, called: str = "MEDGEMMA") -> subprocess.CompletedProcess:
+    require("storescu")
     # -nh: go on after a refused instance (storescu halts at the first one by default).
     command = ["storescu", "-nh", "-aet", "STORESCU", "-aec", called, "-R", "+sd", "+r"]
     command += ["127.0.0.1", str(port)]

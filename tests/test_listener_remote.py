@@ -6,7 +6,6 @@ restarted while a study waits: the study is processed and delivered once the wor
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -16,15 +15,12 @@ import pytest
 
 from medgemma_deploy.synthetic import write_demo_study
 from tests.listener_support import REPO, ListenerProcess, all_finished, jobs, wait_until
-from tests.orthanc import free_port, orthanc_available, running_orthanc
+from tests.orthanc import free_port, running_orthanc
+from tests.system_tools import require
 
-pytestmark = [
-    pytest.mark.network,
-    pytest.mark.skipif(not orthanc_available(), reason="Orthanc is not installed (apt-get install orthanc)"),
-    pytest.mark.skipif(
-        shutil.which("storescu") is None, reason="dcmtk is not installed (apt-get install dcmtk)"
-    ),
-]
+# Orthanc and storescu are checked where they are used (tests.system_tools): a missing one fails at
+# once naming its Debian package; ./run tests installs them.
+pytestmark = pytest.mark.network
 
 
 class Worker:
@@ -55,6 +51,7 @@ class Worker:
 
 
 def _storescu(port: int, folder: Path) -> None:
+    require("storescu")
     command = [
         "storescu",
         "-nh",

@@ -21,6 +21,7 @@ from medgemma_deploy.network.jobstore import JobState, JobStore, NewInstance, Ou
 from medgemma_deploy.network.pipelines import PipelineOptions, make_pipeline, register_pipeline
 from medgemma_deploy.network.spool import Spool, SpoolFullError, SpoolLockedError, safe_uid_name
 from medgemma_deploy.network.worker_loop import RetryPolicy, is_transient
+from medgemma_deploy.settings import RunSettings
 
 STUDY = "1.2.3.4"
 
@@ -289,15 +290,19 @@ def test_pipeline_registry_names_what_is_missing():
         make_pipeline("no_such_module:factory", PipelineOptions())
     with pytest.raises(UsageError, match="--models is required"):
         make_pipeline("classify", PipelineOptions(models_path=None))
-    register_pipeline("unit-test", lambda options: ("built", options.backend))
-    assert make_pipeline("unit-test", PipelineOptions(backend="local")) == ("built", "local")
+    register_pipeline("unit-test", lambda options: ("built", options.settings.backend))
+    remote = PipelineOptions(settings=RunSettings(backend="grpc://127.0.0.1:1"))
+    assert make_pipeline("unit-test", remote) == ("built", "grpc://127.0.0.1:1")
 
 
 @pytest.mark.parametrize(("name", "engine"), [("report", "ReportEngine"), ("study", "StudyEngine")])
 def test_report_pipelines_build_their_engine_with_the_backend(name, engine):
-    pipeline = make_pipeline(name, PipelineOptions(models_path=Path("/models"), relevance_top_k=2))
+    options = PipelineOptions(models_path=Path("/models"), settings=RunSettings(relevance_top_k=2))
+    pipeline = make_pipeline(name, options)
     assert pipeline.name == name and type(pipeline.engine).__name__ == engine  # built, not loaded
-    remote = make_pipeline(name, PipelineOptions(models_path=None, backend="grpc://127.0.0.1:1"))
+    assert pipeline.engine.classify_options.relevance_top_k == 2
+    remote_settings = RunSettings(backend="grpc://127.0.0.1:1")
+    remote = make_pipeline(name, PipelineOptions(models_path=None, settings=remote_settings))
     assert remote.engine.backend == "grpc://127.0.0.1:1"
 
 
@@ -307,10 +312,11 @@ def test_an_engine_without_a_backend_option_refuses_a_remote_backend():
     class InProcessOnly:
         def __init__(self, models_path: Path, *, device: str | None = None) -> None: ...
 
-    options = PipelineOptions(models_path=Path("/models"), device="cpu")
+    options = PipelineOptions(models_path=Path("/models"), settings=RunSettings(device="cpu"))
     assert _engine_kwargs(InProcessOnly, options, "x") == {"device": "cpu"}
+    remote = PipelineOptions(settings=RunSettings(backend="grpc://127.0.0.1:1"))
     with pytest.raises(UsageError, match="in-process only"):
-        _engine_kwargs(InProcessOnly, PipelineOptions(backend="grpc://127.0.0.1:1"), "x")
+        _engine_kwargs(InProcessOnly, remote, "x")
 
 
 def test_a_pipeline_whose_engine_is_not_installed_fails_with_one_line():

@@ -108,7 +108,7 @@ def test_requirements_cover_the_package_dependencies(app):
     extras = project["optional-dependencies"]
     needed = {
         _requirement_name(r)
-        for r in project["dependencies"] + extras["compression"] + extras["tokenizers-slow"]
+        for r in project["dependencies"] + extras["compression"]
     }
     needed |= {"grpcio", "protobuf"}  # the client side of --backend grpc://
     assert needed <= listed, f"{app}/requirements.txt misses {sorted(needed - listed)}"

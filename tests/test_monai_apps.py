@@ -10,6 +10,7 @@ import pytest
 
 from medgemma_deploy.synthetic import write_demo_study
 from tests.dciodvfy import run_dciodvfy
+from tests.real_size import write_multislice_ct, write_real_cr
 
 pytestmark = pytest.mark.holoscan
 pytest.importorskip("holoscan", reason="the MONAI Deploy extra (holoscan) is not installed")
@@ -104,3 +105,21 @@ def test_report_and_study_apps_run_end_to_end(app, extra, kinds, study, tiny_mod
         assert series["report"]["settings"]["max_new_tokens"] == 8
     for output in results["outputs"]:
         assert run_dciodvfy(out / output["path"]) == [], output["path"]
+
+
+def test_app_on_a_real_size_radiograph_and_a_multislice_ct(tiny_models_root, tmp_path):
+    """pydicom-data's 1,955 x 1,841 JPEG 2000 CR and a 20-slice 512 x 512 CT through the classify app."""
+    study = tmp_path / "in"
+    write_real_cr(study)
+    write_multislice_ct(study, 20)
+    out = tmp_path / "out"
+    proc = _run_app(["-i", str(study), "-o", str(out), "-m", str(tiny_models_root)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert sorted((s["modality"], s["n_frames"]) for s in results["series"]) == [("CR", 1), ("CT", 20)]
+    headers = [
+        pydicom.dcmread(out / o["path"], stop_before_pixels=True)
+        for o in results["outputs"]
+        if o["kind"] == "SEG"
+    ]
+    assert sorted((int(ds.Rows), int(ds.Columns)) for ds in headers) == [(512, 512), (1955, 1841)]

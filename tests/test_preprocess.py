@@ -249,3 +249,32 @@ def test_shrinking_before_padding_stays_close_to_the_exact_recipe():
     shrunk = preprocessor([image]).pixel_values  # shrunk by 2 before padding
     exact = preprocessor([image[::2, ::2]]).pixel_values  # the same picture at half size, exact recipe
     assert float((shrunk - exact).abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("shape", [(120, 90), (70, 100, 3), (64, 64), (1, 300), (448, 448)])
+def test_model_input_images_give_exactly_the_pixels_of_the_source(shape):
+    """What a worker's client sends (to_model_input) is normalised into the very same pixels."""
+    rng = np.random.default_rng(sum(shape))
+    image = rng.random(shape, dtype=np.float32)
+    preprocessor = MedSigLIPPreprocessor((64, 64), [0.5] * 3, [0.5] * 3)
+    resized, geometry = preprocessor.to_model_input(image)
+    assert resized.shape == (64, 64, *shape[2:]) and resized.dtype == np.float32
+    assert geometry == PadGeometry.for_shape(*shape[:2])
+    direct = preprocessor([image]).pixel_values
+    sent = preprocessor([resized], at_model_input=True).pixel_values
+    assert torch.equal(direct, sent)
+    # The client's copy knows only the resize (as a worker publishes it) and gives the same image.
+    client = MedSigLIPPreprocessor.from_resize((64, 64), preprocessor.resample_mode, preprocessor.antialias)
+    np.testing.assert_array_equal(client.to_model_input(image)[0], resized)
+
+
+def test_a_model_input_image_of_another_size_is_refused():
+    preprocessor = MedSigLIPPreprocessor((64, 64), [0.5] * 3, [0.5] * 3)
+    refused = r"images\[0\] has shape \(32, 32\): a model-input image must be 64x64"
+    with pytest.raises(ValueError, match=refused):
+        preprocessor([np.zeros((32, 32), np.float32)], at_model_input=True)
+
+
+def test_an_unknown_resize_filter_is_refused():
+    with pytest.raises(ValueError, match="'lanczos' is not one of bilinear, bicubic"):
+        MedSigLIPPreprocessor.from_resize((64, 64), "lanczos", True)

@@ -25,6 +25,7 @@ from medgemma_deploy.operators.classification import classify_series
 from medgemma_deploy.operators.labels import load_label_sets, select_label_set
 from medgemma_deploy.operators.report_inputs import GenerationSettings, PromptBook, build_report_request
 from medgemma_deploy.serving import WorkerConfig, WorkerServer, convert
+from tests.real_size import write_large_radiograph, write_multislice_ct, write_real_cr
 
 pytestmark = pytest.mark.network
 
@@ -105,6 +106,10 @@ def test_health_reflection_and_model_info(worker, stub):
     kinds = {m.kind: m for m in info.models}
     assert kinds["medsiglip"].loaded and kinds["medsiglip"].model.random_weights
     assert kinds["medsiglip"].embedding_dim > 0
+    # What a client needs to send images at the model input (the tiny model: 64 px, 8 px patches).
+    medsiglip = kinds["medsiglip"]
+    assert (medsiglip.input_rows, medsiglip.input_columns, medsiglip.patch_grid) == (64, 64, 8)
+    assert (medsiglip.resample, medsiglip.antialias) == ("bilinear", True)
     assert kinds["medgemma"].loaded and kinds["medgemma"].max_context_tokens > 0
     assert {"chest-xray", "ct"} <= {ls.name for ls in info.label_sets}
     assert info.limits.max_message_bytes == 2 * 1024 * 1024
@@ -169,6 +174,120 @@ def test_report_parity_greedy_tokens_text_and_stream(backends, demo_series):
             expected.warnings,
         )
         assert remote.medgemma.identity == local.medgemma.identity
+
+
+# -- real-size studies --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_size_series(tmp_path_factory):
+    """The real CR (1,955 x 1,841, JPEG 2000), a 3,000 x 3,000 CR, a 4,280 x 3,520 DX, an 85-slice CT."""
+    from medgemma_deploy.operators.dicom_input import load_study_input
+
+    folder = tmp_path_factory.mktemp("real-size")
+    write_real_cr(folder)
+    write_large_radiograph(folder, 3000, 3000)
+    write_large_radiograph(folder, 4280, 3520, modality="DX")
+    write_multislice_ct(folder, 85)
+    series = [s for study in load_study_input(folder).studies for s in study.series]
+    shapes = sorted((s.modality, len(s.frames), s.frames[0].display.shape[:2]) for s in series)
+    assert shapes == [
+        ("CR", 1, (1955, 1841)),
+        ("CR", 1, (3000, 3000)),
+        ("CT", 85, (512, 512)),
+        ("DX", 1, (4280, 3520)),
+    ]
+    return series
+
+
+@pytest.fixture
+def wire_bytes(backends, monkeypatch):
+    """Bytes of every request and response the remote backend exchanges with the worker."""
+    client = backends[1].medsiglip.client
+    sizes: list[tuple[str, int, int]] = []
+    original = client.call
+
+    def recording(method, request):
+        response = original(method, request)
+        sizes.append((method, request.ByteSize(), response.ByteSize()))
+        return response
+
+    monkeypatch.setattr(client, "call", recording)
+    return sizes
+
+
+def test_real_size_studies_classify_equal_to_in_process_in_messages_under_the_limit(
+    backends, real_size_series, wire_bytes, worker
+):
+    local, remote = backends
+    label_sets = load_label_sets()
+    for series in real_size_series:
+        label_set = select_label_set(label_sets, series.modality, series.body_part_examined)
+        here, there = (
+            classify_series(
+                backend.medsiglip.load(),
+                series,
+                label_set,
+                relevance_top_k=2,
+                with_embeddings=True,
+                model=backend.medsiglip.identity,
+            )
+            for backend in (local, remote)
+        )
+        name = f"{series.modality} {len(series.frames)}x{series.frames[0].display.shape}"
+        for a, b in zip(here.scores, there.scores, strict=True):
+            assert a.frame_probabilities == b.frame_probabilities, f"{name} {a.finding.key}"
+        np.testing.assert_array_equal(here.embeddings, there.embeddings)
+        assert here.relevance_maps.keys() == there.relevance_maps.keys() and here.relevance_maps
+        for key, maps in here.relevance_maps.items():
+            np.testing.assert_array_equal(maps, there.relevance_maps[key], err_msg=f"{name} {key}")
+            assert np.shape(maps)[-2:] == series.frames[0].display.shape[:2], "maps on the source pixels"
+    limit = worker.config.max_message_bytes
+    assert wire_bytes and all(sent < limit and got < limit for _, sent, got in wire_bytes), wire_bytes
+    # At the tiny model's 64 x 64 input the CT goes 64 slices to a request (this worker's image-count
+    # limit), 1 MiB, where full-resolution float32 slices needed 1 MiB each.
+    assert max(sent for _, sent, _ in wire_bytes) > 64 * 64 * 64 * 4
+
+
+def test_a_prompt_over_the_message_limit_is_refused_in_one_line_naming_the_setting(
+    backends, real_size_series
+):
+    _, remote = backends
+    dx = next(s for s in real_size_series if s.modality == "DX")
+    request = build_report_request(dx, PromptBook.load(), settings=GenerationSettings(max_new_tokens=4))
+    with pytest.raises(InputError, match=r"over the .* MiB .* --max-message-mb") as caught:
+        remote.medgemma.generate(request)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def default_limits_backends(tiny_models_root):
+    """A second worker, with the default 64 MiB message limit, and its client."""
+    config = WorkerConfig(
+        listen="127.0.0.1:0",
+        medsiglip=None,
+        medgemma=tiny_models_root / "medgemma",
+        device="cpu",
+        metrics_port=0,
+        default_max_new_tokens=8,
+        drain_timeout=10,
+    )
+    with WorkerServer(config) as server:
+        remote = make_backend(f"grpc://{server.address}", None, None)
+        yield remote
+        remote.close()
+
+
+def test_real_size_studies_report_equal_to_in_process(backends, default_limits_backends, real_size_series):
+    local = backends[0]
+    remote = default_limits_backends
+    prompts = PromptBook.load()
+    for series in real_size_series:
+        request = build_report_request(series, prompts, settings=GenerationSettings(max_new_tokens=6))
+        expected = local.medgemma.load().generate(request)
+        got = remote.medgemma.load().generate(request)
+        assert (got.token_ids, got.text) == (expected.token_ids, expected.text), series.modality
+        assert got.n_prompt_tokens == expected.n_prompt_tokens
 
 
 # -- many clients at once ------------------------------------------------------------------------
@@ -292,6 +411,11 @@ BAD_CLASSIFY = [
     ),
     # Issue 12: a 10 MB label prompt was accepted and logged as one 10.5 MB line.
     ("huge-label-prompt", {"label_set": _label_set_with_prompt("x" * 100_000)}, "exceed the limit of 2048"),
+    (
+        "not-at-the-model-input",
+        {"images_at_model_input": True},
+        "images[0].shape: [48, 40] is not at the model's input of 64x64",
+    ),
 ]
 
 
@@ -402,16 +526,18 @@ def test_an_oversized_message_is_refused_by_size_and_the_worker_keeps_serving(st
     assert stub.Classify(_classify(), timeout=30).probabilities.shape
 
 
-def test_the_remote_client_splits_what_does_not_fit_one_message(backends):
+def test_the_remote_client_splits_what_does_not_fit_one_message(backends, wire_bytes):
     local, remote = backends
     label_set = _label_set()
-    images = [_image(200 + i, shape=(256, 256)) for i in range(12)]  # 3 MiB: two messages at 2 MiB
+    # 150 images: over the worker's 64 images per request, so three requests.
+    images = [_image(200 + i, shape=(256, 256)) for i in range(150)]
     np.testing.assert_allclose(
         remote.medsiglip.score(images, label_set).probabilities,
         local.medsiglip.score(images, label_set).probabilities,
         rtol=0,
         atol=1e-5,
     )
+    assert [method for method, _, _ in wire_bytes] == ["Classify"] * 3
     maps = remote.medsiglip.relevance_maps(images[:3], label_set, [label_set.findings[0].key])
     assert [m.shape for m in maps] == [(1, 256, 256)] * 3
 

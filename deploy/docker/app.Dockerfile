@@ -36,7 +36,7 @@ COPY medgemma_deploy /src/medgemma_deploy
 COPY operators /src/operators
 COPY apps /src/apps
 RUN pip install --no-cache-dir -c deploy/docker/constraints.txt \
-        "/src[compression,worker,network,tokenizers-slow]" \
+        "/src[compression,worker,network]" \
     && medgemma-deploy --help > /dev/null
 
 # ---- runtime ----------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ COPY protos /src/protos
 COPY medgemma_deploy /src/medgemma_deploy
 COPY operators /src/operators
 COPY apps /src/apps
-RUN pip install --no-cache-dir -c deploy/docker/constraints.txt "/src[worker,compression,tokenizers-slow]" \
+RUN pip install --no-cache-dir -c deploy/docker/constraints.txt "/src[worker,compression]" \
     && medgemma-deploy --help > /dev/null
 
 # ---- runtime: the same CUDA runtime, Python, the venv and nothing else ------------------------

@@ -101,7 +101,7 @@ class Timing(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("images", "label_set", "label_set_name", "return_embeddings", "relevance_finding_keys", "omit_probabilities", "request_id")
+    __slots__ = ("images", "label_set", "label_set_name", "return_embeddings", "relevance_finding_keys", "omit_probabilities", "request_id", "images_at_model_input")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LABEL_SET_FIELD_NUMBER: _ClassVar[int]
     LABEL_SET_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class ClassifyRequest(_message.Message):
     RELEVANCE_FINDING_KEYS_FIELD_NUMBER: _ClassVar[int]
     OMIT_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_AT_MODEL_INPUT_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Array]
     label_set: LabelSet
     label_set_name: str
@@ -116,10 +117,11 @@ class ClassifyRequest(_message.Message):
     relevance_finding_keys: _containers.RepeatedScalarFieldContainer[str]
     omit_probabilities: bool
     request_id: str
-    def __init__(self, images: _Optional[_Iterable[_Union[Array, _Mapping]]] = ..., label_set: _Optional[_Union[LabelSet, _Mapping]] = ..., label_set_name: _Optional[str] = ..., return_embeddings: _Optional[bool] = ..., relevance_finding_keys: _Optional[_Iterable[str]] = ..., omit_probabilities: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    images_at_model_input: bool
+    def __init__(self, images: _Optional[_Iterable[_Union[Array, _Mapping]]] = ..., label_set: _Optional[_Union[LabelSet, _Mapping]] = ..., label_set_name: _Optional[str] = ..., return_embeddings: _Optional[bool] = ..., relevance_finding_keys: _Optional[_Iterable[str]] = ..., omit_probabilities: _Optional[bool] = ..., request_id: _Optional[str] = ..., images_at_model_input: _Optional[bool] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("model", "label_set_name", "label_set_version", "finding_keys", "probabilities", "embeddings", "relevance_maps", "timing")
+    __slots__ = ("model", "label_set_name", "label_set_version", "finding_keys", "probabilities", "embeddings", "relevance_maps", "timing", "relevance_grids")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LABEL_SET_NAME_FIELD_NUMBER: _ClassVar[int]
     LABEL_SET_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +130,7 @@ class ClassifyResponse(_message.Message):
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     RELEVANCE_MAPS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    RELEVANCE_GRIDS_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     label_set_name: str
     label_set_version: str
@@ -136,15 +139,18 @@ class ClassifyResponse(_message.Message):
     embeddings: Array
     relevance_maps: _containers.RepeatedCompositeFieldContainer[Array]
     timing: Timing
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., label_set_name: _Optional[str] = ..., label_set_version: _Optional[str] = ..., finding_keys: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Union[Array, _Mapping]] = ..., embeddings: _Optional[_Union[Array, _Mapping]] = ..., relevance_maps: _Optional[_Iterable[_Union[Array, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    relevance_grids: _containers.RepeatedCompositeFieldContainer[Array]
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., label_set_name: _Optional[str] = ..., label_set_version: _Optional[str] = ..., finding_keys: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Union[Array, _Mapping]] = ..., embeddings: _Optional[_Union[Array, _Mapping]] = ..., relevance_maps: _Optional[_Iterable[_Union[Array, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., relevance_grids: _Optional[_Iterable[_Union[Array, _Mapping]]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("images", "request_id")
+    __slots__ = ("images", "request_id", "images_at_model_input")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_AT_MODEL_INPUT_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Array]
     request_id: str
-    def __init__(self, images: _Optional[_Iterable[_Union[Array, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    images_at_model_input: bool
+    def __init__(self, images: _Optional[_Iterable[_Union[Array, _Mapping]]] = ..., request_id: _Optional[str] = ..., images_at_model_input: _Optional[bool] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("model", "embeddings", "timing")
@@ -259,7 +265,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelDescription(_message.Message):
-    __slots__ = ("kind", "model", "loaded", "load_error", "device", "dtype", "embedding_dim", "max_context_tokens")
+    __slots__ = ("kind", "model", "loaded", "load_error", "device", "dtype", "embedding_dim", "max_context_tokens", "input_rows", "input_columns", "resample", "antialias", "patch_grid")
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +274,11 @@ class ModelDescription(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_ROWS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    RESAMPLE_FIELD_NUMBER: _ClassVar[int]
+    ANTIALIAS_FIELD_NUMBER: _ClassVar[int]
+    PATCH_GRID_FIELD_NUMBER: _ClassVar[int]
     kind: str
     model: ModelRef
     loaded: bool
@@ -276,7 +287,12 @@ class ModelDescription(_message.Message):
     dtype: str
     embedding_dim: int
     max_context_tokens: int
-    def __init__(self, kind: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., loaded: _Optional[bool] = ..., load_error: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., max_context_tokens: _Optional[int] = ...) -> None: ...
+    input_rows: int
+    input_columns: int
+    resample: str
+    antialias: bool
+    patch_grid: int
+    def __init__(self, kind: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., loaded: _Optional[bool] = ..., load_error: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., input_rows: _Optional[int] = ..., input_columns: _Optional[int] = ..., resample: _Optional[str] = ..., antialias: _Optional[bool] = ..., patch_grid: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_message_bytes", "max_images_per_request", "max_image_pixels", "default_max_new_tokens", "max_new_tokens", "classify_max_batch_size", "classify_max_queue_delay_seconds", "classify_max_queued_images", "report_max_running", "report_max_waiting")

@@ -7,8 +7,14 @@ of the tiny test models (so no download is needed). The processors are set to th
 sees has the real shape: speed and memory are those of the real models, the text is noise.
 
 Token ids: the vocabulary keeps the real size (262,208 rows for Gemma 3: the LM head is a large part
-of each decode step) while the tokenizer is the tiny one; the image, begin- and end-of-image token
-ids are the tokenizer's, which is all the model's image merging needs.
+of each decode step). The tiny tokenizer is widened to that size with filler pieces (``▁tok<ID>``),
+so every id a random model generates decodes to text, as with the real vocabulary; the image,
+begin- and end-of-image token ids stay the tokenizer's, which is all the model's image merging
+needs. MedSigLIP's text tower projects to the vision tower's 1152 dimensions, as the real model.
+
+``medgemma_layers`` keeps the real widths and vocabulary with fewer layers (in the decoder and in
+MedGemma's vision tower), so a CPU test can draft a report end to end on real shapes without the
+8.6 GB of the 34-layer 4B model.
 """
 
 from __future__ import annotations
@@ -69,8 +75,16 @@ _GEMMA_VISION = {
 _MM_TOKENS = 256
 
 
-def full_size_configs(tiny_models: dict[str, Path], variant: Literal["4b", "27b"] = "4b") -> dict[str, Any]:
-    """The transformers configs of the full-size models, keeping the tiny tokenizers' token ids."""
+def full_size_configs(
+    tiny_models: dict[str, Path],
+    variant: Literal["4b", "27b"] = "4b",
+    *,
+    medgemma_layers: int | None = None,
+) -> dict[str, Any]:
+    """The transformers configs of the full-size models, keeping the tiny tokenizers' token ids.
+
+    ``medgemma_layers``: that many decoder and vision-tower layers instead of the real counts.
+    """
     from transformers import Gemma3Config, SiglipConfig
 
     shape = MEDSIGLIP_448_SHAPE
@@ -80,14 +94,22 @@ def full_size_configs(tiny_models: dict[str, Path], variant: Literal["4b", "27b"
     siglip = SiglipConfig.from_pretrained(tiny_models["medsiglip"])
     siglip_dict = siglip.to_dict()
     siglip_dict["vision_config"].update(tower, image_size=shape["image_size"], patch_size=shape["patch_size"])
+    # The text tower projects into the image embedding space (1152), as the real model; keeping the
+    # tiny model's projection_size made every classify fail with a shape mismatch.
     siglip_dict["text_config"].update(
-        tower, max_position_embeddings=shape["text_length"], vocab_size=shape["text_vocab_size"]
+        tower,
+        max_position_embeddings=shape["text_length"],
+        vocab_size=shape["text_vocab_size"],
+        projection_size=shape["hidden_size"],
     )
     gemma = Gemma3Config.from_pretrained(tiny_models["medgemma"]).to_dict()
-    layers = GEMMA_SHAPES[variant]["num_hidden_layers"]
+    if medgemma_layers is not None and medgemma_layers < 1:
+        raise ValueError(f"medgemma_layers must be at least 1, got {medgemma_layers}")
+    layers = medgemma_layers or GEMMA_SHAPES[variant]["num_hidden_layers"]
     pattern = _GEMMA_COMMON["sliding_window_pattern"]
     gemma["text_config"].update(
         GEMMA_SHAPES[variant],
+        num_hidden_layers=layers,
         vocab_size=_GEMMA_COMMON["vocab_size"],
         sliding_window=_GEMMA_COMMON["sliding_window"],
         layer_types=[
@@ -95,18 +117,27 @@ def full_size_configs(tiny_models: dict[str, Path], variant: Literal["4b", "27b"
         ],
         max_position_embeddings=131072,
     )
-    gemma["vision_config"].update(_GEMMA_VISION)
+    gemma["vision_config"].update(
+        _GEMMA_VISION, num_hidden_layers=medgemma_layers or _GEMMA_VISION["num_hidden_layers"]
+    )
     gemma["mm_tokens_per_image"] = _MM_TOKENS
     return {"medsiglip": SiglipConfig.from_dict(siglip_dict), "medgemma": Gemma3Config.from_dict(gemma)}
 
 
 def make_full_size_models(
-    out: Path, *, variant: Literal["4b", "27b"] = "4b", device: str = "cuda", seed: int = 0
+    out: Path,
+    *,
+    variant: Literal["4b", "27b"] = "4b",
+    device: str = "cuda",
+    seed: int = 0,
+    kinds: tuple[str, ...] = ("medsiglip", "medgemma"),
+    medgemma_layers: int | None = None,
 ) -> dict[str, Path]:
     """Write ``out/medsiglip`` and ``out/medgemma`` with random bf16 weights of the real shapes.
 
     Weights are initialised on ``device`` (fast on a GPU) and saved as safetensors (about 1.8 GB
-    for MedSigLIP, 8.6 GB for MedGemma-4B, 55 GB for 27B).
+    for MedSigLIP, 8.6 GB for MedGemma-4B, 55 GB for 27B; 1.4 GB for MedGemma-4B with
+    ``medgemma_layers=2``, most of it the 262,208 x 2,560 embedding). ``kinds`` chooses the models.
     """
     import torch
     from transformers import Gemma3ForConditionalGeneration, SiglipModel
@@ -115,9 +146,11 @@ def make_full_size_models(
 
     out = Path(out)
     tiny = make_test_models(out / "tiny-source", seed=seed)
-    configs = full_size_configs(tiny, variant)
+    configs = full_size_configs(tiny, variant, medgemma_layers=medgemma_layers)
     made: dict[str, Path] = {}
     for kind, model_class in (("medsiglip", SiglipModel), ("medgemma", Gemma3ForConditionalGeneration)):
+        if kind not in kinds:
+            continue
         started = time.perf_counter()
         target = out / kind
         shutil.copytree(tiny[kind], target, dirs_exist_ok=True)
@@ -136,8 +169,13 @@ def make_full_size_models(
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         _set_image_sizes(target, kind)
+        if kind == "medgemma":
+            _widen_vocabulary(target / "tokenizer.json", _GEMMA_COMMON["vocab_size"])
+        shape = "448" if kind == "medsiglip" else variant
+        if kind == "medgemma" and medgemma_layers:
+            shape += f"-{medgemma_layers}layers"
         marker = {
-            "name": f"medgemma-deploy/full-size-random-{kind}-{'448' if kind == 'medsiglip' else variant}",
+            "name": f"medgemma-deploy/full-size-random-{kind}-{shape}",
             "version": f"random-seed{seed}",
             "random_weights": True,
         }
@@ -165,3 +203,14 @@ def _set_image_sizes(target: Path, kind: str) -> None:
         if "image_seq_length" in data:
             data["image_seq_length"] = _MM_TOKENS
         path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _widen_vocabulary(tokenizer_file: Path, size: int) -> None:
+    """Give every id below ``size`` a piece (``▁tok<ID>``), so any generated id decodes to text."""
+    data = json.loads(tokenizer_file.read_text())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    used = set(vocab.values()) | {token["id"] for token in data.get("added_tokens", [])}
+    for token_id in range(size):
+        if token_id not in used:
+            vocab[f"\u2581tok{token_id}"] = token_id
+    tokenizer_file.write_text(json.dumps(data, ensure_ascii=False))

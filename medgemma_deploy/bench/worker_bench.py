@@ -9,11 +9,16 @@ client (``RemoteMedSigLIP`` / ``RemoteMedGemma``, one channel per client thread)
 * GenerateReport: generated tokens/s, reports/min, p50/p95 latency per report, p50 time to the
   first token;
 * peak GPU memory during the level (CUDA) or the process's peak RSS (CPU);
+* bytes on the wire: Classify request and response bytes per image, GenerateReport request bytes;
 
 next to baselines measured in the same run on the same loaded model: MedSigLIP ``score`` one image
 at a time, and plain transformers ``model.generate`` — one prompt at a time (what every app would
 do with its own model), and all the level's prompts as one padded batch (static batching, no
 streaming, nobody can join).
+
+``--wire-sizes`` prints instead the message sizes of whole studies (a 3,000 x 3,000 CR, a 4,280 x 3,520
+DX, an 85-slice CT) as the client builds them for a MedSigLIP-448 / MedGemma worker (no model needed:
+the messages are built from the real code paths and measured with ``ByteSize()``).
 
 Models: the tiny random test models (default; CPU is fine), ``--models ROOT``, or ``--full-size``
 (random weights with the real MedSigLIP-448 and MedGemma-4B/27B shapes; needs a GPU). Random
@@ -98,7 +103,10 @@ def _classify_level(
 ) -> dict:
     run = pool.submit(_run_clients, address, "classify", level, per_client, image_shape, 0).result()
     latencies, seconds = run["latencies"], run["seconds"]
+    sent, received, images = (sum(column) for column in zip(*run["wire"], strict=True))
     return {
+        "classify_request_bytes_per_image": sent / images,
+        "classify_response_bytes_per_image": received / images,
         "classify_images_per_s": level * per_client / seconds,
         "classify_p50_ms": 1000 * _percentile(latencies, 50),
         "classify_p95_ms": 1000 * _percentile(latencies, 95),
@@ -111,6 +119,7 @@ def _report_level(
     run = pool.submit(_run_clients, address, "report", level, 1, image_shape, new_tokens).result()
     latencies, seconds, first_token = run["latencies"], run["seconds"], run["first_token"]
     return {
+        "report_request_bytes": max(sent for sent, _, _ in run["wire"]),
         "report_tokens_per_s": level * new_tokens / seconds,
         "reports_per_min": 60 * level / seconds,
         "report_p50_s": _percentile(latencies, 50),
@@ -136,6 +145,9 @@ def _run_clients(
     first_token: list[float] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
+    wire: list[tuple[int, int, int]] = []  # (request bytes, response bytes, images) per call
+    for model in models:
+        _record_wire(model.client, wire, lock)
 
     def call(model: Any) -> None:
         if kind == "classify":
@@ -175,7 +187,89 @@ def _run_clients(
         backend.close()
     if errors:
         raise RuntimeError(f"{len(errors)} of {level} {kind} clients failed; first: {errors[0]!r}")
-    return {"latencies": latencies, "seconds": seconds, "first_token": first_token}
+    return {"latencies": latencies, "seconds": seconds, "first_token": first_token, "wire": wire}
+
+
+def _record_wire(client: Any, wire: list[tuple[int, int, int]], lock: threading.Lock) -> None:
+    """Make ``client`` note the bytes of every message it sends and receives."""
+    call, stream_report = client.call, client.stream_report
+
+    def recording_call(method: str, request: Any) -> Any:
+        response = call(method, request)
+        with lock:
+            wire.append((request.ByteSize(), response.ByteSize(), len(getattr(request, "images", ()))))
+        return response
+
+    def recording_stream(request: Any) -> Any:
+        with lock:
+            wire.append((request.ByteSize(), 0, 0))
+        return stream_report(request)
+
+    client.call, client.stream_report = recording_call, recording_stream
+
+
+#: The studies of protos/README.md's size table: (name, modality, rows, columns, images).
+WIRE_STUDIES = (
+    ("CR 3,000 x 3,000", "CR", 3000, 3000, 1),
+    ("DX 4,280 x 3,520", "DX", 4280, 3520, 1),
+    ("CT 85 x 512 x 512", "CT", 512, 512, 85),
+)
+
+
+def wire_sizes(
+    *,
+    input_size: int = 448,
+    patch_grid: int = 32,
+    embedding_dim: int = 1152,
+    n_findings: int = 13,
+    relevance_keys: int = 3,
+    max_message_bytes: int = 128 * 1024 * 1024,
+) -> list[dict[str, Any]]:
+    """Bytes of the messages of each study in :data:`WIRE_STUDIES`, as the client builds them.
+
+    Classify: images at the model input (``to_model_input``, float32 grey), split into requests
+    under ``max_message_bytes`` like ``WorkerClient.chunks``; responses with probabilities,
+    embeddings and ``relevance_keys`` patch grids per image. GenerateReport: the prompt images as
+    the report pipeline renders them (8-bit RGB at the source size; a CT prompt holds up to 85
+    slices). Also the bytes the pre-issue-11 wire needed (full-size float32 images and maps).
+    """
+    from medgemma_deploy._proto import worker_pb2 as pb
+    from medgemma_deploy.operators.preprocess import MedSigLIPPreprocessor
+    from medgemma_deploy.serving import convert
+
+    resize = MedSigLIPPreprocessor.from_resize((input_size, input_size), "bilinear", True)
+    budget = int(0.9 * max_message_bytes)
+    rows = []
+    for name, _, height, width, n_images in WIRE_STUDIES:
+        image = np.linspace(0.0, 1.0, height * width, dtype=np.float32).reshape(height, width)
+        one = convert.image_to_proto(resize.to_model_input(image)[0])
+        per_request = max(1, min(n_images, budget // len(one.data)))
+        requests = -(-n_images // per_request)
+        request = pb.ClassifyRequest(images=[one] * per_request, images_at_model_input=True)
+        response = pb.ClassifyResponse(
+            probabilities=convert.array_to_proto(np.zeros((per_request, n_findings), np.float32)),
+            embeddings=convert.array_to_proto(np.zeros((per_request, embedding_dim), np.float32)),
+            relevance_grids=[
+                convert.array_to_proto(np.zeros((relevance_keys, patch_grid, patch_grid), np.float32))
+            ]
+            * per_request,
+        )
+        rgb = pb.Array(shape=[height, width, 3], dtype=pb.DTYPE_UINT8, data=bytes(height * width * 3))
+        prompt = pb.GenerateReportRequest(
+            messages=[pb.ChatMessage(role="user", content=[pb.ContentPart(image=rgb)] * n_images)]
+        )
+        rows.append(
+            {
+                "study": name,
+                "classify_requests": requests,
+                "classify_request_bytes": request.ByteSize(),
+                "classify_response_bytes": response.ByteSize(),
+                "classify_request_bytes_per_image": request.ByteSize() / per_request,
+                "full_size_float32_bytes": n_images * height * width * 4 * (1 + relevance_keys),
+                "report_request_bytes": prompt.ByteSize(),
+            }
+        )
+    return rows
 
 
 def _images(image_shape: tuple[int, int]) -> tuple[np.ndarray, Image.Image]:
@@ -299,12 +393,32 @@ def format_table(rows: Sequence[dict[str, Any]], memory_label: str) -> str:
         ("report_p95_s", "report p95 s", "{:.2f}"),
         ("first_token_p50_s", "first token p50 s", "{:.2f}"),
         ("peak_memory_gb", memory_label, "{:.2f}"),
+        ("classify_request_bytes_per_image", "wire B/image in", "{:.0f}"),
+        ("classify_response_bytes_per_image", "wire B/image out", "{:.0f}"),
+        ("report_request_bytes", "report request B", "{:d}"),
     ]
     present = [c for c in columns if any(c[0] in row for row in rows)]
     lines = ["| " + " | ".join(c[1] for c in present) + " |", "|" + "---|" * len(present)]
     for row in rows:
         lines.append(
             "| " + " | ".join(c[2].format(row[c[0]]) if c[0] in row else "–" for c in present) + " |"
+        )
+    return "\n".join(lines)
+
+
+def format_wire_sizes(rows: Sequence[dict[str, Any]]) -> str:
+    """:func:`wire_sizes` as a Markdown table (bytes in MB = 10^6)."""
+    lines = [
+        "| study | Classify requests | bytes per request | bytes per response | bytes per image "
+        "| full-size float32 (before) | GenerateReport request |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['study']} | {row['classify_requests']} | {row['classify_request_bytes'] / 1e6:.2f} MB "
+            f"| {row['classify_response_bytes'] / 1e6:.3f} MB "
+            f"| {row['classify_request_bytes_per_image']:,.0f} "
+            f"| {row['full_size_float32_bytes'] / 1e6:.1f} MB | {row['report_request_bytes'] / 1e6:.1f} MB |"
         )
     return "\n".join(lines)
 
@@ -325,7 +439,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument(
+        "--wire-sizes", action="store_true", help="print the message sizes of real-size studies and exit"
+    )
     args = parser.parse_args(argv)
+    if args.wire_sizes:
+        print(format_wire_sizes(wire_sizes()))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "PIL", "httpx", "medgemma_deploy.operators"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

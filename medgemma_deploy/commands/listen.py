@@ -3,8 +3,10 @@
 Every option can also come from the environment, ``MEDGEMMA_LISTENER_<OPTION>`` (``--quiet-seconds``
 → ``MEDGEMMA_LISTENER_QUIET_SECONDS``; lists comma-separated); a flag wins over the variable.
 The STOW-RS bearer token is read only from ``MEDGEMMA_LISTENER_STOW_TOKEN``, never from the
-command line. Device, label sets and relevance maps come from the run settings
-(:mod:`medgemma_deploy.settings`: ``MEDGEMMA_DEPLOY_*``, ``MEDGEMMA_DEPLOY_CONFIG``).
+command line. Every run setting (device, label sets, relevance maps, embeddings, prompts, report
+length, findings grounding, backend) comes from :mod:`medgemma_deploy.settings`
+(``MEDGEMMA_DEPLOY_*``, ``MEDGEMMA_DEPLOY_CONFIG``); ``--backend``/``--prompts`` and their
+``MEDGEMMA_LISTENER_*`` variables override those two.
 
 Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 2 for a configuration that cannot start
 (one line on stderr).
@@ -41,7 +43,8 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "stow_url": (str, None),
     "allow": (str, ()),
     "models": (Path, None),
-    "backend": (str, "local"),
+    # None: not given to the listener; the run settings (MEDGEMMA_DEPLOY_BACKEND/_PROMPTS) decide.
+    "backend": (str, None),
     "prompts": (Path, None),
     "quiet_seconds": (float, 30.0),
     "concurrency": (int, 2),
@@ -213,8 +216,18 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         )
     except ValueError as exc:
         raise UsageError(f"--destination/--max-attempts/--backoff-seconds: {exc}") from exc
+    # The listener's own flags and MEDGEMMA_LISTENER_BACKEND/_PROMPTS win over the run settings,
+    # which bring every other setting (MEDGEMMA_DEPLOY_*, MEDGEMMA_DEPLOY_CONFIG).
     settings = resolve_settings(
-        {"device": args.device, "labels": args.labels, "index": args.index, "store": args.store}, environ
+        {
+            "device": args.device,
+            "labels": args.labels,
+            "backend": options["backend"],
+            "prompts": options["prompts"],
+            "index": args.index,
+            "store": args.store,
+        },
+        environ,
     )
     retention = options["retention_hours"]
     return ListenerConfig(
@@ -223,16 +236,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         port=options["port"],
         spool=options["spool"],
         pipeline=options["pipeline"],
-        pipeline_options=PipelineOptions(
-            models_path=options["models"],
-            backend=options["backend"],
-            device=settings.device,
-            label_files=tuple(settings.labels),
-            relevance_top_k=settings.relevance_top_k,
-            relevance_format=settings.relevance_format,
-            prompts_file=options["prompts"],
-            index_store=settings.store if settings.index else None,
-        ),
+        pipeline_options=PipelineOptions(models_path=options["models"], settings=settings),
         destinations=destinations,
         stow_url=options["stow_url"],
         stow_token=environ.get(ENV_PREFIX + "STOW_TOKEN") or None,

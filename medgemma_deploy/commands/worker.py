@@ -82,7 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--metrics-host", metavar="HOST", help="metrics bind address (default: the --listen host)"
     )
-    net.add_argument("--max-message-mb", type=int, default=64, metavar="MB", help="largest gRPC message (64)")
+    net.add_argument(
+        "--max-message-mb", type=int, default=128, metavar="MB", help="largest gRPC message (128)"
+    )
     net.add_argument(
         "--max-concurrent-rpcs", type=int, default=256, metavar="N", help="more get RESOURCE_EXHAUSTED"
     )

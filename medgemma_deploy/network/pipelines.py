@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from medgemma_deploy.errors import UsageError
 from medgemma_deploy.operators.domain import Rejection
+from medgemma_deploy.settings import RunSettings
 
 __all__ = [
     "EnginePipeline",
@@ -42,18 +43,20 @@ DICOM_KINDS = frozenset({"SR", "SEG", "PMAP", "REPORT-SR"})
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """Settings every pipeline factory receives (resolved once by ``medgemma-deploy listen``)."""
+    """What every pipeline factory receives (resolved once by ``medgemma-deploy listen``).
+
+    ``settings`` are the whole run settings, not a copy of some of them: the factories turn them
+    into engine options with :class:`~medgemma_deploy.engine.EngineOptions`, the one place the
+    CLI, the apps and the demo use too, so every setting reaches every pipeline.
+    """
 
     models_path: Path | None = None
-    backend: str = "local"
-    device: str | None = None
-    label_files: tuple[Path, ...] = ()
-    relevance_top_k: int = 3
-    relevance_format: str = "both"
-    prompts_file: Path | None = None
-    #: Search index URL: when set, every classified study is also indexed there (``--index``). Kept
-    #: out of the logged repr: a PostgreSQL URL may carry a password.
-    index_store: str | None = field(default=None, repr=False)
+    settings: RunSettings = field(default_factory=RunSettings)
+
+    @property
+    def index_store(self) -> str | None:
+        """The search index URL when every classified study is also indexed (``--index``)."""
+        return self.settings.store if self.settings.index else None
 
 
 @dataclass(frozen=True)
@@ -181,21 +184,25 @@ class EnginePipeline:
 
 
 def _engine_kwargs(engine_class: type, options: PipelineOptions, name: str) -> dict[str, Any]:
-    """The options the engine's constructor accepts; a remote backend it cannot take is an error."""
+    """The engine options (from the run settings) the engine's constructor accepts.
+
+    Our engines accept all of them; a site's ``module:factory`` engine may take fewer, but one
+    that cannot take a remote backend is an error rather than a silent in-process run.
+    """
+    from medgemma_deploy.engine import EngineOptions
+
     accepted = inspect.signature(engine_class).parameters
-    offered: dict[str, Any] = {
-        "label_files": list(options.label_files) or None,
-        "device": options.device,
-        "prompts_file": options.prompts_file,
-    }
+    offered = EngineOptions.from_settings(options.settings).as_kwargs()
+    offered["label_files"] = offered["label_files"] or None
+    backend = offered.pop("backend")
     kwargs = {key: value for key, value in offered.items() if key in accepted}
-    if options.backend != "local":
+    if backend != "local":
         if "backend" not in accepted:
             raise UsageError(
-                f"--pipeline {name} --backend {options.backend}: this installation's "
+                f"--pipeline {name} --backend {backend}: this installation's "
                 f"{engine_class.__name__} runs models in-process only (use --backend local)"
             )
-        kwargs["backend"] = options.backend
+        kwargs["backend"] = backend
     elif options.models_path is None:
         raise UsageError(f"--pipeline {name}: --models is required with --backend local")
     return kwargs
@@ -203,14 +210,10 @@ def _engine_kwargs(engine_class: type, options: PipelineOptions, name: str) -> d
 
 def _classify_factory(options: PipelineOptions) -> Pipeline:
     from medgemma_deploy.classify_run import ClassifyEngine
-    from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
 
     kwargs = _engine_kwargs(ClassifyEngine, options, "classify")
     engine = ClassifyEngine(
-        options.models_path,  # type: ignore[arg-type]  # None only with a remote backend
-        options=ClassifyOptions(
-            relevance_top_k=options.relevance_top_k, relevance_format=options.relevance_format
-        ),
+        options.models_path,  # None only with a remote backend
         **kwargs,
     )
     return EnginePipeline("classify", engine, index_store=options.index_store)
@@ -231,12 +234,6 @@ def _medgemma_factory(name: str, module_name: str, class_name: str) -> PipelineF
         if engine_class is None:
             raise UsageError(f"--pipeline {name}: {module_name} has no {class_name}")
         kwargs = _engine_kwargs(engine_class, options, name)
-        if "classify_options" in inspect.signature(engine_class).parameters:
-            from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
-
-            kwargs["classify_options"] = ClassifyOptions(
-                relevance_top_k=options.relevance_top_k, relevance_format=options.relevance_format
-            )
         engine = engine_class(options.models_path, **kwargs)
         return EnginePipeline(name, engine, index_store=options.index_store)
 

@@ -108,6 +108,9 @@ class WorkerClient:
         Backoff for UNAVAILABLE.
     image_dtype:
         Wire type of MedSigLIP images: ``float32`` (lossless, default), ``uint16`` or ``uint8``.
+    max_message_bytes:
+        A message limit of this side; default: none, requests are sized to the worker's published
+        limit alone (so its ``--max-message-mb`` is the one setting to raise).
     """
 
     def __init__(
@@ -118,7 +121,7 @@ class WorkerClient:
         timeout: float = 600.0,
         retry: RetryPolicy = RetryPolicy(),
         image_dtype: str = "float32",
-        max_message_bytes: int = 64 * _MIB,
+        max_message_bytes: int | None = None,
     ) -> None:
         self.target = target
         self.tls = tls
@@ -138,9 +141,11 @@ class WorkerClient:
     def stub(self) -> worker_pb2_grpc.WorkerStub:
         with self._lock:
             if self._stub is None:
+                # -1: no limit of gRPC's own on this side; requests are sized to the worker's limit.
+                limit = self.max_message_bytes or -1
                 options = [
-                    ("grpc.max_receive_message_length", self.max_message_bytes),
-                    ("grpc.max_send_message_length", self.max_message_bytes),
+                    ("grpc.max_receive_message_length", limit),
+                    ("grpc.max_send_message_length", limit),
                 ]
                 if self.tls is not None:
                     options += self.tls.channel_options()
@@ -262,12 +267,43 @@ class WorkerClient:
                 delay = min(delay * self.retry.multiplier, self.retry.max_backoff)
         raise AssertionError("unreachable")
 
+    def message_budget(self) -> int:
+        """Bytes of payload one message may carry: the smaller of this client's and the worker's limit,
+        less headroom for protobuf framing and the non-pixel fields."""
+        limits = [self.max_message_bytes, self.model_info().limits.max_message_bytes]
+        return int(min(limit for limit in limits if limit) * _MESSAGE_FILL)
+
+    def check_fits(self, size: int, what: str) -> None:
+        """Refuse, in one line naming the limit and the settings that raise it, what cannot fit one message.
+
+        Raises
+        ------
+        WorkerRequestError
+            ``size`` bytes exceed :meth:`message_budget`.
+        """
+        budget = self.message_budget()
+        if size > budget:
+            raise WorkerRequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{what} needs {size / _MIB:.1f} MiB in one message, over the {budget / _MIB:.1f} MiB "
+                f"that fit the worker's message limit of "
+                f"{self.model_info().limits.max_message_bytes / _MIB:g} MiB; raise it with "
+                "`medgemma-deploy worker --max-message-mb`",
+                self.target,
+            )
+
     def chunks(self, sizes: Sequence[int]) -> list[slice]:
-        """Split items of ``sizes`` bytes into runs that fit one message and the image-count limit."""
+        """Split items of ``sizes`` bytes into runs that fit one message and the image-count limit.
+
+        Raises
+        ------
+        WorkerRequestError
+            One item alone does not fit (:meth:`check_fits`).
+        """
         limits = self.model_info().limits
-        budget = int(
-            min(self.max_message_bytes, limits.max_message_bytes or self.max_message_bytes) * _MESSAGE_FILL
-        )
+        budget = self.message_budget()
+        for index, size in enumerate(sizes):
+            self.check_fits(size, f"image {index}")
         most = max(1, limits.max_images_per_request or len(sizes))
         runs: list[slice] = []
         start, used = 0, 0

@@ -39,7 +39,9 @@ class WorkerConfig:
     allow_insecure: bool = False
     metrics_port: int | None = None
     metrics_host: str | None = None
-    max_message_bytes: int = 64 * _MIB
+    # 128, not gRPC's usual 64: an 85-slice CT report prompt is 85 RGB 512x512 slices, 66.8 MB
+    # (protos/README.md). Classify requests are split to fit whatever the limit is.
+    max_message_bytes: int = 128 * _MIB
     max_images_per_request: int = 512
     max_image_pixels: int = 8192 * 8192
     max_concurrent_rpcs: int = 256

@@ -25,6 +25,7 @@ __all__ = [
     "array_from_proto",
     "array_to_proto",
     "check_finding_keys",
+    "check_model_input_shape",
     "display_image_from_proto",
     "finding_keys",
     "identity_from_proto",
@@ -147,6 +148,22 @@ def display_image_from_proto(message: pb.Array, field: str, *, max_pixels: int) 
             f"values span [{low:g}, {high:g}]; display images must be windowed into [0, 1] by the client",
         )
     return image
+
+
+def check_model_input_shape(image: np.ndarray, size: tuple[int, int], field: str) -> None:
+    """An ``images_at_model_input`` image must have the model's input size.
+
+    Raises
+    ------
+    BadRequestError
+        Its rows and columns are not ``size`` (the client resized for another model).
+    """
+    if tuple(image.shape[:2]) != tuple(size):
+        raise BadRequestError(
+            f"{field}.shape",
+            f"{list(image.shape)} is not at the model's input of {size[0]}x{size[1]}; with "
+            "images_at_model_input the client pads and resizes as ModelInfo describes",
+        )
 
 
 def label_set_to_proto(label_set: LabelSet) -> pb.LabelSet:

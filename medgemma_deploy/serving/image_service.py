@@ -21,7 +21,7 @@ from medgemma_deploy.operators.domain import LabelSet, ModelIdentity
 from medgemma_deploy.serving.batcher import BatchedRequest, BatchObserver, MicroBatcher
 from medgemma_deploy.serving.errors import BadRequestError
 
-__all__ = ["ClassifyOutcome", "ClassifyWork", "ImageRunner", "ImageService"]
+__all__ = ["ClassifyOutcome", "ClassifyWork", "EmbedWork", "ImageRunner", "ImageService"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,23 @@ class ImageRunner(Protocol):
 
     identity: ModelIdentity
 
-    def score(self, images: Sequence[np.ndarray], label_set: LabelSet) -> Any: ...
+    def score(
+        self, images: Sequence[np.ndarray], label_set: LabelSet, *, at_model_input: bool = False
+    ) -> Any: ...
 
-    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
+    def embed_images(self, images: Sequence[np.ndarray], *, at_model_input: bool = False) -> np.ndarray: ...
 
     def relevance_maps(
         self, images: Sequence[np.ndarray], label_set: LabelSet, finding_keys: Sequence[str]
+    ) -> list[np.ndarray]: ...
+
+    def relevance_grids(
+        self,
+        images: Sequence[np.ndarray],
+        label_set: LabelSet,
+        finding_keys: Sequence[str],
+        *,
+        at_model_input: bool = False,
     ) -> list[np.ndarray]: ...
 
 
@@ -52,6 +63,17 @@ class ClassifyWork:
     return_embeddings: bool = False
     relevance_keys: tuple[str, ...] = ()
     omit_probabilities: bool = False
+    #: The images are at the model's input (padded and resized by the client); maps come back
+    #: as patch grids in ``relevance_grids`` instead of full-size ``relevance_maps``.
+    at_model_input: bool = False
+
+
+@dataclass(frozen=True)
+class EmbedWork:
+    """One Embed request after validation."""
+
+    images: list[np.ndarray]
+    at_model_input: bool = False
 
 
 @dataclass
@@ -59,6 +81,7 @@ class ClassifyOutcome:
     probabilities: np.ndarray | None
     embeddings: np.ndarray | None
     relevance_maps: list[np.ndarray] = field(default_factory=list)
+    relevance_grids: list[np.ndarray] = field(default_factory=list)
 
 
 class ImageService:
@@ -101,6 +124,11 @@ class ImageService:
     @property
     def identity(self) -> ModelIdentity:
         return self.runner.identity
+
+    @property
+    def preprocessor(self) -> Any:
+        """The runner's ``MedSigLIPPreprocessor`` (None for a runner without one, e.g. a test stub)."""
+        return getattr(self.runner, "preprocessor", None)
 
     @property
     def label_sets(self) -> list[LabelSet]:
@@ -180,6 +208,7 @@ class ImageService:
             work.label_set.version,
             work.relevance_keys,
             work.omit_probabilities,
+            work.at_model_input,
         )
         return self.batcher.submit(
             work, cost=len(work.images), group_key=key, deadline=deadline, is_cancelled=is_cancelled
@@ -187,29 +216,42 @@ class ImageService:
 
     def embed(
         self,
-        images: list[np.ndarray],
+        work: EmbedWork,
         *,
         deadline: float | None = None,
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> BatchedRequest:
         """Queue an Embed request; its future resolves to an ``(n, dim)`` float array."""
         return self.batcher.submit(
-            images, cost=len(images), group_key=("embed",), deadline=deadline, is_cancelled=is_cancelled
+            work,
+            cost=len(work.images),
+            group_key=("embed", work.at_model_input),
+            deadline=deadline,
+            is_cancelled=is_cancelled,
         )
 
     def _run_group(self, requests: Sequence[BatchedRequest]) -> list[Any]:
         counts = [len(_images_of(request.payload)) for request in requests]
         images = [image for request in requests for image in _images_of(request.payload)]
         bounds = np.cumsum([0, *counts])
-        if requests[0].group_key == ("embed",):
-            embeddings = np.asarray(self.runner.embed_images(images))
+        first = requests[0].payload
+        if isinstance(first, EmbedWork):
+            embeddings = np.asarray(self.runner.embed_images(images, at_model_input=first.at_model_input))
             return [embeddings[bounds[i] : bounds[i + 1]] for i in range(len(requests))]
-        work: ClassifyWork = requests[0].payload
+        work: ClassifyWork = first
         needs_scores = not work.omit_probabilities or any(r.payload.return_embeddings for r in requests)
-        scores = self.runner.score(images, work.label_set) if needs_scores else None
+        scores = (
+            self.runner.score(images, work.label_set, at_model_input=work.at_model_input)
+            if needs_scores
+            else None
+        )
         maps: list[np.ndarray] = []
-        if work.relevance_keys:
-            maps = list(self.runner.relevance_maps(images, work.label_set, list(work.relevance_keys)))
+        grids: list[np.ndarray] = []
+        keys = list(work.relevance_keys)
+        if keys and work.at_model_input:
+            grids = list(self.runner.relevance_grids(images, work.label_set, keys, at_model_input=True))
+        elif keys:
+            maps = list(self.runner.relevance_maps(images, work.label_set, keys))
         outcomes = []
         for index, request in enumerate(requests):
             start, stop = int(bounds[index]), int(bounds[index + 1])
@@ -223,13 +265,14 @@ class ImageService:
                     if scores is not None and wants_embeddings
                     else None,
                     relevance_maps=maps[start:stop],
+                    relevance_grids=grids[start:stop],
                 )
             )
         return outcomes
 
 
-def _images_of(payload: Any) -> list[np.ndarray]:
-    return payload.images if isinstance(payload, ClassifyWork) else payload
+def _images_of(payload: ClassifyWork | EmbedWork) -> list[np.ndarray]:
+    return payload.images
 
 
 def _version_key(version: str) -> tuple:

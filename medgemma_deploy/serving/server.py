@@ -250,6 +250,13 @@ class WorkerServer:
                 description.model.CopyFrom(convert.identity_to_proto(slot.service.identity))
                 if isinstance(slot.service, ImageService):
                     description.embedding_dim = int(getattr(slot.runner, "embedding_dim", 0) or 0)
+                    preprocessor = slot.service.preprocessor
+                    if preprocessor is not None:
+                        # What a client needs to send images_at_model_input (protos/README.md).
+                        description.input_rows, description.input_columns = preprocessor.size
+                        description.resample = preprocessor.resample_mode
+                        description.antialias = preprocessor.antialias
+                        description.patch_grid = int(getattr(slot.runner, "patch_grid", 0) or 0)
                     for label_set in slot.service.label_sets:
                         response.label_sets.add(
                             name=label_set.name,

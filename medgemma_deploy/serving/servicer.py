@@ -35,7 +35,7 @@ from medgemma_deploy.serving.errors import (
     QueueFullError,
     RequestCancelledError,
 )
-from medgemma_deploy.serving.image_service import ClassifyWork, ImageService
+from medgemma_deploy.serving.image_service import ClassifyWork, EmbedWork, ImageService
 from medgemma_deploy.serving.metrics import WorkerMetrics
 from medgemma_deploy.serving.report_scheduler import Admitted, Finished, Tokens
 from medgemma_deploy.serving.report_service import ReportService
@@ -194,7 +194,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         with self._rpc("Classify", context):
             service = self.core.image_service()
             limits = self.core.limits()
-            images = self._images(request.images, limits)
+            images = self._images(request.images, limits, service, request.images_at_model_input)
             choice = request.WhichOneof("label_set_choice")
             if choice == "label_set":
                 check_label_set_size(request.label_set)
@@ -217,6 +217,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 return_embeddings=request.return_embeddings,
                 relevance_keys=tuple(keys),
                 omit_probabilities=request.omit_probabilities,
+                at_model_input=request.images_at_model_input,
             )
             queued = service.classify(
                 work, deadline=_deadline(context), is_cancelled=lambda: not context.is_active()
@@ -236,15 +237,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             response.relevance_maps.extend(
                 convert.array_to_proto(np.asarray(m)) for m in outcome.relevance_maps
             )
+            response.relevance_grids.extend(
+                convert.array_to_proto(np.asarray(g, np.float32)) for g in outcome.relevance_grids
+            )
             return response
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:  # noqa: N802
         with self._rpc("Embed", context):
             service = self.core.image_service()
-            images = self._images(request.images, self.core.limits())
+            at_model_input = request.images_at_model_input
+            images = self._images(request.images, self.core.limits(), service, at_model_input)
             self.core.metrics.images.labels("Embed").inc(len(images))
             queued = service.embed(
-                images, deadline=_deadline(context), is_cancelled=lambda: not context.is_active()
+                EmbedWork(images, at_model_input=at_model_input),
+                deadline=_deadline(context),
+                is_cancelled=lambda: not context.is_active(),
             )
             embeddings = self._wait(queued, context)
             return pb.EmbedResponse(
@@ -368,7 +375,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self.core.rpc_finished()
             self.core.metrics.request_done(method, code.name, time.monotonic() - started)
 
-    def _images(self, messages: list, limits: pb.Limits) -> list[np.ndarray]:
+    def _images(
+        self, messages: list, limits: pb.Limits, service: ImageService, at_model_input: bool
+    ) -> list[np.ndarray]:
         if not messages:
             raise BadRequestError("images", "is empty")
         if len(messages) > limits.max_images_per_request:
@@ -377,10 +386,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             )
         for index, message in enumerate(messages):
             check_image_shape(message, f"images[{index}]", limits.max_image_pixels)
-        return [
+        images = [
             convert.display_image_from_proto(message, f"images[{index}]", max_pixels=limits.max_image_pixels)
             for index, message in enumerate(messages)
         ]
+        if at_model_input:
+            preprocessor = service.preprocessor
+            if preprocessor is None:
+                raise BadRequestError("images_at_model_input", "this worker's model publishes no input size")
+            for index, image in enumerate(images):
+                convert.check_model_input_shape(image, preprocessor.size, f"images[{index}]")
+        return images
 
     def _wait(self, queued: BatchedRequest, context: grpc.ServicerContext) -> object:
         """The queued request's result, giving up when the client goes away or the deadline passes."""
