@@ -39,7 +39,7 @@ SETTINGS_TABLE: dict[str, tuple[str, Any]] = {
     # The memory budget (operators/pixels.py MemoryBudget), checked from headers before any decode.
     "max_frame_megapixels": ("MEDGEMMA_DEPLOY_MAX_FRAME_MEGAPIXELS", 20),
     "max_series_frames": ("MEDGEMMA_DEPLOY_MAX_SERIES_FRAMES", 2000),
-    "max_series_decoded_mib": ("MEDGEMMA_DEPLOY_MAX_SERIES_DECODED_MIB", 160),
+    "max_series_decoded_mib": ("MEDGEMMA_DEPLOY_MAX_SERIES_DECODED_MIB", 176),
 }
 CONFIG_ENV = "MEDGEMMA_DEPLOY_CONFIG"
 
@@ -65,7 +65,7 @@ class RunSettings:
     store: str = field(default="sqlite:///medgemma-index.db", repr=False)
     max_frame_megapixels: int = 20
     max_series_frames: int = 2000
-    max_series_decoded_mib: int = 160
+    max_series_decoded_mib: int = 176
 
 
 def resolve_settings(

@@ -200,13 +200,14 @@ def _check_series_budget(headers: list[_Header], budget: MemoryBudget, result: S
         if frames > budget.max_series_frames:
             reason = (
                 f"series {series_uid} has {frames} frames in {len(members)} file(s), beyond the memory "
-                f"budget of {budget.max_series_frames} frames per series (max_series_frames)"
+                f"budget of {budget.max_series_frames} frames per series "
+                "(setting max_series_frames, MEDGEMMA_DEPLOY_MAX_SERIES_FRAMES)"
             )
         elif decoded > budget.max_series_decoded_bytes:
             reason = (
                 f"series {series_uid} takes {decoded / 2**20:.0f} MiB decoded in {len(members)} file(s), "
                 f"beyond the memory budget of {budget.max_series_decoded_bytes / 2**20:.0f} MiB per series "
-                "(max_series_decoded_bytes)"
+                "(setting max_series_decoded_mib, MEDGEMMA_DEPLOY_MAX_SERIES_DECODED_MIB)"
             )
         if reason is None:
             continue

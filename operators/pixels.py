@@ -123,9 +123,10 @@ class MemoryBudget:
     is held decoded twice as float32 (``values`` and ``display``), and the relevance maps and the
     SEG are built at source size for the whole series, so a run peaks at about 110 bytes per
     source pixel (measured: 100 CT slices of 512 × 512, 26 M pixels, peaked 2.8 GB above the
-    models; one 4900 × 4900 radiograph, 24 M pixels, 2.2 GB). 160 MiB decoded is 21 M pixels per
-    series, about 80 such CT slices; larger series need a larger budget (and the memory) until
-    frames are streamed. A declared size beyond a limit rejects the input, naming the limit.
+    models; one 4900 × 4900 radiograph, 24 M pixels, 2.2 GB; 85 CT slices of 512 × 512, 22 M
+    pixels, 2.4 GB). 176 MiB decoded is 23 M pixels per series, 88 such CT slices, so the 85-slice
+    CT studies the report prompts are built for fit; larger series need a larger budget (and the
+    memory) until frames are streamed. A declared size beyond a limit rejects the input, naming the limit.
 
     Attributes
     ----------
@@ -139,7 +140,7 @@ class MemoryBudget:
 
     max_frame_megapixels: float = 20.0
     max_series_frames: int = 2000
-    max_series_decoded_bytes: int = 160 * 2**20
+    max_series_decoded_bytes: int = 176 * 2**20
 
     def __post_init__(self) -> None:
         for name in ("max_frame_megapixels", "max_series_frames", "max_series_decoded_bytes"):
@@ -263,13 +264,15 @@ def check_budget(
         raise InputError(
             path,
             f"a frame of Rows × Columns {rows} × {columns} ({megapixels:.1f} megapixels) exceeds the memory "
-            f"budget of {budget.max_frame_megapixels:g} megapixels per frame (max_frame_megapixels)",
+            f"budget of {budget.max_frame_megapixels:g} megapixels per frame "
+            "(setting max_frame_megapixels, MEDGEMMA_DEPLOY_MAX_FRAME_MEGAPIXELS)",
         )
     if frames > budget.max_series_frames:
         raise InputError(
             path,
             f"a (0028,0008) 'Number of Frames' of {frames} exceeds the memory budget of "
-            f"{budget.max_series_frames} frames per series (max_series_frames)",
+            f"{budget.max_series_frames} frames per series "
+            "(setting max_series_frames, MEDGEMMA_DEPLOY_MAX_SERIES_FRAMES)",
         )
     decoded = budget.decoded_bytes(rows, columns, samples, frames)
     if decoded > budget.max_series_decoded_bytes:
@@ -277,7 +280,7 @@ def check_budget(
             path,
             f"{frames} frame(s) of {rows} × {columns} × {samples} sample(s) take {_mib(decoded)} decoded, "
             f"beyond the memory budget of {_mib(budget.max_series_decoded_bytes)} per series "
-            "(max_series_decoded_bytes)",
+            "(setting max_series_decoded_mib, MEDGEMMA_DEPLOY_MAX_SERIES_DECODED_MIB)",
         )
 
 

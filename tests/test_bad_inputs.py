@@ -213,7 +213,7 @@ def test_a_series_beyond_the_budget_is_refused_as_a_whole(ct, monkeypatch, tmp_p
     study_input = load_study_input(tmp_path, budget=budget)
     assert study_input.studies == []
     assert sorted(e.source for e in study_input.rejected) == sorted(str(p) for p in paths)
-    assert all("max_series_decoded_bytes" in e.reason for e in study_input.rejected)
+    assert all("max_series_decoded_mib" in e.reason for e in study_input.rejected)
 
 
 # Finding 8: invalid UIDs, degenerate orientation, and a NUL in Patient's Name copied into outputs.
@@ -355,3 +355,23 @@ def test_derivation_copies_drop_control_characters_and_invalid_inherited_values(
     assert str(prepared.PatientName) == "ABCD^EF"
     assert prepared.StudyDate in (None, "") and prepared.AccessionNumber in (None, "")
     assert str(source.PatientName) == "AB\x00CD^E\x07F"  # the caller's dataset is untouched
+
+
+def test_the_default_budget_takes_an_85_slice_ct(tmp_path):
+    """The budget refuses what is absurd, not the real-size CT every path is built for."""
+    from tests.real_size import write_multislice_ct
+
+    write_multislice_ct(tmp_path / "ct", 85)
+    study_input = load_study_input(tmp_path / "ct")
+    assert not study_input.rejected
+    (series,) = study_input.studies[0].series
+    assert len(series.frames) == 85
+
+
+def test_a_series_past_the_default_budget_is_rejected_naming_the_setting(tmp_path):
+    from tests.real_size import write_multislice_ct
+
+    write_multislice_ct(tmp_path / "ct", 89)
+    study_input = load_study_input(tmp_path / "ct")
+    assert not study_input.studies or not study_input.studies[0].series
+    assert study_input.rejected and all("max_series_decoded_mib" in r.reason for r in study_input.rejected)

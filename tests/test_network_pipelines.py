@@ -26,18 +26,33 @@ PROMPTS = CONFIG_DIR / "prompts.yaml"
 #: Where results would go (nothing is sent: no listener is started here).
 PACS = ("--destination", "PACS@127.0.0.1:104")
 
-#: setting → (environment value, what the built engine must then hold). Every value differs
-#: from the setting's default, so a dropped setting fails.
+#: setting → (environment value, what the built pipeline (and its engine) must then hold). Every
+#: value differs from the setting's default, so a dropped setting fails.
 SETTING_EFFECTS = {
-    "backend": ("grpc://127.0.0.1:1", lambda engine: engine.backend == "grpc://127.0.0.1:1"),
-    "device": ("cpu", lambda engine: engine.device == "cpu"),
-    "labels": (str(LABELS), lambda engine: engine.label_files == [LABELS]),
-    "relevance_top_k": ("1", lambda engine: engine.classify_options.relevance_top_k == 1),
-    "write_embeddings": ("true", lambda engine: engine.classify_options.write_embeddings is True),
-    "prompts": (str(PROMPTS), lambda engine: engine.prompts_file == PROMPTS),
-    "max_new_tokens": ("7", lambda engine: engine.report_options.settings.max_new_tokens == 7),
-    "with_findings": ("true", lambda engine: engine.report_options.with_findings is True),
+    "backend": ("grpc://127.0.0.1:1", lambda built: built.engine.backend == "grpc://127.0.0.1:1"),
+    "device": ("cpu", lambda built: built.engine.device == "cpu"),
+    "labels": (str(LABELS), lambda built: built.engine.label_files == [LABELS]),
+    "relevance_top_k": ("1", lambda built: built.engine.classify_options.relevance_top_k == 1),
+    "relevance_format": ("seg", lambda built: built.engine.classify_options.relevance_format == "seg"),
+    "write_embeddings": ("true", lambda built: built.engine.classify_options.write_embeddings is True),
+    "prompts": (str(PROMPTS), lambda built: built.engine.prompts_file == PROMPTS),
+    "max_new_tokens": ("7", lambda built: built.engine.report_options.settings.max_new_tokens == 7),
+    "with_findings": ("true", lambda built: built.engine.report_options.with_findings is True),
+    "max_frame_megapixels": (
+        "7",
+        lambda built: built.engine.classify_options.budget.max_frame_megapixels == 7,
+    ),
+    "max_series_frames": ("9", lambda built: built.engine.classify_options.budget.max_series_frames == 9),
+    "max_series_decoded_mib": (
+        "11",
+        lambda built: built.engine.classify_options.budget.max_series_decoded_bytes == 11 * 2**20,
+    ),
+    # Where the listener indexes: the default store once index is on, or the store named.
+    "index": ("true", lambda built: built.index_store == "sqlite:///medgemma-index.db"),
+    "store": ("sqlite:///elsewhere.db", lambda built: built.index_store == "sqlite:///elsewhere.db"),
 }
+#: Other variables a setting needs to show its effect (a store is used only with index on).
+CONTEXT = {"store": {"MEDGEMMA_DEPLOY_INDEX": "true"}}
 
 
 def _listen_args(*argv: str) -> argparse.Namespace:
@@ -57,22 +72,27 @@ def test_each_setting_set_by_environment_reaches_the_listener_pipeline(tmp_path,
     value, took_effect = SETTING_EFFECTS[setting]
     spool = str(tmp_path / "spool")
     args = _listen_args("--spool", spool, "-m", str(tmp_path), "--pipeline", pipeline, *PACS)
-    config = listen_command.build_config(args, {variable: value})
+    context = CONTEXT.get(setting, {})
+    config = listen_command.build_config(args, {**context, variable: value})
     built = make_pipeline(config.pipeline, config.pipeline_options)  # built, not loaded
-    assert took_effect(built.engine), f"{variable}={value} did not reach the {pipeline} pipeline"
+    assert took_effect(built), f"{variable}={value} did not reach the {pipeline} pipeline"
     # And without the variable the engine holds something else: the check above can fail.
-    default = make_pipeline(config.pipeline, listen_command.build_config(args, {}).pipeline_options)
-    assert not took_effect(default.engine)
+    default = make_pipeline(config.pipeline, listen_command.build_config(args, context).pipeline_options)
+    assert not took_effect(default)
 
 
 def test_the_listener_flag_and_variable_win_over_the_run_settings(tmp_path):
     flag = ("--backend", "grpc://127.0.0.1:2")
     args = _listen_args("--spool", str(tmp_path), *flag, "--pipeline", "report", *PACS)
     environ = {"MEDGEMMA_DEPLOY_BACKEND": "grpc://127.0.0.1:1"}
-    assert listen_command.build_config(args, environ).pipeline_options.settings.backend == "grpc://127.0.0.1:2"
+    assert (
+        listen_command.build_config(args, environ).pipeline_options.settings.backend == "grpc://127.0.0.1:2"
+    )
     args = _listen_args("--spool", str(tmp_path), "--pipeline", "report", *PACS)
     environ["MEDGEMMA_LISTENER_BACKEND"] = "grpc://127.0.0.1:3"
-    assert listen_command.build_config(args, environ).pipeline_options.settings.backend == "grpc://127.0.0.1:3"
+    assert (
+        listen_command.build_config(args, environ).pipeline_options.settings.backend == "grpc://127.0.0.1:3"
+    )
 
 
 def test_report_settings_from_the_environment_shape_the_listener_s_reports(tmp_path, tiny_models_root):

@@ -130,12 +130,10 @@ def _open_model(settings: Any, models: Path | None) -> tuple[Any, Any]:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from medgemma_deploy.engine import check_input_path
-    from medgemma_deploy.operators.classify_pipeline import (
-        ClassifyOptions,
-        classify_study_input,
-        record_input,
-    )
+    import dataclasses
+
+    from medgemma_deploy.engine import EngineOptions, check_input_path
+    from medgemma_deploy.operators.classify_pipeline import classify_study_input, record_input
     from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER
     from medgemma_deploy.operators.dicom_input import load_study_input
     from medgemma_deploy.operators.labels import load_label_sets
@@ -156,9 +154,14 @@ def run_index(args: argparse.Namespace) -> int:
         backend, model = _open_model(settings, args.models)
         with backend:
             results = RunResults(command="index", disclaimer=AI_DISCLAIMER, models=[model.identity])
-            study_input = load_study_input(args.input)
+            # The same options (memory budget included) as every other pipeline, plus the embeddings.
+            options = dataclasses.replace(
+                EngineOptions.from_settings(settings).classify_options,
+                relevance_top_k=args.relevance_top_k,
+                keep_embeddings=True,
+            )
+            study_input = load_study_input(args.input, budget=options.budget)
             record_input(study_input, results)
-            options = ClassifyOptions(relevance_top_k=args.relevance_top_k, keep_embeddings=True)
             classifications = classify_study_input(
                 study_input, model, model.identity, label_sets, options, results
             )
