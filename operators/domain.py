@@ -7,6 +7,7 @@ Deploy operators, the CLI and the gRPC worker only move them around.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,8 @@ __all__ = [
     "SeriesClassification",
     "Study",
     "StudyInput",
+    "TriagePriority",
+    "TriageRule",
 ]
 
 
@@ -150,9 +153,45 @@ class FindingDefinition:
     negative_prompts: tuple[str, ...]
 
 
+class TriagePriority(IntEnum):
+    """How soon a study should be read, ordered so that ``max()`` is the most urgent.
+
+    The HL7 v2 code of each level is the one of HL7 Table 0485 (Extended Priority Codes) that
+    TQ1-9 and OBR-5 carry: ``S`` stat, ``A`` as soon as possible, ``R`` routine.
+    """
+
+    ROUTINE = 0
+    URGENT = 1
+    STAT = 2
+
+    @property
+    def hl7_code(self) -> str:
+        return {TriagePriority.ROUTINE: "R", TriagePriority.URGENT: "A", TriagePriority.STAT: "S"}[self]
+
+    @property
+    def hl7_text(self) -> str:
+        return {
+            TriagePriority.ROUTINE: "Routine",
+            TriagePriority.URGENT: "ASAP",
+            TriagePriority.STAT: "Stat",
+        }[self]
+
+
+@dataclass(frozen=True)
+class TriageRule:
+    """A site's rule: a finding at or above ``threshold`` raises the study to ``priority``."""
+
+    finding_key: str
+    threshold: float
+    priority: TriagePriority
+
+
 @dataclass(frozen=True)
 class LabelSet:
-    """A zero-shot label set for one modality/body part, read from YAML."""
+    """A zero-shot label set for one modality/body part, read from YAML.
+
+    ``triage_rules`` are optional and uncalibrated by default: thresholds are a site decision.
+    """
 
     name: str
     version: str
@@ -161,6 +200,7 @@ class LabelSet:
     scoring: Literal["softmax", "sigmoid"]
     threshold: float
     findings: tuple[FindingDefinition, ...]
+    triage_rules: tuple[TriageRule, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from medgemma_deploy.operators.domain import Code, FindingDefinition, LabelSet
+from medgemma_deploy.operators.domain import Code, FindingDefinition, LabelSet, TriagePriority, TriageRule
 
 __all__ = [
     "CODING_SCHEMES",
@@ -52,9 +52,22 @@ _CODE_VALUE_PATTERNS: dict[str, re.Pattern[str]] = {
 }
 _KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 _MODALITY = re.compile(r"^[A-Z0-9]{1,16}$")
-_TOP_KEYS = {"name", "version", "description", "modalities", "body_parts", "scoring", "threshold", "findings"}
+_TOP_KEYS = {
+    "name",
+    "version",
+    "description",
+    "modalities",
+    "body_parts",
+    "scoring",
+    "threshold",
+    "findings",
+    "triage",
+}
 _FINDING_KEYS = {"key", "display_name", "code", "positive_prompts", "negative_prompts", "description"}
 _CODE_KEYS = {"value", "scheme_designator", "meaning", "scheme_version"}
+_TRIAGE_KEYS = {"finding", "threshold", "priority"}
+# A rule that only confirms routine reading changes nothing, so only raising levels are accepted.
+_TRIAGE_PRIORITIES = {p.name: p for p in TriagePriority if p > TriagePriority.ROUTINE}
 # DICOM value representations: Code Value is SH (16), Code Meaning and names are LO (64).
 _MAX_CODE_VALUE = 16
 _MAX_LO = 64
@@ -188,6 +201,11 @@ def _parse_label_set(document: Any, path: Path) -> LabelSet:
     )
     _check_unique((f.key for f in findings), path, "key")
     _check_unique((f"{f.code.scheme_designator} {f.code.value}" for f in findings), path, "code")
+    triage_rules = tuple(
+        _triage_rule(raw, path, f"triage[{index}]", findings)
+        for index, raw in enumerate(_list(document.get("triage") or [], path, "triage"))
+    )
+    _check_unique((rule.finding_key for rule in triage_rules), path, "triage.finding")
     return LabelSet(
         name=name,
         version=version,
@@ -196,6 +214,32 @@ def _parse_label_set(document: Any, path: Path) -> LabelSet:
         scoring=scoring,
         threshold=float(threshold),
         findings=findings,
+        triage_rules=triage_rules,
+    )
+
+
+def _triage_rule(raw: Any, path: Path, where: str, findings: tuple[FindingDefinition, ...]) -> TriageRule:
+    if not isinstance(raw, dict):
+        raise LabelSetError(path, where, f"must be a mapping, found {type(raw).__name__}")
+    _check_keys(raw, _TRIAGE_KEYS, _TRIAGE_KEYS, path, where)
+    finding_key = _text(raw["finding"], path, f"{where}.finding")
+    known = [finding.key for finding in findings]
+    if finding_key not in known:
+        raise LabelSetError(
+            path, f"{where}.finding", f"{finding_key!r} is not a finding of this set ({', '.join(known)})"
+        )
+    threshold = raw["threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+        raise LabelSetError(
+            path, f"{where}.threshold", f"{threshold!r} must be a number strictly between 0 and 1"
+        )
+    priority = str(raw["priority"]).strip().upper()
+    if priority not in _TRIAGE_PRIORITIES:
+        raise LabelSetError(
+            path, f"{where}.priority", f"{raw['priority']!r} is not one of {', '.join(_TRIAGE_PRIORITIES)}"
+        )
+    return TriageRule(
+        finding_key=finding_key, threshold=float(threshold), priority=_TRIAGE_PRIORITIES[priority]
     )
 
 
