@@ -200,7 +200,9 @@ class LabelSet:
     scoring: Literal["softmax", "sigmoid"]
     threshold: float
     findings: tuple[FindingDefinition, ...]
-    triage_rules: tuple[TriageRule, ...] = ()
+    # Not part of equality: triage acts on the probabilities and never changes one, so a worker
+    # that knows a set without (or with other) rules scores it the same (README "Triage rules").
+    triage_rules: tuple[TriageRule, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

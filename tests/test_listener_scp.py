@@ -36,6 +36,7 @@ from medgemma_deploy.network.scp import StorageSCP
 from medgemma_deploy.network.service import Listener, ListenerConfig, server_ssl_context
 from medgemma_deploy.network.spool import Spool
 from medgemma_deploy.network.worker_loop import RetryPolicy
+from medgemma_deploy.settings import RunSettings
 from medgemma_deploy.synthetic import write_bad_inputs, write_demo_study
 from tests.listener_support import MarkerPipeline, echo, send_as_is, send_files, wait_until
 
@@ -369,7 +370,8 @@ def test_three_good_slices_are_delivered_although_a_neighbour_has_an_empty_numbe
         "host": "127.0.0.1", "port": 0, "allow": ("STORESCU@127.0.0.1",), "quiet_s": 0.5, "min_free_bytes": 0,
         "retry": RetryPolicy(max_attempts=3, base_s=0.05, max_s=0.2), "retention_s": None, "drain_s": 30,
     }  # fmt: skip
-    pipeline = make_pipeline("classify", PipelineOptions(models_path=tiny_models_root, device="cpu"))
+    options = PipelineOptions(models_path=tiny_models_root, settings=RunSettings(device="cpu"))
+    pipeline = make_pipeline("classify", options)
     listener = Listener(ListenerConfig(**settings), pipeline=pipeline, destinations=[destination])
     listener.start()
     try:
@@ -398,7 +400,8 @@ def test_three_good_slices_are_delivered_although_a_neighbour_has_an_empty_numbe
             for series in study.ReferencedSeriesSequence
             for item in series.ReferencedSOPSequence
         }
-        segs = {o.sop_instance_uid for o in outputs if o.kind == "SEG"}
-        assert evidence == set(good_uids) | segs  # the three good slices (and our SEG), not the bad one
+        maps = {o.sop_instance_uid for o in outputs if o.kind in ("SEG", "PMAP")}
+        # The three good slices (and our relevance maps), not the bad one.
+        assert evidence == set(good_uids) | maps
     finally:
         listener.stop()

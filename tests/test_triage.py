@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from medgemma_deploy.operators.domain import (
+    LabelSet,
     TriagePriority,
     TriageRule,
 )
@@ -156,3 +157,19 @@ def test_the_highest_priority_of_any_series_wins_and_every_reason_is_kept():
 def test_priorities_order_and_hl7_codes():
     assert max(TriagePriority) is TriagePriority.STAT
     assert [p.hl7_code for p in TriagePriority] == ["R", "A", "S"]
+
+
+def test_rules_do_not_change_what_a_label_set_is_for_scoring():
+    """A worker registers label sets by value; a client's set with rules must match its own without."""
+    with_rules = classification({}).label_set
+    without = LabelSet(
+        with_rules.name,
+        with_rules.version,
+        with_rules.modalities,
+        with_rules.body_parts,
+        with_rules.scoring,
+        with_rules.threshold,
+        with_rules.findings,
+    )
+    assert with_rules.triage_rules and not without.triage_rules
+    assert with_rules == without
