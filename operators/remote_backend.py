@@ -147,6 +147,16 @@ class RemoteMedSigLIP:
             rows.append(convert.array_from_proto(response.embeddings, "embeddings"))
         return np.concatenate(rows) if rows else np.zeros((0, self.embedding_dim), np.float32)
 
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Text embeddings from the worker's text tower (archive search queries)."""
+        self._loaded()
+        rows = []
+        for start in range(0, len(texts), convert.MAX_TEXTS_PER_REQUEST):
+            request = pb.EmbedTextRequest(texts=list(texts[start : start + convert.MAX_TEXTS_PER_REQUEST]))
+            response = self.client.call("EmbedText", request)
+            rows.append(convert.array_from_proto(response.embeddings, "embeddings"))
+        return np.concatenate(rows) if rows else np.zeros((0, self.embedding_dim), np.float32)
+
     def _wire_images(self, images: Sequence[np.ndarray]) -> list[pb.Array]:
         """Images as sent: at the model's input when the worker publishes it, else as they are."""
         if self._resize is None:

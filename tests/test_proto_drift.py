@@ -112,13 +112,13 @@ def test_stubs_import_with_the_pure_python_protobuf_runtime():
     assert done.stdout.strip() == "WorkerStub"
 
 
-def test_the_proto_declares_the_four_rpcs():
+def test_the_proto_declares_the_five_rpcs():
     from medgemma_deploy._proto import worker_pb2
 
     service = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
     assert service.full_name == "medgemma_deploy.v1.Worker"
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"Classify", "Embed", "GenerateReport", "ModelInfo"}
+    assert set(methods) == {"Classify", "Embed", "EmbedText", "GenerateReport", "ModelInfo"}
     assert methods["GenerateReport"].server_streaming is True
     assert not any(m.server_streaming for name, m in methods.items() if name != "GenerateReport")
     assert Path(protos_build.PROTO_ROOT / "README.md").is_file()

@@ -1,4 +1,4 @@
-"""``search --like`` through a real gRPC worker gives the local backend's hits; text over gRPC is refused.
+"""Search through a real gRPC worker (``--like`` and text) gives the local backend's hits.
 
 The worker serves the tiny models on 127.0.0.1 (ephemeral port); the index is made locally with the
 same model directory, so both backends carry the same model identity.
@@ -6,6 +6,7 @@ same model directory, so both backends carry the same model identity.
 
 import json
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -59,11 +60,31 @@ def test_like_search_through_the_worker_matches_the_local_backend(worker, indexe
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
 
 
-def test_text_search_through_the_worker_is_a_usage_error_saying_why(worker, indexed, capsys):
+def test_text_search_through_the_worker_matches_the_local_backend(worker, indexed, tiny_models_root, capsys):
     url, _ = indexed
+    query = "a chest x-ray showing a pneumothorax"
     capsys.readouterr()
-    assert main(["search", "pneumothorax", "--store", url, "--backend", f"grpc://{worker.address}"]) == 2
-    errors = [
-        line for line in capsys.readouterr().err.splitlines() if line.startswith("medgemma-deploy: error:")
-    ]
-    assert len(errors) == 1 and "text tower" in errors[0] and "--backend local" in errors[0]
+    assert main(["search", query, "--store", url, "-m", str(tiny_models_root), "--json"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main(["search", query, "--store", url, "--backend", f"grpc://{worker.address}", "--json"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert local["hits"], "the index holds the demo study"
+    assert [h["sop_instance_uid"] for h in remote["hits"]] == [h["sop_instance_uid"] for h in local["hits"]]
+    for a, b in zip(remote["hits"], local["hits"], strict=True):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_worker_text_embeddings_equal_the_in_process_ones(worker, tiny_models_root):
+    from medgemma_deploy.operators.backends import make_backend
+
+    texts = ["a chest x-ray showing a pneumothorax", "Пневмоторакс", "normal study"]
+    with make_backend("local", tiny_models_root, "cpu") as local, make_backend(
+        f"grpc://{worker.address}", None, None
+    ) as remote:
+        local.medsiglip.load()
+        remote.medsiglip.load()
+        expected = local.medsiglip.embed_texts(texts)
+        got = remote.medsiglip.embed_texts(texts)
+        dim = local.medsiglip.embedding_dim
+    assert got.shape == expected.shape == (3, dim)
+    np.testing.assert_allclose(got, expected, atol=1e-6)

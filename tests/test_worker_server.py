@@ -434,6 +434,25 @@ def test_bad_classify_requests_get_invalid_argument(stub, fields, message):
     assert stub.Classify(_classify(), timeout=30).probabilities.shape  # still serving
 
 
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        ([], "texts: is empty"),
+        (["a pneumothorax", "   "], "texts[1]: is blank"),
+        (["x" * 2049], "texts[0]: 2049 characters exceed the limit of 2048"),
+        (["q"] * (convert.MAX_TEXTS_PER_REQUEST + 1), "texts exceed the limit of"),
+    ],
+    ids=["none", "blank", "too-long", "too-many"],
+)
+def test_bad_embed_text_requests_get_invalid_argument(stub, texts, message):
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.EmbedText(pb.EmbedTextRequest(texts=texts), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+    served = stub.EmbedText(pb.EmbedTextRequest(texts=["a chest x-ray"]), timeout=30)
+    assert convert.array_from_proto(served.embeddings, "embeddings").shape[0] == 1  # still serving
+
+
 def _report(**settings) -> pb.GenerateReportRequest:
     return pb.GenerateReportRequest(
         messages=[pb.ChatMessage(role="user", content=[pb.ContentPart(text="Describe this X-ray")])],

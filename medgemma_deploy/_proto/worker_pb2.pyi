@@ -162,6 +162,24 @@ class EmbedResponse(_message.Message):
     timing: Timing
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., embeddings: _Optional[_Union[Array, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
+class EmbedTextRequest(_message.Message):
+    __slots__ = ("texts", "request_id")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    request_id: str
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class EmbedTextResponse(_message.Message):
+    __slots__ = ("model", "embeddings", "timing")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    embeddings: Array
+    timing: Timing
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., embeddings: _Optional[_Union[Array, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
 class ContentPart(_message.Message):
     __slots__ = ("text", "image")
     TEXT_FIELD_NUMBER: _ClassVar[int]

@@ -46,6 +46,11 @@ class WorkerStub:
                 request_serializer=medgemma__deploy_dot_v1_dot_worker__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=medgemma__deploy_dot_v1_dot_worker__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.EmbedText = channel.unary_unary(
+                '/medgemma_deploy.v1.Worker/EmbedText',
+                request_serializer=medgemma__deploy_dot_v1_dot_worker__pb2.EmbedTextRequest.SerializeToString,
+                response_deserializer=medgemma__deploy_dot_v1_dot_worker__pb2.EmbedTextResponse.FromString,
+                _registered_method=True)
         self.GenerateReport = channel.unary_stream(
                 '/medgemma_deploy.v1.Worker/GenerateReport',
                 request_serializer=medgemma__deploy_dot_v1_dot_worker__pb2.GenerateReportRequest.SerializeToString,
@@ -70,6 +75,13 @@ class WorkerServicer:
 
     def Embed(self, request, context):
         """MedSigLIP image embeddings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EmbedText(self, request, context):
+        """MedSigLIP text embeddings (search queries).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,6 +113,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=medgemma__deploy_dot_v1_dot_worker__pb2.EmbedRequest.FromString,
                     response_serializer=medgemma__deploy_dot_v1_dot_worker__pb2.EmbedResponse.SerializeToString,
+            ),
+            'EmbedText': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmbedText,
+                    request_deserializer=medgemma__deploy_dot_v1_dot_worker__pb2.EmbedTextRequest.FromString,
+                    response_serializer=medgemma__deploy_dot_v1_dot_worker__pb2.EmbedTextResponse.SerializeToString,
             ),
             'GenerateReport': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateReport,
@@ -167,6 +184,33 @@ class Worker:
             '/medgemma_deploy.v1.Worker/Embed',
             medgemma__deploy_dot_v1_dot_worker__pb2.EmbedRequest.SerializeToString,
             medgemma__deploy_dot_v1_dot_worker__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedText(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medgemma_deploy.v1.Worker/EmbedText',
+            medgemma__deploy_dot_v1_dot_worker__pb2.EmbedTextRequest.SerializeToString,
+            medgemma__deploy_dot_v1_dot_worker__pb2.EmbedTextResponse.FromString,
             options,
             channel_credentials,
             insecure,

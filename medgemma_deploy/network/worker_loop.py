@@ -310,38 +310,15 @@ class WorkerLoop:
         """The pipeline itself failed: retry with backoff; once attempts run out, quarantine the inputs."""
         logger.error("job %d process crashed", job.id, exc_info=exc)
         reason = f"process crashed: {type(exc).__name__}: {' '.join(str(exc).split())}"
-        current = self.store.job(job.id)
-        delay = self.retry.delay((current.attempts if current else 0) + 1)
-        updated = self.store.retry_later(job.id, reason, delay_s=delay, max_attempts=self.retry.max_attempts)
-        if updated.state is not JobState.FAILED:
-            self.metrics.job("retry")
-            self.audit.event(
-                "job-retry",
-                job_id=job.id,
-                study_instance_uid=job.study_instance_uid,
-                version=job.version,
-                attempts=updated.attempts,
-                delay_s=round(delay, 2),
-                reason=reason,
-                stage="process",
+        updated = self._retry(job, "process", reason)
+        if updated.state is JobState.FAILED:
+            instances = self.store.study_instances(job.study_instance_uid, job.version)
+            self.store.record_rejected(
+                [
+                    RejectedInput(job.id, i.sop_instance_uid, i.path, "process", updated.last_error or reason)
+                    for i in instances
+                ]
             )
-            return
-        instances = self.store.study_instances(job.study_instance_uid, job.version)
-        self.store.record_rejected(
-            [
-                RejectedInput(job.id, i.sop_instance_uid, i.path, "process", updated.last_error or reason)
-                for i in instances
-            ]
-        )
-        self.metrics.job("failed")
-        self.audit.event(
-            "job-failed",
-            job_id=job.id,
-            study_instance_uid=job.study_instance_uid,
-            version=job.version,
-            attempts=updated.attempts,
-            reason=updated.last_error,
-        )
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -394,6 +371,11 @@ class WorkerLoop:
                 logger.error("job %d %s failed", job.id, stage, exc_info=exc)
             self._fail(job, reason)
             return
+        self._retry(job, stage, reason, destination=destination)
+
+    def _retry(self, job: Job, stage: str, reason: str, *, destination: str | None = None) -> Job:
+        """Count a failed attempt and schedule the next after a backoff, or fail the job for good
+        once the attempts are spent; returns the job as it now stands."""
         current = self.store.job(job.id)
         delay = self.retry.delay((current.attempts if current else 0) + 1)
         updated = self.store.retry_later(job.id, reason, delay_s=delay, max_attempts=self.retry.max_attempts)
@@ -411,7 +393,7 @@ class WorkerLoop:
                 reason=updated.last_error,
                 destination=destination,
             )
-            return
+            return updated
         self.metrics.job("retry")
         logger.warning(
             "job %d (study %s v%d) attempt %d failed, retry in %.1f s: %s",
@@ -433,6 +415,7 @@ class WorkerLoop:
             destination=destination,
             stage=stage,
         )
+        return updated
 
     def _fail(self, job: Job, reason: str) -> None:
         failed = self.store.fail(job.id, reason)

@@ -13,7 +13,6 @@ with the filters and the requested count to keep enough candidates.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from medgemma_deploy.search.records import IndexRecord, SearchFilters, SearchHit
+from medgemma_deploy.search.records import HIT_COLUMNS, RECORD_COLUMNS, IndexRecord, SearchFilters, SearchHit
 from medgemma_deploy.search.store import IndexedModel, StoreError, VectorStore, missing_extra, redact_url
 
 __all__ = ["PostgresStore", "vector_literal"]
@@ -52,11 +51,6 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
 CREATE INDEX IF NOT EXISTS {_TABLE}_model ON {_TABLE} (model_name, model_version);
 """
 
-_COLUMNS = (
-    "model_name", "model_version", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
-    "frame_number", "modality", "body_part", "study_date", "findings", "embedding", "thumbnail",
-    "overlay", "overlay_finding",
-)  # fmt: skip
 
 #: HNSW build parameters (pgvector's defaults) and the memory the bulk build may use.
 _HNSW_M = 16
@@ -116,33 +110,16 @@ class PostgresStore(VectorStore):
         if not records:
             return 0
         values_sql = ", ".join(
-            "%s::jsonb" if c == "findings" else "%s::vector" if c == "embedding" else "%s" for c in _COLUMNS
+            "%s::jsonb" if c == "findings" else "%s::vector" if c == "embedding" else "%s"
+            for c in RECORD_COLUMNS
         )
-        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[2:] if c != "sop_instance_uid")
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in RECORD_COLUMNS[2:] if c != "sop_instance_uid")
         sql = (
-            f"INSERT INTO {_TABLE} ({', '.join(_COLUMNS)}) VALUES ({values_sql}) "
+            f"INSERT INTO {_TABLE} ({', '.join(RECORD_COLUMNS)}) VALUES ({values_sql}) "
             "ON CONFLICT (sop_instance_uid, frame_number, model_name, model_version) "
             f"DO UPDATE SET {updates}"
         )
-        rows = [
-            (
-                r.model_name,
-                r.model_version,
-                r.study_instance_uid,
-                r.series_instance_uid,
-                r.sop_instance_uid,
-                r.frame_number,
-                r.modality,
-                r.body_part,
-                r.study_date,
-                json.dumps(r.findings, sort_keys=True),
-                vector_literal(r.embedding),
-                r.thumbnail,
-                r.overlay,
-                r.overlay_finding,
-            )
-            for r in records
-        ]
+        rows = [r.row_values(vector_literal) for r in records]
         models = {(r.model_name, r.model_version): r.embedding.size for r in records}
         with self._lock:
             for (name, version), size in models.items():
@@ -189,20 +166,7 @@ class PostgresStore(VectorStore):
             self._connection.execute(settings)
             rows = self._connection.execute(query, params).fetchall()
         return [
-            SearchHit(
-                row_id=int(row[0]),
-                score=1.0 - float(row[1]),
-                study_instance_uid=row[2],
-                series_instance_uid=row[3],
-                sop_instance_uid=row[4],
-                frame_number=int(row[5]),
-                modality=row[6],
-                body_part=row[7],
-                study_date=row[8],
-                findings={key: float(value) for key, value in row[9].items()},
-                has_overlay=bool(row[10]),
-                overlay_finding=row[11],
-            )
+            SearchHit.from_row(1.0 - float(row[0]), row[1:])
             for row in rows
         ]
 
@@ -265,12 +229,12 @@ class PostgresStore(VectorStore):
             params.extend((finding.key, finding.minimum))
         params.append(int(top))
         query = sql.SQL(
-            "SELECT row_id, {typed} <=> %s::vector({size}) AS distance, study_instance_uid, "
-            "series_instance_uid, sop_instance_uid, frame_number, modality, body_part, study_date, findings, "
-            "overlay IS NOT NULL, overlay_finding FROM {table} WHERE {where} ORDER BY distance LIMIT %s"
+            "SELECT {typed} <=> %s::vector({size}) AS distance, {hit_columns} "
+            "FROM {table} WHERE {where} ORDER BY distance LIMIT %s"
         ).format(
             typed=typed,
             size=sql.Literal(size),
+            hit_columns=sql.SQL(", ".join(HIT_COLUMNS)),
             table=sql.Identifier(_TABLE),
             where=sql.SQL(" AND ").join(where),
         )

@@ -10,16 +10,40 @@ those behind its own access control.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["FindingFilter", "IndexRecord", "SearchFilters", "SearchHit", "parse_finding_filter"]
+__all__ = [
+    "HIT_COLUMNS",
+    "RECORD_COLUMNS",
+    "FindingFilter",
+    "IndexRecord",
+    "SearchFilters",
+    "SearchHit",
+    "parse_finding_filter",
+]
 
 _DATE = re.compile(r"^\d{8}$")
 _FINDING_FILTER = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9]*\.?[0-9]+)\s*$")
+
+
+#: The columns of a stored record, in :meth:`IndexRecord.row_values` order (both stores).
+RECORD_COLUMNS = (
+    "model_name", "model_version", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
+    "frame_number", "modality", "body_part", "study_date", "findings", "embedding", "thumbnail",
+    "overlay", "overlay_finding",
+)  # fmt: skip
+
+#: The columns a :class:`SearchHit` is read from, in :meth:`SearchHit.from_row` order.
+HIT_COLUMNS = (
+    "row_id", "study_instance_uid", "series_instance_uid", "sop_instance_uid", "frame_number", "modality",
+    "body_part", "study_date", "findings", "overlay IS NOT NULL", "overlay_finding",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -53,6 +77,26 @@ class IndexRecord:
     thumbnail: bytes | None = None
     overlay: bytes | None = None
     overlay_finding: str | None = None
+
+    def row_values(self, encode_embedding: Callable[[np.ndarray], Any]) -> tuple[Any, ...]:
+        """The record as a store row, in :data:`RECORD_COLUMNS` order; each store encodes the vector
+        its own way (sqlite-vec: float32 bytes; pgvector: a vector literal)."""
+        return (
+            self.model_name,
+            self.model_version,
+            self.study_instance_uid,
+            self.series_instance_uid,
+            self.sop_instance_uid,
+            self.frame_number,
+            self.modality,
+            self.body_part,
+            self.study_date,
+            json.dumps(self.findings, sort_keys=True),
+            encode_embedding(self.embedding),
+            self.thumbnail,
+            self.overlay,
+            self.overlay_finding,
+        )
 
     def __post_init__(self) -> None:
         embedding = np.asarray(self.embedding, dtype=np.float32)
@@ -125,6 +169,25 @@ class SearchHit:
     findings: dict[str, float]
     has_overlay: bool
     overlay_finding: str | None
+
+    @classmethod
+    def from_row(cls, score: float, row: Sequence[Any]) -> SearchHit:
+        """A hit from a row of :data:`HIT_COLUMNS` (findings as JSON text or an already parsed mapping)."""
+        findings = row[8] if isinstance(row[8], Mapping) else json.loads(row[8])
+        return cls(
+            row_id=int(row[0]),
+            score=score,
+            study_instance_uid=row[1],
+            series_instance_uid=row[2],
+            sop_instance_uid=row[3],
+            frame_number=int(row[4]),
+            modality=row[5],
+            body_part=row[6],
+            study_date=row[7],
+            findings={key: float(value) for key, value in findings.items()},
+            has_overlay=bool(row[9]),
+            overlay_finding=row[10],
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -54,13 +54,8 @@ class SearchService:
         """The query text through MedSigLIP's text tower."""
         if not text or not text.strip():
             raise UsageError("the search text is empty")
-        embed_texts = getattr(self.model, "embed_texts", None)
-        if embed_texts is None:
-            raise UsageError(
-                "text search needs the model's text tower, which the gRPC worker does not expose yet; "
-                "use --backend local -m MODELS (search --like works through the worker)"
-            )
-        return np.asarray(embed_texts([text.strip()])[0], np.float32)
+        # In process or through the worker's EmbedText: the same text tower either way.
+        return np.asarray(self.model.embed_texts([text.strip()])[0], np.float32)
 
     def search_text(self, text: str, filters: SearchFilters | None = None, top: int = 20) -> list[SearchHit]:
         return self.search_vector(self.text_embedding(text), filters, top)

@@ -13,7 +13,6 @@ one matrix product, still exact (figures: ``medgemma_deploy/bench/search_bench.p
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from medgemma_deploy.search.records import IndexRecord, SearchFilters, SearchHit
+from medgemma_deploy.search.records import HIT_COLUMNS, RECORD_COLUMNS, IndexRecord, SearchFilters, SearchHit
 from medgemma_deploy.search.store import IndexedModel, StoreError, VectorStore, missing_extra
 
 __all__ = ["SQLiteStore"]
@@ -53,16 +52,9 @@ CREATE TABLE IF NOT EXISTS index_rows (
 CREATE INDEX IF NOT EXISTS index_rows_model ON index_rows (model_name, model_version);
 """
 
-_COLUMNS = (
-    "model_name, model_version, study_instance_uid, series_instance_uid, sop_instance_uid, frame_number, "
-    "modality, body_part, study_date, findings, embedding, thumbnail, overlay, overlay_finding"
-)
-
-
-_HIT_COLUMNS = (
-    "row_id, study_instance_uid, series_instance_uid, sop_instance_uid, frame_number, modality, body_part, "
-    "study_date, findings, overlay IS NOT NULL, overlay_finding"
-)
+_COLUMNS = ", ".join(RECORD_COLUMNS)
+_HIT_COLUMNS = ", ".join(HIT_COLUMNS)
+_PLACEHOLDERS = ", ".join("?" * len(RECORD_COLUMNS))
 
 
 @dataclass(frozen=True)
@@ -93,23 +85,6 @@ def _where(model_name: str, model_version: str, filters: SearchFilters) -> tuple
         where.append("CAST(json_extract(findings, ?) AS REAL) >= ?")
         params.extend((f'$."{finding.key}"', finding.minimum))
     return " AND ".join(where), params
-
-
-def _hit(score: float, row: Sequence[Any]) -> SearchHit:
-    return SearchHit(
-        row_id=int(row[0]),
-        score=score,
-        study_instance_uid=row[1],
-        series_instance_uid=row[2],
-        sop_instance_uid=row[3],
-        frame_number=int(row[4]),
-        modality=row[5],
-        body_part=row[6],
-        study_date=row[7],
-        findings=json.loads(row[8]),
-        has_overlay=bool(row[9]),
-        overlay_finding=row[10],
-    )
 
 
 class SQLiteStore(VectorStore):
@@ -162,29 +137,11 @@ class SQLiteStore(VectorStore):
         return cls(url, path, connection, cache_vectors=cache_vectors)
 
     def add(self, records: Sequence[IndexRecord]) -> int:
-        rows = [
-            (
-                r.model_name,
-                r.model_version,
-                r.study_instance_uid,
-                r.series_instance_uid,
-                r.sop_instance_uid,
-                r.frame_number,
-                r.modality,
-                r.body_part,
-                r.study_date,
-                json.dumps(r.findings, sort_keys=True),
-                r.embedding.astype(np.float32).tobytes(),
-                r.thumbnail,
-                r.overlay,
-                r.overlay_finding,
-            )
-            for r in records
-        ]
+        rows = [r.row_values(lambda embedding: embedding.astype(np.float32).tobytes()) for r in records]
         with self._lock, self._connection:
             self._check_dimension(records)
             self._connection.executemany(
-                f"INSERT OR REPLACE INTO index_rows ({_COLUMNS}) VALUES ({', '.join('?' * 14)})", rows
+                f"INSERT OR REPLACE INTO index_rows ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", rows
             )
             self._own_changes += 1
         return len(rows)
@@ -210,7 +167,7 @@ class SQLiteStore(VectorStore):
                     [query.tobytes(), *params, int(top)],
                 )
             )
-        return [_hit(1.0 - float(row[0]), row[1:]) for row in rows]
+        return [SearchHit.from_row(1.0 - float(row[0]), row[1:]) for row in rows]
 
     def _search_matrix(
         self, query: np.ndarray, model_name: str, model_version: str, where: str, params: list[Any], top: int
@@ -249,7 +206,9 @@ class SQLiteStore(VectorStore):
                 f"SELECT {_HIT_COLUMNS} FROM index_rows WHERE row_id IN ({', '.join('?' * len(ids))})", ids
             )
         }
-        return [_hit(float(scores[i]), found[row_id]) for i, row_id in zip(best, ids, strict=True)]
+        return [
+            SearchHit.from_row(float(scores[i]), found[row_id]) for i, row_id in zip(best, ids, strict=True)
+        ]
 
     def _matrix(self, model_name: str, model_version: str) -> _VectorMatrix:
         """The model's embeddings as one matrix, reloaded when this or another connection wrote."""

@@ -22,6 +22,7 @@ from medgemma_deploy.serving.errors import BadRequestError
 
 __all__ = [
     "DTYPE_TO_NUMPY",
+    "MAX_TEXTS_PER_REQUEST",
     "array_from_proto",
     "array_to_proto",
     "check_finding_keys",
@@ -45,6 +46,9 @@ DTYPE_TO_NUMPY: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT64: np.dtype("<f8"),
 }
 _NUMPY_TO_DTYPE = {dtype.str.lstrip("<|"): code for code, dtype in DTYPE_TO_NUMPY.items()}
+
+#: Texts one EmbedText request may carry (the contract in worker.proto; clients split above it).
+MAX_TEXTS_PER_REQUEST = 64
 
 #: Divisor that maps an integer image to [0, 1].
 _INTEGER_SCALE = {pb.DTYPE_UINT8: 255.0, pb.DTYPE_UINT16: 65535.0}

@@ -21,7 +21,7 @@ from medgemma_deploy.operators.domain import LabelSet, ModelIdentity
 from medgemma_deploy.serving.batcher import BatchedRequest, BatchObserver, MicroBatcher
 from medgemma_deploy.serving.errors import BadRequestError
 
-__all__ = ["ClassifyOutcome", "ClassifyWork", "EmbedWork", "ImageRunner", "ImageService"]
+__all__ = ["ClassifyOutcome", "ClassifyWork", "EmbedWork", "ImageRunner", "ImageService", "TextEmbedWork"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ class ImageRunner(Protocol):
     ) -> Any: ...
 
     def embed_images(self, images: Sequence[np.ndarray], *, at_model_input: bool = False) -> np.ndarray: ...
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
     def relevance_maps(
         self, images: Sequence[np.ndarray], label_set: LabelSet, finding_keys: Sequence[str]
@@ -74,6 +76,13 @@ class EmbedWork:
 
     images: list[np.ndarray]
     at_model_input: bool = False
+
+
+@dataclass(frozen=True)
+class TextEmbedWork:
+    """One EmbedText request after validation: texts through the text tower (search queries)."""
+
+    texts: list[str]
 
 
 @dataclass
@@ -230,7 +239,32 @@ class ImageService:
             is_cancelled=is_cancelled,
         )
 
+    def embed_texts(
+        self,
+        work: TextEmbedWork,
+        *,
+        deadline: float | None = None,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> BatchedRequest:
+        """Queue an EmbedText request; its future resolves to an ``(n, dim)`` float array.
+
+        Through the batcher like images: only its thread calls the runner.
+        """
+        return self.batcher.submit(
+            work,
+            cost=len(work.texts),
+            group_key=("embed-text",),
+            deadline=deadline,
+            is_cancelled=is_cancelled,
+        )
+
     def _run_group(self, requests: Sequence[BatchedRequest]) -> list[Any]:
+        first = requests[0].payload
+        if isinstance(first, TextEmbedWork):
+            texts = [text for request in requests for text in request.payload.texts]
+            bounds = np.cumsum([0, *(len(request.payload.texts) for request in requests)])
+            embeddings = np.asarray(self.runner.embed_texts(texts))
+            return [embeddings[bounds[i] : bounds[i + 1]] for i in range(len(requests))]
         counts = [len(_images_of(request.payload)) for request in requests]
         images = [image for request in requests for image in _images_of(request.payload)]
         bounds = np.cumsum([0, *counts])

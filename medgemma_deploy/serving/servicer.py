@@ -35,7 +35,7 @@ from medgemma_deploy.serving.errors import (
     QueueFullError,
     RequestCancelledError,
 )
-from medgemma_deploy.serving.image_service import ClassifyWork, EmbedWork, ImageService
+from medgemma_deploy.serving.image_service import ClassifyWork, EmbedWork, ImageService, TextEmbedWork
 from medgemma_deploy.serving.metrics import WorkerMetrics
 from medgemma_deploy.serving.report_scheduler import Admitted, Finished, Tokens
 from medgemma_deploy.serving.report_service import ReportService
@@ -53,6 +53,7 @@ __all__ = [
     "WorkerServicer",
     "check_image_shape",
     "check_label_set_size",
+    "check_texts",
     "status_for",
 ]
 
@@ -164,6 +165,31 @@ def check_image_shape(message: pb.Array, field: str, max_pixels: int) -> None:
         )
 
 
+def check_texts(texts: list[str]) -> list[str]:
+    """EmbedText's texts: 1 to ``convert.MAX_TEXTS_PER_REQUEST``, each non-blank and at most
+    :data:`MAX_LABEL_TEXT_CHARS` characters (the bound on label prompts), before any work.
+
+    Raises
+    ------
+    BadRequestError
+        No texts, too many, a blank one or a too long one (named by index).
+    """
+    if not texts:
+        raise BadRequestError("texts", "is empty")
+    if len(texts) > convert.MAX_TEXTS_PER_REQUEST:
+        raise BadRequestError(
+            "texts", f"{len(texts)} texts exceed the limit of {convert.MAX_TEXTS_PER_REQUEST}"
+        )
+    for index, text in enumerate(texts):
+        if not text.strip():
+            raise BadRequestError(f"texts[{index}]", "is blank")
+        if len(text) > MAX_LABEL_TEXT_CHARS:
+            raise BadRequestError(
+                f"texts[{index}]", f"{len(text)} characters exceed the limit of {MAX_LABEL_TEXT_CHARS}"
+            )
+    return texts
+
+
 class WorkerCore(Protocol):
     """What the servicer needs of the worker (implemented by ``WorkerServer``)."""
 
@@ -255,6 +281,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             )
             embeddings = self._wait(queued, context)
             return pb.EmbedResponse(
+                model=convert.identity_to_proto(service.identity),
+                embeddings=convert.array_to_proto(embeddings),
+                timing=_timing(queued),
+            )
+
+    def EmbedText(self, request: pb.EmbedTextRequest, context: grpc.ServicerContext) -> pb.EmbedTextResponse:  # noqa: N802
+        with self._rpc("EmbedText", context):
+            service = self.core.image_service()
+            texts = check_texts(list(request.texts))
+            queued = service.embed_texts(
+                TextEmbedWork(texts),
+                deadline=_deadline(context),
+                is_cancelled=lambda: not context.is_active(),
+            )
+            embeddings = self._wait(queued, context)
+            return pb.EmbedTextResponse(
                 model=convert.identity_to_proto(service.identity),
                 embeddings=convert.array_to_proto(embeddings),
                 timing=_timing(queued),
