@@ -249,9 +249,7 @@ class SQLiteStore(VectorStore):
             ).fetchall()
         return {row[0] for row in rows}
 
-    def image(self, row_id: int, kind: str) -> bytes | None:
-        if kind not in ("thumbnail", "overlay"):
-            raise ValueError(f"image kind must be thumbnail or overlay, got {kind!r}")
+    def _image(self, row_id: int, kind: str) -> bytes | None:
         with self._lock:
             row = self._connection.execute(
                 f"SELECT {kind} FROM index_rows WHERE row_id = ?", (row_id,)

@@ -86,9 +86,18 @@ class VectorStore(abc.ABC):
     def finding_keys(self, model_name: str, model_version: str) -> set[str]:
         """The finding keys that model's rows carry probabilities for (to check ``--finding``)."""
 
-    @abc.abstractmethod
     def image(self, row_id: int, kind: str) -> bytes | None:
-        """A row's ``thumbnail`` or ``overlay`` PNG, or None when it has none."""
+        """A row's ``thumbnail`` or ``overlay`` PNG, or None when it has none.
+
+        ``kind`` names a column in the stores' SQL, so it is checked here, once, for both stores.
+        """
+        if kind not in ("thumbnail", "overlay"):
+            raise ValueError(f"image kind must be thumbnail or overlay, got {kind!r}")
+        return self._image(int(row_id), kind)
+
+    @abc.abstractmethod
+    def _image(self, row_id: int, kind: str) -> bytes | None:
+        """The stored ``kind`` PNG of row ``row_id`` (``kind`` already checked)."""
 
     @abc.abstractmethod
     def close(self) -> None:
