@@ -30,6 +30,7 @@ class ClassifyEngine(PipelineEngine):
         label_files: Sequence[Path] | None = None,
         prompts_file: Path | None = None,
         device: str | None = None,
+        precision: str = "auto",
         classify_options: ClassifyOptions | None = None,
         report_options: ReportOptions | None = None,
     ) -> None:
@@ -41,6 +42,7 @@ class ClassifyEngine(PipelineEngine):
             label_files=label_files,
             prompts_file=prompts_file,
             device=device,
+            precision=precision,
             classify_options=classify_options,
             report_options=report_options,
         )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from medgemma_deploy.errors import UsageError
 from medgemma_deploy.operators.backends import BACKEND_HELP
+from medgemma_deploy.operators.precision import PRECISION_HELP, PRECISIONS
 
 __all__ = ["build_parser", "main"]
 
@@ -94,6 +95,7 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
     )
+    parser.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
 
 
 def _add_classify_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +185,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         {
             "backend": args.backend,
             "device": args.device,
+            "precision": args.precision,
             "labels": getattr(args, "labels", None),
             "relevance_top_k": getattr(args, "relevance_top_k", None),
             "relevance_format": getattr(args, "relevance_format", None),

@@ -85,6 +85,7 @@ class EngineOptions:
     label_files: tuple[Path, ...] = ()
     prompts_file: Path | None = None
     device: str | None = None
+    precision: str = "auto"
     classify_options: ClassifyOptions = field(default_factory=ClassifyOptions)
     report_options: ReportOptions = field(default_factory=ReportOptions)
 
@@ -106,6 +107,7 @@ class EngineOptions:
             label_files=tuple(settings.labels),
             prompts_file=settings.prompts,
             device=settings.device,
+            precision=settings.precision,
             classify_options=ClassifyOptions(
                 relevance_top_k=settings.relevance_top_k,
                 write_embeddings=settings.write_embeddings,
@@ -136,6 +138,8 @@ class PipelineEngine:
     backend:
         ``local`` (models in this process, from ``models_path``) or ``grpc://HOST:PORT`` /
         ``grpcs://HOST:PORT`` (a shared GPU worker; ``models_path`` is not used).
+    precision:
+        ``auto``, ``fp32``, ``bf16``, ``int8`` or ``int4`` for the local models (the worker has its own).
     medsiglip_path:
         The MedSigLIP directory when ``models_path`` is the MedGemma directory itself.
     """
@@ -152,6 +156,7 @@ class PipelineEngine:
         label_files: Sequence[Path] | None = None,
         prompts_file: Path | None = None,
         device: str | None = None,
+        precision: str = "auto",
         classify_options: ClassifyOptions | None = None,
         report_options: ReportOptions | None = None,
         medsiglip_path: Path | None = None,
@@ -171,6 +176,7 @@ class PipelineEngine:
         self.label_files = list(label_files) if label_files else None
         self.prompts_file = prompts_file
         self.device = device
+        self.precision = precision
         self.label_sets: list[LabelSet] = []
         self.prompts: PromptBook | None = None
         self.medsiglip = None
@@ -198,13 +204,17 @@ class PipelineEngine:
                 from medgemma_deploy.operators.medsiglip import MedSigLIPRunner
 
                 self.medsiglip = MedSigLIPRunner(
-                    resolve_model_dir(self.medsiglip_path, "medsiglip"), device=device
+                    resolve_model_dir(self.medsiglip_path, "medsiglip"),
+                    device=device,
+                    precision=self.precision,
                 )
                 self.medsiglip.load()
             if self.report:
                 from medgemma_deploy.operators.medgemma import MedGemmaRunner
 
-                self.medgemma = MedGemmaRunner(resolve_model_dir(self.models_path, "medgemma"), device=device)
+                self.medgemma = MedGemmaRunner(
+                    resolve_model_dir(self.models_path, "medgemma"), device=device, precision=self.precision
+                )
                 self.medgemma.load()
         except BaseException:
             self.close()

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from medgemma_deploy.errors import UsageError
+from medgemma_deploy.operators.precision import PRECISIONS
 
 __all__ = ["SETTINGS_TABLE", "RunSettings", "resolve_settings"]
 
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 SETTINGS_TABLE: dict[str, tuple[str, Any]] = {
     "backend": ("MEDGEMMA_DEPLOY_BACKEND", "local"),
     "device": ("MEDGEMMA_DEPLOY_DEVICE", None),
+    # Numeric precision of both models (operators/precision.py); each runner maps it to its device.
+    "precision": ("MEDGEMMA_DEPLOY_PRECISION", "auto"),
     "labels": ("MEDGEMMA_DEPLOY_LABELS", ()),
     "relevance_top_k": ("MEDGEMMA_DEPLOY_RELEVANCE_TOP_K", 3),
     "relevance_format": ("MEDGEMMA_DEPLOY_RELEVANCE_FORMAT", "both"),
@@ -53,6 +56,7 @@ class RunSettings:
 
     backend: str = "local"
     device: str | None = None
+    precision: str = "auto"
     labels: tuple[Path, ...] = ()
     relevance_top_k: int = 3
     relevance_format: str = "both"
@@ -102,6 +106,8 @@ def resolve_settings(
         )
     if settings.device not in (None, "cpu", "cuda") and not str(settings.device).startswith("cuda:"):
         raise UsageError(f"device must be cpu, cuda or cuda:N, got {settings.device!r}")
+    if settings.precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}")
     if settings.relevance_top_k < 0:
         raise UsageError(f"relevance_top_k must be >= 0, got {settings.relevance_top_k}")
     if settings.relevance_format not in ("seg", "pmap", "both"):

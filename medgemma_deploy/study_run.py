@@ -25,6 +25,7 @@ class StudyEngine(PipelineEngine):
         label_files: Sequence[Path] | None = None,
         prompts_file: Path | None = None,
         device: str | None = None,
+        precision: str = "auto",
         classify_options: ClassifyOptions | None = None,
         report_options: ReportOptions | None = None,
     ) -> None:
@@ -36,6 +37,7 @@ class StudyEngine(PipelineEngine):
             label_files=label_files,
             prompts_file=prompts_file,
             device=device,
+            precision=precision,
             classify_options=classify_options,
             report_options=report_options,
         )

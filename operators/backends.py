@@ -76,6 +76,7 @@ class Backend:
         *,
         models_path: Path | None,
         device: str | None,
+        precision: str = "auto",
         target: str | None = None,
         tls: Any = None,
         timeout: float = 600.0,
@@ -83,6 +84,7 @@ class Backend:
         self.spec = spec
         self.models_path = models_path
         self.device = device
+        self.precision = precision
         self.target = target
         self.tls = tls
         self.timeout = timeout
@@ -110,7 +112,9 @@ class Backend:
                 from medgemma_deploy.operators.medsiglip import MedSigLIPRunner
 
                 self._medsiglip = MedSigLIPRunner(
-                    resolve_model_dir(self._models_path(), "medsiglip"), device=self.device
+                    resolve_model_dir(self._models_path(), "medsiglip"),
+                    device=self.device,
+                    precision=self.precision,
                 )
         return self._medsiglip
 
@@ -127,7 +131,9 @@ class Backend:
                 from medgemma_deploy.operators.medgemma import MedGemmaRunner
 
                 self._medgemma = MedGemmaRunner(
-                    resolve_model_dir(self._models_path(), "medgemma"), device=self.device
+                    resolve_model_dir(self._models_path(), "medgemma"),
+                    device=self.device,
+                    precision=self.precision,
                 )
         return self._medgemma
 
@@ -165,6 +171,7 @@ def make_backend(
     models_path: Path | None,
     device: str | None,
     *,
+    precision: str = "auto",
     tls: Any = None,
     timeout: float = 600.0,
 ) -> Backend:
@@ -178,6 +185,8 @@ def make_backend(
         The model directory or models root (local backend only).
     device:
         ``cpu``/``cuda`` for the local backend (the worker chooses its own).
+    precision:
+        ``--precision`` for the local backend (operators/precision.py; the worker chooses its own).
     tls:
         A ``ClientTLS`` for ``grpcs://``; default: from the ``MEDGEMMA_DEPLOY_TLS_*`` variables.
     timeout:
@@ -190,7 +199,7 @@ def make_backend(
     """
     spec = (spec or "local").strip()
     if spec == "local":
-        return Backend("local", models_path=models_path, device=device)
+        return Backend("local", models_path=models_path, device=device, precision=precision)
     from medgemma_deploy.operators.remote_backend import parse_target
     from medgemma_deploy.serving.tls import ClientTLS
 

@@ -296,8 +296,9 @@ def _fixed_copy(dataset: Dataset) -> Dataset:
     sop_instance_uid = str(dataset.SOPInstanceUID)
     for keyword in _SPACING_KEYWORDS:
         if keyword in fixed and not _is_positive_pair(fixed[keyword].value):
-            logger.debug("%s: dropping %s %r from the derivation copy", sop_instance_uid, keyword,
-                         fixed[keyword].value)
+            logger.debug(
+                "%s: dropping %s %r from the derivation copy", sop_instance_uid, keyword, fixed[keyword].value
+            )
             del fixed[keyword]
     _strip_control_characters(fixed, sop_instance_uid)
     for keyword in _TYPE2_INHERITED:
@@ -313,8 +314,11 @@ def _fixed_copy(dataset: Dataset) -> Dataset:
     sex = sex if sex in _PATIENT_SEX_VALUES else ""
     if sex != raw_sex:
         # No patient values in logs: say only what was done.
-        logger.debug("%s: Patient's Sex normalized for derivation (%s)", sop_instance_uid,
-                     "upper-cased" if sex else "not M/F/O, left empty")
+        logger.debug(
+            "%s: Patient's Sex normalized for derivation (%s)",
+            sop_instance_uid,
+            "upper-cased" if sex else "not M/F/O, left empty",
+        )
         fixed.PatientSex = sex or None
     if (
         str(fixed.get("PatientIdentityRemoved", "")).upper() == "YES"

@@ -84,7 +84,8 @@ def contributing_equipment(model: ModelIdentity, algorithm: AlgorithmInfo) -> Co
         purpose_of_reference=PROCESSING_EQUIPMENT,
         manufacturer_model_name=to_lo(identity["ManufacturerModelName"]),
         software_versions=[
-            to_lo(algorithm.version), to_lo(f"{algorithm.software} {algorithm.software_version}")
+            to_lo(algorithm.version),
+            to_lo(f"{algorithm.software} {algorithm.software_version}"),
         ],
         contribution_description="AI inference (research model, unverified by a clinician)",
     )

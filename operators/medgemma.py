@@ -46,6 +46,7 @@ from medgemma_deploy.operators.medgemma_generation import (
     dtype_name,
     eos_ids,
 )
+from medgemma_deploy.operators.precision import torch_dtype_name
 from medgemma_deploy.operators.report_inputs import GenerationSettings, ReportRequest
 
 # GenerationSettings and ReportRequest are defined with the request builder, ReportResult in
@@ -83,11 +84,23 @@ class MedGemmaRunner:
     ...     result = runner.generate(request, on_token=print)
     """
 
-    def __init__(self, model_dir: str | Path, *, device: str | None = None, dtype: Any = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str | None = None,
+        dtype: Any = None,
+        precision: str = "auto",
+    ) -> None:
         self.model_dir = resolve_model_dir(model_dir, "medgemma")
         self.identity: ModelIdentity = model_identity(self.model_dir)
         self._requested_device = device
         self._requested_dtype = dtype_name(dtype, self.model_dir)
+        self.precision = precision
+        if torch_dtype_name(precision, "cpu") is None:
+            raise ModelLoadError(
+                f"{self.model_dir}: precision {precision} is not offered for MedGemma; use auto, fp32 or bf16"
+            )
         self._model: Any = None
         self._processor: Any = None
         self._device: Any = None
@@ -151,7 +164,7 @@ class MedGemmaRunner:
 
         started = time.perf_counter()
         device = torch.device(self._requested_device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype_name = self._requested_dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        dtype_name = self._requested_dtype or torch_dtype_name(self.precision, device.type)
         dtype = getattr(torch, dtype_name)
         try:
             processor = AutoProcessor.from_pretrained(self.model_dir)

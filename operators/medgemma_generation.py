@@ -99,7 +99,7 @@ class IncrementalTextStreamer(BaseStreamer):
         if not final and text.endswith("\ufffd"):
             return
         if text.startswith(self.streamed_text) and len(text) > len(self.streamed_text):
-            piece = text[len(self.streamed_text):]
+            piece = text[len(self.streamed_text) :]
             self.streamed_text = text
             self._on_token(piece)
 

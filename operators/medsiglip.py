@@ -53,6 +53,7 @@ from medgemma_deploy.errors import ModelLoadError
 from medgemma_deploy.model_dir import model_identity, resolve_model_dir
 from medgemma_deploy.operators.classification import ImageScores
 from medgemma_deploy.operators.domain import LabelSet, ModelIdentity
+from medgemma_deploy.operators.precision import torch_dtype_name
 from medgemma_deploy.operators.preprocess import MedSigLIPPreprocessor
 from medgemma_deploy.operators.relevance import (
     RelevanceGridCache,
@@ -121,6 +122,7 @@ class MedSigLIPRunner:
         *,
         device: str | None = None,
         dtype: torch.dtype | None = None,
+        precision: str = "auto",
         max_batch_size: int = 32,
         relevance_cache_size: int = 1024,
     ) -> None:
@@ -130,7 +132,14 @@ class MedSigLIPRunner:
             raise ValueError(f"relevance_cache_size must be 0 or more, got {relevance_cache_size}")
         self.model_dir = Path(model_dir)
         self.device = torch.device(device) if device else _default_device()
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.precision = precision
+        dtype_name = torch_dtype_name(precision, self.device.type)
+        if dtype_name is None:
+            raise ModelLoadError(
+                f"{self.model_dir}: precision {precision} is not offered for MedSigLIP; "
+                "use auto, fp32 or bf16"
+            )
+        self.dtype = dtype or getattr(torch, dtype_name)
         self.max_batch_size = max_batch_size
         self.relevance_cache_size = relevance_cache_size
         self._identity: ModelIdentity | None = None

@@ -37,4 +37,3 @@ def save_dicom(dataset: Dataset, out_dir: Path, kind: str, source_series_instanc
         study_instance_uid=str(dataset.StudyInstanceUID),
         source_series_instance_uid=source_series_instance_uid,
     )
-

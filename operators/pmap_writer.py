@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 #: LUT Label of the Real World Value Mapping (SH, 16 characters) and Content Label (CS) of every map.
 RELEVANCE_LUT_LABEL = "RELEVANCE"
 
+
 class NoPatientGeometryError(InputError):
     """The source images are not in patient coordinates, so no Parametric Map can be derived.
 
@@ -126,14 +127,21 @@ def build_relevance_parametric_maps(
             instance_number += 1
             maps[key].append(
                 _build_one(
-                    classification, findings[key], group, equipment,
-                    series_uid=series_uid, series_number=series_number,
-                    instance_number=instance_number, result_version=result_version,
+                    classification,
+                    findings[key],
+                    group,
+                    equipment,
+                    series_uid=series_uid,
+                    series_number=series_number,
+                    instance_number=instance_number,
+                    result_version=result_version,
                 )
             )
     logger.info(
         "series %s: %d relevance Parametric Map(s) for %d finding(s)",
-        series.series_instance_uid, instance_number, len(keys),
+        series.series_instance_uid,
+        instance_number,
+        len(keys),
     )
     return maps
 
@@ -172,8 +180,14 @@ def _build_one(
             series_instance_uid=series_uid,
             series_number=series_number,
             sop_instance_uid=derived_uid(
-                *source_uids, model.name, model.version, label_set.name, label_set.version, finding.key,
-                "pmap", str(result_version),
+                *source_uids,
+                model.name,
+                model.version,
+                label_set.name,
+                label_set.version,
+                finding.key,
+                "pmap",
+                str(result_version),
             ),
             instance_number=instance_number,
             contains_recognizable_visual_features=False,

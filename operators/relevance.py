@@ -94,14 +94,10 @@ def relevance_grids(patches: torch.Tensor, text: TextEmbeddings, grid_size: int)
         centred = positive - positive.mean(dim=1, keepdim=True)
         similarity = torch.where(text.has_negative, contrast, centred).clamp(min=0.0)
         peak = similarity.amax(dim=1, keepdim=True)
-        normalised = torch.where(
-            peak > 0, similarity / peak.clamp(min=1e-12), torch.zeros_like(similarity)
-        )
+        normalised = torch.where(peak > 0, similarity / peak.clamp(min=1e-12), torch.zeros_like(similarity))
         n, n_patches, n_findings = normalised.shape
         if n_patches != grid_size * grid_size:
-            raise RuntimeError(
-                f"vision tower gave {n_patches} tokens, not a {grid_size}x{grid_size} grid"
-            )
+            raise RuntimeError(f"vision tower gave {n_patches} tokens, not a {grid_size}x{grid_size} grid")
         grids = normalised.permute(0, 2, 1).reshape(n, n_findings, grid_size, grid_size).cpu()
     return list(grids)
 

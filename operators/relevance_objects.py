@@ -118,9 +118,7 @@ def check_relevance_request(
             raise ValueError(f"finding_keys has duplicates {duplicates}")
         missing = [key for key in keys if key not in maps]
         if missing:
-            raise ValueError(
-                f"finding_keys {missing} have no relevance map; maps exist for {sorted(maps)}"
-            )
+            raise ValueError(f"finding_keys {missing} have no relevance map; maps exist for {sorted(maps)}")
     expected = (len(frames), int(frames[0].dataset.Rows), int(frames[0].dataset.Columns))
     for index, frame in enumerate(frames):
         shape = (int(frame.dataset.Rows), int(frame.dataset.Columns))
@@ -227,5 +225,3 @@ def _check_geometry(source: Dataset, object_name: str) -> bool:
                 "needs them",
             )
     return has_coordinates
-
-

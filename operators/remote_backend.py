@@ -133,9 +133,7 @@ class RemoteMedSigLIP:
             maps.extend(convert.array_from_proto(g, "relevance_grids") for g in response.relevance_grids)
         if self._resize is None:
             return maps
-        return [
-            grid_to_source(grid, *np.shape(image)[:2]) for image, grid in zip(images, maps, strict=True)
-        ]
+        return [grid_to_source(grid, *np.shape(image)[:2]) for image, grid in zip(images, maps, strict=True)]
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         self._loaded()

@@ -108,8 +108,10 @@ class GenerationSettings:
 
     def as_parameters(self) -> tuple[tuple[str, str], ...]:
         """The settings as ``(key, value)`` strings, the set ones only (TID 4019 parameters)."""
-        pairs = [("decoding", "sampling" if self.do_sample else "greedy"),
-                 ("max_new_tokens", str(self.max_new_tokens))]
+        pairs = [
+            ("decoding", "sampling" if self.do_sample else "greedy"),
+            ("max_new_tokens", str(self.max_new_tokens)),
+        ]
         for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
             value = getattr(self, name)
             if value is not None:
@@ -305,8 +307,10 @@ def _render(frame: ImageFrame, spec: PromptSpec, notes: list[str], warnings: lis
     if spec.rendering == "ct_three_window":
         if frame.values.ndim == 2:
             return render_ct_three_window(frame.values)
-        message = (f"frame {frame.frame_number} of {frame.sop_instance_uid} is RGB: sent as displayed, "
-                   "not as three HU windows")
+        message = (
+            f"frame {frame.frame_number} of {frame.sop_instance_uid} is RGB: sent as displayed, "
+            "not as three HU windows"
+        )
         if message not in warnings:
             warnings.append(message)
     pixels = _to_uint8(frame.display)
@@ -354,8 +358,9 @@ def _check_findings(findings: Sequence[tuple[str, float]] | None) -> tuple[tuple
         try:
             name, probability = pair
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"findings_context[{index}] must be a (name, probability) pair, got {pair!r}") \
-                from exc
+            raise TypeError(
+                f"findings_context[{index}] must be a (name, probability) pair, got {pair!r}"
+            ) from exc
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"findings_context[{index}] has an empty or non-string name: {name!r}")
         if not is_number(probability) or not 0.0 <= float(probability) <= 1.0:

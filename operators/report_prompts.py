@@ -125,8 +125,9 @@ def _family(name: object, node: object, file: Path) -> PromptSpec:
     if unknown:
         raise fail(f" has unknown key(s) {', '.join(unknown)}")
     modalities = node["modalities"]
-    if not isinstance(modalities, list) or not all(isinstance(item, str) and item.strip()
-                                                   for item in modalities):
+    if not isinstance(modalities, list) or not all(
+        isinstance(item, str) and item.strip() for item in modalities
+    ):
         raise fail(f".modalities must be a list of Modality values, got {modalities!r}")
     if not modalities and name != _GENERIC:
         raise fail(f".modalities is empty; only the {_GENERIC} family serves no named modality")
@@ -137,8 +138,11 @@ def _family(name: object, node: object, file: Path) -> PromptSpec:
     position = node.get("instruction_position", "before")
     if position not in _POSITIONS:
         raise fail(f".instruction_position must be before or after, got {position!r}")
-    texts = {key: _text(node, key, file, f"{where}.{key}") for key in (*_TEXT_KEYS, *_OPTIONAL_TEXT_KEYS)
-             if key in _TEXT_KEYS or key in node}
+    texts = {
+        key: _text(node, key, file, f"{where}.{key}")
+        for key in (*_TEXT_KEYS, *_OPTIONAL_TEXT_KEYS)
+        if key in _TEXT_KEYS or key in node
+    }
     if "{n}" not in texts.get("image_label", "{n}"):
         raise fail(f".image_label must contain {{n}}, got {texts['image_label']!r}")
     return PromptSpec(

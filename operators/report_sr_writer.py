@@ -151,8 +151,14 @@ def build_report_sr(
     root.ContentSequence = hsr.ContentSequence(items)
 
     uid_parts = (
-        series.series_instance_uid, *source_uids, model.name, model.version, request.prompt_id,
-        request.prompt_version, *(f"{key}={value}" for key, value in info.parameters), "report-sr",
+        series.series_instance_uid,
+        *source_uids,
+        model.name,
+        model.version,
+        request.prompt_id,
+        request.prompt_version,
+        *(f"{key}={value}" for key, value in info.parameters),
+        "report-sr",
         str(result_version),
     )
     equipment = contributing_equipment(model, algorithm)
@@ -184,8 +190,11 @@ def build_report_sr(
         ) from exc
     logger.info(
         "series %s: report SR (%s, findings %d chars, impression %d chars, %d source images)",
-        series.series_instance_uid, request.prompt_id, len(sections.findings),
-        len(sections.impression or ""), len(sources),
+        series.series_instance_uid,
+        request.prompt_id,
+        len(sections.findings),
+        len(sections.impression or ""),
+        len(sources),
     )
     return document
 

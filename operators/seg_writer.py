@@ -70,7 +70,6 @@ SEGMENT_DESCRIPTION = "AI relevance map (where the model looked), not a delineat
 SEGMENT_PROPERTY_CATEGORY = codes.cid7150.MorphologicallyAbnormalStructure
 
 
-
 def finding_tracking_uid(series_instance_uid: str, label_set_name: str, finding_key: str) -> str:
     """Tracking UID of one finding in one series (SEG Tracking UID = SR TID 4108 Tracking UID).
 
@@ -139,8 +138,14 @@ def build_relevance_segmentations(
     )
     segmentations = [
         _build_one(
-            classification, algorithm, group, keys, findings,
-            series_uid=series_uid, series_number=series_number, instance_number=number,
+            classification,
+            algorithm,
+            group,
+            keys,
+            findings,
+            series_uid=series_uid,
+            series_number=series_number,
+            instance_number=number,
             result_version=result_version,
         )
         for number, group in enumerate(groups, start=1)
@@ -149,7 +154,9 @@ def build_relevance_segmentations(
         declare_private_schemes(segmentation, [findings[key].code for key in keys])
     logger.info(
         "series %s: %d relevance SEG(s), %d segment(s) each",
-        series.series_instance_uid, len(segmentations), len(keys),
+        series.series_instance_uid,
+        len(segmentations),
+        len(keys),
     )
     return segmentations
 
@@ -180,8 +187,14 @@ def _build_one(
             pixel_array[plane, :, :, segment_index] = classification.relevance_maps[key][frame_index]
     source_uids = [str(source.SOPInstanceUID) for source in group.sources]
     sop_instance_uid = derived_uid(
-        *source_uids, model.name, model.version, label_set.name, label_set.version, *keys,
-        "seg", str(result_version),
+        *source_uids,
+        model.name,
+        model.version,
+        label_set.name,
+        label_set.version,
+        *keys,
+        "seg",
+        str(result_version),
     )
     equipment = contributing_equipment(model, algorithm)
     try:

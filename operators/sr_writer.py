@@ -172,9 +172,7 @@ def build_findings_sr(
         parametric_map = _peak_instance(score, classification, maps_by_key.get(score.finding.key, ()))
         if parametric_map is not None:
             referenced[str(parametric_map.SOPInstanceUID)] = parametric_map
-        groups.append(
-            _measurement_group(score, classification, algorithm, by_uid, segment, parametric_map)
-        )
+        groups.append(_measurement_group(score, classification, algorithm, by_uid, segment, parametric_map))
     report = hsr.MeasurementReport(
         observation_context=hsr.ObservationContext(
             observer_device_context=device_observer_context(model, algorithm)
@@ -200,8 +198,15 @@ def build_findings_sr(
             ),
             series_number=series_number,
             sop_instance_uid=derived_uid(
-                series.series_instance_uid, *source_uids, model.name, model.version, label_set.name,
-                label_set.version, *sorted(referenced), "sr", str(result_version),
+                series.series_instance_uid,
+                *source_uids,
+                model.name,
+                model.version,
+                label_set.name,
+                label_set.version,
+                *sorted(referenced),
+                "sr",
+                str(result_version),
             ),
             instance_number=1,
             is_complete=False,
@@ -224,7 +229,9 @@ def build_findings_sr(
     declare_private_schemes(document, [score.finding.code for score in classification.scores])
     logger.info(
         "series %s: findings SR with %d finding(s), %d relevance map reference(s)",
-        series.series_instance_uid, len(groups), len(referenced),
+        series.series_instance_uid,
+        len(groups),
+        len(referenced),
     )
     return document
 
@@ -463,10 +470,16 @@ def _descriptors(source: Dataset) -> list[hsr.ContentItem]:
     items.append(_num(codes.DCM.PixelDataColumns, source.Columns, _PIXELS))
     orientation = _values(source, "PatientOrientation", 2)
     if orientation is not None and all(orientation):
-        items.append(hsr.TextContentItem(name=codes.DCM.PatientOrientationRow, value=str(orientation[0]),
-                                         relationship_type=_ACQ))
-        items.append(hsr.TextContentItem(name=codes.DCM.PatientOrientationColumn, value=str(orientation[1]),
-                                         relationship_type=_ACQ))
+        items.append(
+            hsr.TextContentItem(
+                name=codes.DCM.PatientOrientationRow, value=str(orientation[0]), relationship_type=_ACQ
+            )
+        )
+        items.append(
+            hsr.TextContentItem(
+                name=codes.DCM.PatientOrientationColumn, value=str(orientation[1]), relationship_type=_ACQ
+            )
+        )
     # prepare_sources dropped zero spacings, so whatever is left is real.
     spacing = _values(source, "PixelSpacing", 2) or _values(source, "ImagerPixelSpacing", 2)
     if spacing is not None:

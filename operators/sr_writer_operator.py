@@ -52,7 +52,11 @@ class FindingsSRWriterOperator(Operator):
     def compute(self, op_input: object, op_output: object, context: object) -> None:
         outcome = receive_typed(op_input, self.INPUT_NAME, ClassificationOutcome)
         write_findings_reports(
-            outcome.classifications, outcome.segmentations, self.output_dir, self.options, outcome.results,
+            outcome.classifications,
+            outcome.segmentations,
+            self.output_dir,
+            self.options,
+            outcome.results,
             outcome.parametric_maps,
         )
         if self.finalize:

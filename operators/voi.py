@@ -127,7 +127,6 @@ def ct_default_window(body_part_examined: str | None) -> tuple[str, float, float
     return name, float(center), float(width)
 
 
-
 def frame_view(dataset: Dataset, index: int) -> Dataset:
     """The Modality/VOI LUT attributes that apply to frame ``index`` as one flat dataset.
 

@@ -262,4 +262,3 @@ def good_copy(name: str, folder: Path, index: int) -> Path:
     target = folder / f"good-{index:02d}-{name}"
     ds.save_as(target, enforce_file_format=False)
     return target
-

@@ -217,7 +217,7 @@ def _parse_batch(stdout: str) -> list[PixelMedReport]:
             if header is not None:
                 reports.append(_report(Path(header[1]), header[0], "\n".join(lines)))
             lines = []
-            parts = line[len(_MARKER):].split(" ", 1)
+            parts = line[len(_MARKER) :].split(" ", 1)
             header = (parts[0], parts[1]) if len(parts) == 2 else None
         else:
             lines.append(line)

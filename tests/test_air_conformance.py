@@ -139,7 +139,8 @@ def _dicom_outputs(runs) -> list[tuple[str, dict, Path]]:
 def _modality_of(runs, command: str, output: dict) -> str:
     results = runs[command][2]
     (series,) = [
-        entry for entry in results["series"]
+        entry
+        for entry in results["series"]
         if entry["series_instance_uid"] == output["source_series_instance_uid"]
     ]
     return series["modality"]
@@ -199,7 +200,9 @@ def test_every_object_names_the_model_as_processing_equipment_like_its_sr(runs):
         equipment = _our_equipment(dataset)
         purpose = equipment.PurposeOfReferenceCodeSequence[0]
         assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
-            "109102", "DCM", "Processing Equipment",
+            "109102",
+            "DCM",
+            "Processing Equipment",
         )
         assert equipment.Manufacturer and equipment.ManufacturerModelName and equipment.DeviceUID
         if output["kind"] in ("SR", "REPORT-SR"):
@@ -231,8 +234,11 @@ def _tid_1004_and_4019(dataset: pydicom.Dataset) -> dict[str, str]:
     """Device observer (TID 1004) and first algorithm identification (TID 4019) values of an SR."""
     found: dict[str, str] = {}
     names = {
-        "121012": "observer_uid", "121014": "manufacturer", "121015": "model_name",
-        "111001": "algorithm_name", "111003": "algorithm_version",
+        "121012": "observer_uid",
+        "121014": "manufacturer",
+        "121015": "model_name",
+        "111001": "algorithm_name",
+        "111003": "algorithm_version",
     }
 
     def walk(items):
@@ -253,8 +259,7 @@ def test_every_measurement_group_is_tracked(runs):
             continue
         dataset = pydicom.dcmread(path)
         (measurements,) = [
-            item for item in dataset.ContentSequence
-            if item.ConceptNameCodeSequence[0].CodeValue == "126010"
+            item for item in dataset.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"
         ]
         groups = measurements.ContentSequence
         assert groups

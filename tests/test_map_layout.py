@@ -106,10 +106,7 @@ def test_requirements_cover_the_package_dependencies(app):
     }
     project = _pyproject()["project"]
     extras = project["optional-dependencies"]
-    needed = {
-        _requirement_name(r)
-        for r in project["dependencies"] + extras["compression"]
-    }
+    needed = {_requirement_name(r) for r in project["dependencies"] + extras["compression"]}
     needed |= {"grpcio", "protobuf"}  # the client side of --backend grpc://
     assert needed <= listed, f"{app}/requirements.txt misses {sorted(needed - listed)}"
     assert "medgemma-deploy" not in listed, "the package is not on PyPI: build-map.sh adds it with --add"

@@ -68,7 +68,7 @@ def _plain_generate(model_dir: Path, request: ReportRequest, max_new_tokens: int
     )
     with torch.inference_mode():
         output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
-    return output[0, inputs["input_ids"].shape[1]:].tolist()
+    return output[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 # -- the tiny model ----------------------------------------------------------------------------
@@ -95,8 +95,16 @@ def test_tiny_processor_expands_images_and_folds_the_system_prompt(tiny_medgemma
     assert isinstance(processor, Gemma3Processor)
     config = json.loads((tiny_medgemma_dir / "config.json").read_text())
     tokenizer = processor.tokenizer
-    for token in ("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
-                  "<end_of_image>", "<image_soft_token>"):
+    for token in (
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+        "<start_of_image>",
+        "<end_of_image>",
+        "<image_soft_token>",
+    ):
         assert tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id, token
     assert config["image_token_index"] == tokenizer.convert_tokens_to_ids("<image_soft_token>")
     assert config["boi_token_index"] == tokenizer.convert_tokens_to_ids("<start_of_image>")
@@ -182,8 +190,9 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(runner, tin
     assert first.settings.do_sample is True
     assert (first.settings.temperature, first.settings.top_k, first.settings.seed) == (1.5, 50, 7)
     assert first.settings.top_p == checkpoint["top_p"]
-    greedy = runner.generate(build_report_request(make_cr_series(), prompts,
-                                                  settings=GenerationSettings(max_new_tokens=10)))
+    greedy = runner.generate(
+        build_report_request(make_cr_series(), prompts, settings=GenerationSettings(max_new_tokens=10))
+    )
     assert greedy.settings.top_p is None
 
 
@@ -293,7 +302,9 @@ def test_bfloat16_on_cpu_when_asked(tiny_medgemma_dir, prompts):
 def test_generated_draft_becomes_a_validator_clean_report_sr(runner, prompts, tmp_path):
     series = make_ct_series(6)
     request = build_report_request(
-        series, prompts, settings=GenerationSettings(max_new_tokens=40),
+        series,
+        prompts,
+        settings=GenerationSettings(max_new_tokens=40),
         findings_context=[("pulmonary nodule", 0.7)],
     )
     result = runner.generate(request)

@@ -31,6 +31,7 @@ PACS = ("--destination", "PACS@127.0.0.1:104")
 SETTING_EFFECTS = {
     "backend": ("grpc://127.0.0.1:1", lambda built: built.engine.backend == "grpc://127.0.0.1:1"),
     "device": ("cpu", lambda built: built.engine.device == "cpu"),
+    "precision": ("bf16", lambda built: built.engine.precision == "bf16"),
     "labels": (str(LABELS), lambda built: built.engine.label_files == [LABELS]),
     "relevance_top_k": ("1", lambda built: built.engine.classify_options.relevance_top_k == 1),
     "relevance_format": ("seg", lambda built: built.engine.classify_options.relevance_format == "seg"),

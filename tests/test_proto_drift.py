@@ -130,8 +130,6 @@ def test_a_changed_proto_is_reported_as_drift(tmp_path):
     root = tmp_path / "protos"
     shutil.copytree(protos_build.PROTO_ROOT, root)
     proto = root / protos_build.PROTO_FILES[0]
-    proto.write_text(
-        proto.read_text().replace("ModelInfoRequest {}", "ModelInfoRequest {\n  bool x = 1;\n}")
-    )
+    proto.write_text(proto.read_text().replace("ModelInfoRequest {}", "ModelInfoRequest {\n  bool x = 1;\n}"))
     assert "bool x = 1;" in proto.read_text()
     assert "worker_pb2.py" in protos_build.check(protos_build.GENERATED_DIR, root)

@@ -247,7 +247,9 @@ def test_chest_xray_request_follows_googles_example(prompts):
 def test_findings_grounded_request_carries_the_screening_context(prompts):
     series = make_cr_series()
     request = build_report_request(
-        series, prompts, settings=GenerationSettings(),
+        series,
+        prompts,
+        settings=GenerationSettings(),
         findings_context=[("pneumothorax", 0.912), ("pleural effusion", 0.5)],
     )
     text = _texts(request)[0]
@@ -259,8 +261,12 @@ def test_findings_grounded_request_carries_the_screening_context(prompts):
 
 @pytest.mark.parametrize(
     ("findings", "error"),
-    [([("pneumothorax", 1.5)], ValueError), ([("", 0.5)], ValueError), ("pneumothorax", TypeError),
-     ([("pneumothorax",)], TypeError)],
+    [
+        ([("pneumothorax", 1.5)], ValueError),
+        ([("", 0.5)], ValueError),
+        ("pneumothorax", TypeError),
+        ([("pneumothorax",)], TypeError),
+    ],
     ids=["probability>1", "empty name", "string", "not a pair"],
 )
 def test_findings_context_is_validated(prompts, findings, error):
@@ -292,7 +298,11 @@ def test_generation_settings_validation_and_parameters():
     assert GenerationSettings().as_parameters() == (("decoding", "greedy"), ("max_new_tokens", "512"))
     sampled = GenerationSettings(max_new_tokens=10, do_sample=True, temperature=0.7, top_p=0.9, seed=3)
     assert dict(sampled.as_parameters()) == {
-        "decoding": "sampling", "max_new_tokens": "10", "temperature": "0.7", "top_p": "0.9", "seed": "3",
+        "decoding": "sampling",
+        "max_new_tokens": "10",
+        "temperature": "0.7",
+        "top_p": "0.9",
+        "seed": "3",
     }
     with pytest.raises(ValueError, match="temperature"):
         GenerationSettings(temperature=0.5)  # ignored by greedy decoding: refuse, don't pretend

@@ -66,7 +66,9 @@ def _result(request, text: str = MULTILINGUAL_TEXT) -> ReportResult:
 def ct_case(prompts):
     series = make_ct_series(10)
     request = build_report_request(
-        series, prompts, settings=GenerationSettings(max_new_tokens=64),
+        series,
+        prompts,
+        settings=GenerationSettings(max_new_tokens=64),
         findings_context=[("pulmonary nodule", 0.83)],
     )
     return series, request, _result(request)
@@ -184,8 +186,14 @@ def test_disclaimer_settings_and_grounding_are_recorded(ct_case):
     assert any("pulmonary nodule (p=0.83)" in comment for comment in comments)
     assert any("4 of 10 slices sampled evenly" in comment for comment in comments)
     parameters = _texts(document, "Algorithm Parameters")
-    for expected in (f"prompt_id={request.prompt_id}", f"prompt_version={request.prompt_version}",
-                     "decoding=greedy", "max_new_tokens=64", "findings_grounded=yes", "site=test"):
+    for expected in (
+        f"prompt_id={request.prompt_id}",
+        f"prompt_version={request.prompt_version}",
+        "decoding=greedy",
+        "max_new_tokens=64",
+        "findings_grounded=yes",
+        "site=test",
+    ):
         assert expected in parameters
     assert _texts(document, "Algorithm Name") == [ALGORITHM.name]
     assert _texts(document, "Algorithm Version") == [ALGORITHM.version]
@@ -245,20 +253,33 @@ SPLIT_CASES = {
     "plain headings": ("Findings: Clear lungs.\nImpression: Normal.", "Clear lungs.", "Normal."),
     "bold markdown": ("**Findings:**\nClear lungs.\n\n**Impression:**\nNormal.", "Clear lungs.", "Normal."),
     "bold name, colon after": (
-        "**Findings**: Clear lungs.\n**Impression**: Normal.", "Clear lungs.", "Normal."
+        "**Findings**: Clear lungs.\n**Impression**: Normal.",
+        "Clear lungs.",
+        "Normal.",
     ),
     "upper case lines": ("FINDINGS\nClear lungs.\n\nIMPRESSION\nNormal.", "Clear lungs.", "Normal."),
     "markdown titles": ("## Findings\nClear lungs.\n### Impressions\nNormal.", "Clear lungs.", "Normal."),
     "conclusion is the impression": (
-        "Findings: Clear lungs.\nConclusion: Normal.", "Clear lungs.", "Normal."
+        "Findings: Clear lungs.\nConclusion: Normal.",
+        "Clear lungs.",
+        "Normal.",
     ),
-    "no headings": ("Findings are unremarkable. The heart is normal.",
-                    "Findings are unremarkable. The heart is normal.", None),
-    "preamble kept": ("Here is a draft:\nFindings: Clear.\nImpression: Normal.", "Here is a draft:\n\nClear.",
-                      "Normal."),
+    "no headings": (
+        "Findings are unremarkable. The heart is normal.",
+        "Findings are unremarkable. The heart is normal.",
+        None,
+    ),
+    "preamble kept": (
+        "Here is a draft:\nFindings: Clear.\nImpression: Normal.",
+        "Here is a draft:\n\nClear.",
+        "Normal.",
+    ),
     "impression only": ("Impression: Normal.", "", "Normal."),
-    "bullets kept": ("Findings:\n* Clear lungs\n* No effusion\nImpression: Normal.",
-                     "* Clear lungs\n* No effusion", "Normal."),
+    "bullets kept": (
+        "Findings:\n* Clear lungs\n* No effusion\nImpression: Normal.",
+        "* Clear lungs\n* No effusion",
+        "Normal.",
+    ),
     "emphasis in text kept": ("Findings: **No** effusion.", "**No** effusion.", None),
     "chat artefacts": ("Findings: Clear.<end_of_turn>\n<start_of_turn>user\nThanks", "Clear.", None),
     "other headings stay": (

@@ -78,9 +78,10 @@ def test_worker_text_embeddings_equal_the_in_process_ones(worker, tiny_models_ro
     from medgemma_deploy.operators.backends import make_backend
 
     texts = ["a chest x-ray showing a pneumothorax", "Пневмоторакс", "normal study"]
-    with make_backend("local", tiny_models_root, "cpu") as local, make_backend(
-        f"grpc://{worker.address}", None, None
-    ) as remote:
+    with (
+        make_backend("local", tiny_models_root, "cpu") as local,
+        make_backend(f"grpc://{worker.address}", None, None) as remote,
+    ):
         local.medsiglip.load()
         remote.medsiglip.load()
         expected = local.medsiglip.embed_texts(texts)

@@ -233,13 +233,17 @@ def _resize_frame(c):
 
 VALUE_ERRORS = {
     "map-key-not-in-label-set": (
-        lambda c: c.relevance_maps.update(atelectasis=c.relevance_maps["pneumothorax"]), {}, "not findings"
+        lambda c: c.relevance_maps.update(atelectasis=c.relevance_maps["pneumothorax"]),
+        {},
+        "not findings",
     ),
     "no-maps": (lambda c: c.relevance_maps.clear(), {}, "relevance_maps is empty"),
     "empty-finding-keys": (None, {"finding_keys": []}, "finding_keys is empty"),
     "duplicate-finding-keys": (None, {"finding_keys": ["pneumothorax"] * 2}, "duplicates"),
     "finding-key-without-map": (
-        lambda c: c.relevance_maps.pop("cardiomegaly"), {"finding_keys": ["cardiomegaly"]}, "no relevance map"
+        lambda c: c.relevance_maps.pop("cardiomegaly"),
+        {"finding_keys": ["cardiomegaly"]},
+        "no relevance map",
     ),
     "frames-of-different-size": (_resize_frame, {}, "one matrix size"),
     "map-not-an-array": (_set_map("pneumothorax", [[0.5]]), {}, "numpy array"),

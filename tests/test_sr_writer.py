@@ -25,7 +25,6 @@ from tests.pixelmed import assert_pixelmed_clean, requires_pixelmed
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning")
 
 
-
 @pytest.fixture
 def enhanced_ct_series():
     """pydicom-data's real 2-frame Enhanced CT (eCT_Supplemental), both frames classified."""
@@ -149,9 +148,7 @@ def test_only_findings_with_a_map_reference_one(ct_series, make_classification, 
     classification = make_classification(ct_series, map_keys=["pneumothorax"])
     segmentations = build_relevance_segmentations(classification, ALGORITHM)
     report = _read(build_findings_sr(classification, ALGORITHM, segmentations=segmentations), tmp_path)
-    references = {
-        group.tracking_identifier: _map_references(group) for group in _groups(report)
-    }
+    references = {group.tracking_identifier: _map_references(group) for group in _groups(report)}
     assert references == {
         "Pneumothorax": [(segmentations[0].SOPInstanceUID, [1])],
         "Pleural effusion": [],
@@ -431,7 +428,8 @@ def test_every_sr_passes_pixelmed(request, make_classification, two_frame_second
     ct = make_classification(request.getfixturevalue("ct_series"), map_keys=["pneumothorax"])
     documents.append(
         build_findings_sr(
-            ct, ALGORITHM,
+            ct,
+            ALGORITHM,
             segmentations=build_relevance_segmentations(ct, ALGORITHM),
             parametric_maps=build_relevance_parametric_maps(ct, ALGORITHM),
         )

@@ -119,7 +119,9 @@ def _open_model(settings: Any, models: Path | None) -> tuple[Any, Any]:
     from medgemma_deploy.engine import check_device
     from medgemma_deploy.operators.backends import make_backend
 
-    backend = make_backend(settings.backend, models, check_device(settings.device))
+    backend = make_backend(
+        settings.backend, models, check_device(settings.device), precision=settings.precision
+    )
     try:
         model = backend.medsiglip
         model.load()

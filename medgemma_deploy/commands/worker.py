@@ -22,6 +22,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from medgemma_deploy.errors import UsageError
+from medgemma_deploy.operators.precision import PRECISION_HELP, PRECISIONS
 
 if TYPE_CHECKING:
     from medgemma_deploy.serving.config import WorkerConfig
@@ -55,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="models root: serves ROOT/medsiglip and ROOT/medgemma when present",
     )
     models.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    models.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     models.add_argument(
         "--labels",
         type=Path,
@@ -143,7 +145,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     from medgemma_deploy.serving.tls import ServerTLS
     from medgemma_deploy.settings import resolve_settings
 
-    settings = resolve_settings({"device": args.device, "labels": args.labels})
+    settings = resolve_settings({"device": args.device, "precision": args.precision, "labels": args.labels})
     medsiglip, medgemma = args.medsiglip, args.medgemma
     if args.models is not None:
         medsiglip = medsiglip or _kind_under(args.models, "medsiglip")
@@ -158,6 +160,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         medsiglip=medsiglip,
         medgemma=medgemma,
         device=settings.device,
+        precision=settings.precision,
         label_files=tuple(settings.labels),
         tls=tls,
         allow_insecure=args.allow_insecure,

@@ -165,10 +165,7 @@ class PostgresStore(VectorStore):
         with self._lock, self._connection.transaction():
             self._connection.execute(settings)
             rows = self._connection.execute(query, params).fetchall()
-        return [
-            SearchHit.from_row(1.0 - float(row[0]), row[1:])
-            for row in rows
-        ]
+        return [SearchHit.from_row(1.0 - float(row[0]), row[1:]) for row in rows]
 
     def query_plan(
         self,

@@ -34,6 +34,8 @@ class WorkerConfig:
     medsiglip: Path | None = None
     medgemma: Path | None = None
     device: str | None = None
+    #: ``--precision`` (operators/precision.py) for the worker's models.
+    precision: str = "auto"
     label_files: tuple[Path, ...] = ()
     tls: ServerTLS | None = None
     allow_insecure: bool = False

@@ -334,6 +334,7 @@ class WorkerServer:
         runner = MedSigLIPRunner(
             resolve_model_dir(slot.path, "medsiglip"),
             device=c.device,
+            precision=c.precision,
             max_batch_size=c.classify_max_batch_size,
         )
         slot.runner = runner
@@ -358,7 +359,9 @@ class WorkerServer:
 
         c = self.config
         assert slot.path is not None
-        runner = MedGemmaRunner(resolve_model_dir(slot.path, "medgemma"), device=c.device)
+        runner = MedGemmaRunner(
+            resolve_model_dir(slot.path, "medgemma"), device=c.device, precision=c.precision
+        )
         slot.runner = runner
         runner.load()
         slot.device, slot.dtype = _device_and_dtype(runner)
