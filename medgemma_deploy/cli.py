@@ -13,9 +13,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from medgemma_deploy.errors import UsageError
+from medgemma_deploy.errors import ServiceError, UsageError
 from medgemma_deploy.operators.backends import BACKEND_HELP
 from medgemma_deploy.operators.precision import PRECISION_HELP, PRECISIONS
+from medgemma_deploy.operators.results import EXIT_SERVICE_UNAVAILABLE
 
 __all__ = ["build_parser", "main"]
 
@@ -169,6 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"medgemma-deploy: error: {exc}", file=sys.stderr)
         return 2
+    except ServiceError as exc:
+        # A worker that stops answering mid-run is no input's fault and no usage error: one line,
+        # its own exit code, so a script can retry the run later.
+        message = " ".join(str(exc).split())
+        print(
+            f"medgemma-deploy: error: {message} (the run stopped; retry later)",
+            file=sys.stderr,
+        )
+        return EXIT_SERVICE_UNAVAILABLE
     finally:
         restore_logging()
     raise AssertionError(f"unhandled command {args.command}")

@@ -20,7 +20,15 @@ from pydicom.uid import UID
 from medgemma_deploy.errors import InputError, ServiceError, describe_exception, warnings_logged
 from medgemma_deploy.operators.domain import ModelIdentity, Rejection, Series, SeriesClassification
 
-__all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "RunResults", "WrittenObject", "series_rejection"]
+__all__ = [
+    "EXIT_OK",
+    "EXIT_PARTIAL",
+    "EXIT_SERVICE_UNAVAILABLE",
+    "EXIT_USAGE",
+    "RunResults",
+    "WrittenObject",
+    "series_rejection",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +40,8 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 #: Some inputs were rejected; the rest was processed and written.
 EXIT_PARTIAL = 3
+#: A service the run needs (the model worker) stopped answering: no input's fault; retry later.
+EXIT_SERVICE_UNAVAILABLE = 4
 
 
 @dataclass(frozen=True)

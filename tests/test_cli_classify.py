@@ -162,3 +162,36 @@ def test_a_real_size_radiograph_and_a_multislice_ct_through_the_cli(tiny_models_
     headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in segmentations]
     shapes = sorted((int(ds.Rows), int(ds.Columns)) for ds in headers)
     assert shapes == [(512, 512), (1955, 1841)], "relevance maps on the source pixels"
+
+
+def test_a_worker_that_stops_answering_mid_run_ends_in_one_line_and_exit_4(
+    demo_study, tiny_medsiglip_dir, tmp_path, monkeypatch, capsys
+):
+    import medgemma_deploy.engine as engine_module
+    from medgemma_deploy.serving.config import WorkerConfig
+    from medgemma_deploy.serving.server import WorkerServer
+
+    folder, _ = demo_study
+    config = WorkerConfig(
+        listen="127.0.0.1:0", medsiglip=tiny_medsiglip_dir, device="cpu", metrics_port=0, drain_timeout=5
+    )
+    worker = WorkerServer(config).__enter__()
+    read_study = engine_module.load_study_input
+
+    def read_then_lose_the_worker(*args, **kwargs):
+        # The models were described and the label sets sent at open(); the worker goes away before
+        # the first image is scored, as a worker killed mid-run would.
+        worker.shutdown(drain_timeout=0)
+        return read_study(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "load_study_input", read_then_lose_the_worker)
+    try:
+        code = main(["classify", "-i", str(folder), "-o", str(tmp_path / "out"), "--backend",
+                     f"grpc://{worker.address}"])  # fmt: skip
+    finally:
+        worker.shutdown(drain_timeout=0)
+    err = capsys.readouterr().err
+    assert code == 4
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("medgemma-deploy: error:")]
+    assert len(lines) == 1 and worker.address in lines[0] and "retry later" in lines[0], err

@@ -448,8 +448,11 @@ def test_settings_file_resolves_with_the_package_settings(overlay, tmp_path):
         path = _env(workload)[CONFIG_ENV]
         settings_file = tmp_path / f"{workload['metadata']['name']}-settings.yaml"
         settings_file.write_text(_mounted_file(docs, workload, path))
+        from_file = yaml.safe_load(settings_file.read_text())
+        assert from_file, f"{path}: the mounted settings file sets nothing"
         settings = resolve_settings({}, environ={CONFIG_ENV: str(settings_file)})
-        assert settings.relevance_top_k >= 0
+        # The same values given as flags resolve to the same settings: every key of the file was read.
+        assert settings == resolve_settings(from_file, environ={})
 
 
 def _variables_the_package_reads() -> set[str]:
@@ -461,11 +464,9 @@ def _variables_the_package_reads() -> set[str]:
     for folder in ("medgemma_deploy", "operators", "apps"):
         for path in (ROOT / folder).rglob("*.py"):
             known |= set(re.findall(r"[\"'](MEDGEMMA_DEPLOY_[A-Z0-9_]+)[\"']", path.read_text()))
-    try:
-        from medgemma_deploy.commands.listen import ENV_PREFIX, add_arguments
-    except ImportError:
-        return known
     import argparse
+
+    from medgemma_deploy.commands.listen import ENV_PREFIX, add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -487,9 +488,8 @@ def test_project_variables_in_the_manifests_are_ones_the_package_reads(overlay):
 
 
 def test_label_sets_in_the_config_map_load(overlay, tmp_path):
-    labels = pytest.importorskip(
-        "medgemma_deploy.operators.labels", reason="operators/labels.py (label-set loader) is being written"
-    )
+    from medgemma_deploy.operators.labels import load_label_sets
+
     docs = overlay[1]
     listener = one(docs, "StatefulSet", "medgemma-listener")
     files = []
@@ -497,20 +497,20 @@ def test_label_sets_in_the_config_map_load(overlay, tmp_path):
         target = tmp_path / Path(path).name
         target.write_text(_mounted_file(docs, listener, path))
         files.append(target)
-    label_sets = labels.load_label_sets(files)
+    label_sets = load_label_sets(files)
     assert label_sets and all(label_set.findings for label_set in label_sets)
 
 
 def test_prompts_in_the_config_map_load(overlay, tmp_path):
-    report_inputs = pytest.importorskip(
-        "medgemma_deploy.operators.report_inputs", reason="the MedGemma prompt loader is not importable"
-    )
+    from medgemma_deploy.operators.report_prompts import PromptBook
+
     docs = overlay[1]
     listener = one(docs, "StatefulSet", "medgemma-listener")
     path = environment(docs, listener)["MEDGEMMA_DEPLOY_PROMPTS"]
     target = tmp_path / Path(path).name
     target.write_text(_mounted_file(docs, listener, path))
-    assert report_inputs.PromptBook.load(target) is not None
+    mounted, packaged = PromptBook.load(target), PromptBook.load(None)
+    assert (mounted.version, mounted.families) == (packaged.version, packaged.families)
 
 
 def test_prompts_config_map_starts_as_the_packaged_prompts():

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom import data as pydicom_data
 from pydicom.uid import generate_uid
 
 from medgemma_deploy.errors import UsageError
 from medgemma_deploy.operators.dicom_input import is_image_sop_class, load_study_input
 from medgemma_deploy.synthetic import write_bad_inputs, write_demo_study
-
-pydicom_data = pytest.importorskip("pydicom.data")
 
 
 @pytest.fixture(scope="module")

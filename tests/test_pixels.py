@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom import data as pydicom_data
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
@@ -18,8 +19,6 @@ from medgemma_deploy.operators.pixels import (
     ct_default_window,
     render_frames,
 )
-
-pydicom_data = pytest.importorskip("pydicom.data")
 
 
 def _testdata(name: str) -> Path:
