@@ -34,6 +34,7 @@ from medgemma_deploy.operators.pmap_writer import NoPatientGeometryError, build_
 from medgemma_deploy.operators.results import RunResults, WrittenObject, series_rejection
 from medgemma_deploy.operators.seg_writer import build_relevance_segmentations
 from medgemma_deploy.operators.sr_writer import build_findings_sr
+from medgemma_deploy.operators.triage import StudyTriage
 
 __all__ = [
     "RELEVANCE_FORMATS",
@@ -221,9 +222,15 @@ def write_findings_reports(
     options: ClassifyOptions,
     results: RunResults,
     parametric_maps: Mapping[str, Mapping[str, Sequence[ParametricMap]]] | None = None,
+    triage: Mapping[str, StudyTriage] | None = None,
 ) -> None:
-    """Write each series' TID 1500 SR (referencing its relevance maps) and, if asked, embeddings."""
+    """Write each series' TID 1500 SR (referencing its relevance maps) and, if asked, embeddings.
+
+    ``triage`` (by Study Instance UID, :func:`~medgemma_deploy.operators.triage.triage_by_study`)
+    puts each study's triage level and reasons in its series' SRs.
+    """
     parametric_maps = parametric_maps or {}
+    triage = triage or {}
     for classification in classifications:
         series = classification.series
         algorithm = algorithm_for(classification.model, classification.label_set, options)
@@ -238,6 +245,7 @@ def write_findings_reports(
                 algorithm,
                 options,
                 out_dir,
+                triage.get(series.study_instance_uid),
             ),
         )
         if written is not None:
@@ -305,6 +313,7 @@ def _write_findings_sr(
     algorithm: AlgorithmInfo,
     options: ClassifyOptions,
     out_dir: Path,
+    triage: StudyTriage | None = None,
 ) -> WrittenObject:
     series_uid = classification.series.series_instance_uid
     report = build_findings_sr(
@@ -313,5 +322,6 @@ def _write_findings_sr(
         segmentations=segmentations.get(series_uid, ()),
         parametric_maps=parametric_maps.get(series_uid),
         result_version=options.result_version,
+        triage=triage,
     )
     return save_dicom(report, out_dir, "SR", series_uid)
