@@ -116,11 +116,13 @@ class Hl7Outbox:
         Returns True when a message was queued now. The header (patient, order, study attributes)
         is the first classified instance's: every instance of a study carries the same.
         """
-        if not self.settings.wants(triage.priority) or not classifications:
+        if not self.settings.wants(triage.priority):
             return False
         if self.store.notification(job.id) is not None:
             return False
-        header = classifications[0].series.datasets[0]
+        header = next((c.series.datasets[0] for c in classifications if c.series.frames), None)
+        if header is None:
+            raise ValueError(f"job {job.id}: no classified instance to take the patient and order from")
         message = build_oru(
             header,
             triage,
@@ -205,7 +207,7 @@ class Hl7Outbox:
         version = job.version if job else None
         path = self.spool.path(notification.path)
         try:
-            er7 = path.read_text(encoding="utf-8")
+            er7 = path.read_bytes().decode("utf-8")  # bytes: segments end with CR, kept as they are
             ack = self._send(self.settings.endpoint, er7, notification.control_id)
         except (Hl7DeliveryError, OSError) as exc:
             reason = " ".join(str(exc).split()) if isinstance(exc, Hl7DeliveryError) else f"{path}: {exc}"
@@ -259,10 +261,8 @@ def _write_durably(target: Path, text: str) -> None:
     crash the file is either absent or whole, never half written.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=target.parent, delete=False, suffix=".tmp", encoding="utf-8"
-    ) as f:
-        f.write(text)
+    with tempfile.NamedTemporaryFile("wb", dir=target.parent, delete=False, suffix=".tmp") as f:
+        f.write(text.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
         temporary = Path(f.name)
