@@ -162,3 +162,25 @@ def test_a_real_size_radiograph_and_a_multislice_ct_through_the_cli(tiny_models_
     headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in segmentations]
     shapes = sorted((int(ds.Rows), int(ds.Columns)) for ds in headers)
     assert shapes == [(512, 512), (1955, 1841)], "relevance maps on the source pixels"
+
+
+def test_results_json_and_the_srs_carry_each_studys_triage(classified):
+    _, out, results = classified
+    [triage] = results["triage"]  # the demo study; the packaged label sets have triage rules
+    assert triage["study_instance_uid"] == results["series"][0]["study_instance_uid"]
+    assert triage["uncalibrated"] is True
+    probabilities = {
+        (series["series_instance_uid"], finding["key"]): finding["probability"]
+        for series in results["series"]
+        for finding in series["findings"]
+    }
+    levels = {"ROUTINE": 0, "URGENT": 1, "STAT": 2}
+    for reason in triage["reasons"]:  # every reason is a rule the scores really reached
+        assert probabilities[(reason["series_instance_uid"], reason["finding"])] >= reason["threshold"]
+    expected = max((levels[r["priority"]] for r in triage["reasons"]), default=0)
+    assert levels[triage["priority"]] == expected
+    for output in results["outputs"]:
+        if output["kind"] == "SR":
+            texts = sr_texts(pydicom.dcmread(out / output["path"]))
+            assert "AI triage priority" in texts
+            assert any(text.startswith(f"{triage['priority']}: ") for text in texts)
