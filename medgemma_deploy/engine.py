@@ -276,8 +276,9 @@ class PipelineEngine:
     # -- work --------------------------------------------------------------------------------
     @property
     def classifies_first(self) -> bool:
-        """Whether classification is a cheap stage ahead of an expensive one (MedGemma reports)."""
-        return self.report and self.needs_medsiglip
+        """Whether classification is a cheap stage ahead of an expensive one (MedGemma reports) that
+        can raise a study's priority (a loaded label set has triage rules)."""
+        return self.report and self.needs_medsiglip and any(ls.triage_rules for ls in self.label_sets)
 
     def triage(self, input_path: Path) -> StudyFindings:
         """Classify ``input_path`` and triage it, writing nothing (the listener's first stage).

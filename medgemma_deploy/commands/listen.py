@@ -45,6 +45,11 @@ def _boolean(text: str) -> bool:
     raise ValueError(f"{text!r} is not a yes/no value (1/0, true/false, yes/no, on/off)")
 
 
+def _on_off(text: str) -> bool:
+    """``on``/``off`` (or any :func:`_boolean` value)."""
+    return _boolean(text)
+
+
 #: option (argparse dest) → (converter, default) for options resolvable from the environment.
 _OPTIONS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "ae_title": (str, "MEDGEMMA"),
@@ -75,6 +80,7 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "drain_seconds": (float, 60.0),
     "audit_log": (Path, None),
     "triage_aging_seconds": (float, 600.0),
+    "triage_queue": (_on_off, True),
     "hl7": (str, None),
     "hl7_min_priority": (str, "URGENT"),
     "hl7_all": (_boolean, False),
@@ -190,6 +196,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pipe.add_argument("--stow-url", metavar="URL", help="also/instead STOW-RS results to this DICOMweb root")
 
     triage = parser.add_argument_group("triage and HL7 notification (docs/hl7-oru.md)")
+    triage.add_argument(
+        "--triage-queue",
+        type=_on_off,
+        metavar="on|off",
+        help="urgent studies first, every study classified before any report (default on); "
+        "off: first come, first served (triage still recorded and notified)",
+    )
     triage.add_argument(
         "--triage-aging-seconds",
         type=float,
@@ -316,6 +329,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         audit_log=options["audit_log"],
         hl7=hl7,
         triage_aging_s=options["triage_aging_seconds"],
+        triage_queue=options["triage_queue"],
     )
 
 

@@ -273,6 +273,7 @@ class JobStore:
         *,
         allow_processing: bool,
         triage_first: bool = False,
+        by_priority: bool = True,
         aging_s: float = DEFAULT_AGING_S,
         now: float | None = None,
     ) -> Job | None:
@@ -288,6 +289,8 @@ class JobStore:
            routine study younger than that, and a routine study that has waited longer than that
            goes before a newly arrived stat one (no starvation). Untriaged jobs count as routine.
 
+        With ``by_priority`` False (``--triage-queue off``) the order is first due, first served.
+
         A version waits while an earlier version of its study is queued or running, so versions are
         processed in order. Claimed delivering jobs are remembered in memory (the state does not
         change) until :meth:`release`.
@@ -297,13 +300,17 @@ class JobStore:
         now = time.time() if now is None else now
         states = "'queued', 'delivering'" if allow_processing else "'delivering'"
         untriaged_first = "(state = 'queued' AND priority IS NULL) DESC, " if triage_first else ""
+        order, params = "not_before, id", (now,)
+        if by_priority:
+            order = f"{untriaged_first}last_instance_at - COALESCE(priority, 0) * ?, id"
+            params = (now, aging_s)
         with self._transaction():
             rows = self._db.execute(
                 f"SELECT * FROM jobs AS j WHERE state IN ({states}) AND not_before <= ? "
                 "AND NOT EXISTS (SELECT 1 FROM jobs AS e WHERE e.study_instance_uid = j.study_instance_uid "
                 "AND e.version < j.version AND e.state IN ('queued', 'running')) "
-                f"ORDER BY {untriaged_first}last_instance_at - COALESCE(priority, 0) * ?, id LIMIT 64",
-                (now, aging_s),
+                f"ORDER BY {order} LIMIT 64",
+                params,
             ).fetchall()
             for row in rows:
                 if row["id"] in self._claimed:

@@ -66,6 +66,8 @@ class ListenerConfig:
     hl7: Hl7Settings | None = None
     #: Seconds of waiting that count as one triage level in the queue (starvation freedom).
     triage_aging_s: float = 600.0
+    #: Order the queue by triage priority, classification first (False: first come, first served).
+    triage_queue: bool = True
 
     def __post_init__(self) -> None:
         if not self.ae_title or len(self.ae_title) > 16:
@@ -215,6 +217,7 @@ class Listener:
             retry=config.retry,
             outbox=self.outbox,
             aging_s=config.triage_aging_s,
+            triage_queue=config.triage_queue,
         )
         self.completion = StudyCompletion(
             self.store,

@@ -129,6 +129,9 @@ class WorkerLoop:
         The HL7 ORU outbox, or None when no ``--hl7`` endpoint is configured.
     aging_s:
         Seconds of waiting that count as one triage level (starvation freedom, ``claim_next``).
+    triage_queue:
+        Order work by triage priority and classify first (default); False: first come, first
+        served, the triage only recorded and notified with the run (``--triage-queue off``).
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class WorkerLoop:
         idle_poll_s: float = 1.0,
         outbox: Hl7Outbox | None = None,
         aging_s: float = 600.0,
+        triage_queue: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -159,7 +163,8 @@ class WorkerLoop:
         self.outbox = outbox
         self.aging_s = aging_s
         #: Classification is a stage of its own, run on every queued study before any report.
-        self.staged = bool(getattr(pipeline, "classifies_first", False))
+        self.triage_queue = triage_queue
+        self.staged = triage_queue and bool(getattr(pipeline, "classifies_first", False))
         self._processing = threading.Semaphore(1)
         self._wake = threading.Condition()
         self._stopping = threading.Event()
@@ -208,7 +213,10 @@ class WorkerLoop:
         have_slot = self._processing.acquire(blocking=False)
         try:
             claimed = self.store.claim_next(
-                allow_processing=have_slot, triage_first=self.staged, aging_s=self.aging_s
+                allow_processing=have_slot,
+                triage_first=self.staged,
+                by_priority=self.triage_queue,
+                aging_s=self.aging_s,
             )
             if claimed is None:
                 return False
