@@ -108,6 +108,17 @@ def test_without_staging_untriaged_jobs_count_as_routine(tmp_path):
         store.close()
 
 
+def test_with_the_triage_queue_off_the_order_is_first_come_first_served(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    try:
+        first = _queue(store, "5.1", 100.0)
+        stat = _queue(store, "5.2", 200.0)
+        store.set_triage(stat, 2, "[]", requeue=False)
+        assert store.claim_next(allow_processing=True, by_priority=False, now=300.0).id == first
+    finally:
+        store.close()
+
+
 def test_a_late_instance_has_the_study_triaged_again(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
     try:
