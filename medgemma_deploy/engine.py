@@ -291,7 +291,8 @@ class PipelineEngine:
         if self.medsiglip is None:
             raise RuntimeError(f"{type(self).__name__}.triage needs MedSigLIP (classify or with_findings)")
         input_path = check_input_path(input_path)
-        options = self.classify_options
+        # Scores only: the maps are made (and written) by the full run.
+        options = dataclasses.replace(self.classify_options, relevance_maps=False, keep_embeddings=False)
         scratch = RunResults(command=self.command, disclaimer=AI_DISCLAIMER)
         study_input = load_study_input(input_path, budget=options.budget)
         classifications = classify_study_input(

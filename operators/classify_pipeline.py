@@ -67,6 +67,8 @@ class ClassifyOptions:
     budget: MemoryBudget = field(default_factory=MemoryBudget)
     #: Keep each frame's embedding in the classification without writing it (the search index needs it).
     keep_embeddings: bool = False
+    #: Compute relevance maps (False: scores only, for the listener's triage stage).
+    relevance_maps: bool = True
 
     def __post_init__(self) -> None:
         if self.relevance_format not in RELEVANCE_FORMATS:
@@ -280,6 +282,7 @@ def _classify(
         relevance_top_k=options.relevance_top_k,
         with_embeddings=options.write_embeddings or options.keep_embeddings,
         model=model,
+        with_relevance_maps=options.relevance_maps,
     )
 
 

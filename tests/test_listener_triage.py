@@ -405,3 +405,24 @@ def test_an_unreachable_interface_engine_never_holds_up_dicom_delivery(tmp_path,
     assert destination.received  # the results reached the PACS while the message waits
     store.close()
     audit.close()
+
+
+def test_the_triage_stage_classifies_without_maps_or_files(tmp_path, tiny_medsiglip_dir):
+    from medgemma_deploy.bench.triage_bench import write_triage_label_sets
+    from medgemma_deploy.classify_run import ClassifyEngine
+    from medgemma_deploy.synthetic import write_demo_study
+
+    study = tmp_path / "study"
+    write_demo_study(study, seed=1)
+    before = sorted(study.rglob("*"))
+    labels = write_triage_label_sets(tmp_path / "labels")
+    with ClassifyEngine(tiny_medsiglip_dir, label_files=labels, device="cpu") as engine:
+        assert not engine.classifies_first  # classification is the whole job: nothing to stage
+        findings = engine.triage(study)
+    assert findings.triage is not None and findings.triage.priority is TriagePriority.STAT
+    assert {r.finding.key for r in findings.triage.reasons} <= {
+        s.finding.key for c in findings.classifications if c.series.modality == "CR" for s in c.scores
+    }
+    assert {c.series.modality for c in findings.classifications} == {"CR", "CT"}
+    assert all(not c.relevance_maps for c in findings.classifications)
+    assert sorted(study.rglob("*")) == before
