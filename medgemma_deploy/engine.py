@@ -43,9 +43,16 @@ from medgemma_deploy.operators.report_pipeline import (
     write_report_srs,
 )
 from medgemma_deploy.operators.results import RunResults
+from medgemma_deploy.operators.triage import StudyTriage, triage_by_study, triage_study
 from medgemma_deploy.settings import RunSettings
 
-__all__ = ["EngineOptions", "PipelineEngine", "check_device", "check_input_path"]
+__all__ = [
+    "EngineOptions",
+    "PipelineEngine",
+    "StudyFindings",
+    "check_device",
+    "check_input_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +131,17 @@ class EngineOptions:
     def as_kwargs(self) -> dict[str, Any]:
         """The engines' keyword arguments (every engine class accepts all of them)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class StudyFindings:
+    """The classification stage alone (:meth:`PipelineEngine.triage`): findings and triage, no files.
+
+    ``triage`` is ``None`` when no classified series' label set has triage rules.
+    """
+
+    classifications: tuple[SeriesClassification, ...]
+    triage: StudyTriage | None
 
 
 class PipelineEngine:
@@ -256,6 +274,36 @@ class PipelineEngine:
         self.close()
 
     # -- work --------------------------------------------------------------------------------
+    @property
+    def classifies_first(self) -> bool:
+        """Whether classification is a cheap stage ahead of an expensive one (MedGemma reports) that
+        can raise a study's priority (a loaded label set has triage rules)."""
+        return self.report and self.needs_medsiglip and any(ls.triage_rules for ls in self.label_sets)
+
+    def triage(self, input_path: Path) -> StudyFindings:
+        """Classify ``input_path`` and triage it, writing nothing (the listener's first stage).
+
+        Radiology triage needs the findings before the expensive report: the listener runs this on
+        every queued study first, so a study with a suspected critical finding is found, notified
+        and reported ahead of routine work. A series that cannot be classified is left out (the
+        full run rejects it with its reason).
+        """
+        if self.medsiglip is None:
+            raise RuntimeError(f"{type(self).__name__}.triage needs MedSigLIP (classify or with_findings)")
+        input_path = check_input_path(input_path)
+        # Scores only: the maps are made (and written) by the full run.
+        options = dataclasses.replace(self.classify_options, relevance_maps=False, keep_embeddings=False)
+        scratch = RunResults(command=self.command, disclaimer=AI_DISCLAIMER)
+        study_input = load_study_input(input_path, budget=options.budget)
+        classifications = classify_study_input(
+            study_input, self.medsiglip, self.medsiglip.identity, self.label_sets, options, scratch
+        )
+        with_rules = any(c.label_set.triage_rules for c in classifications)
+        return StudyFindings(
+            classifications=tuple(classifications),
+            triage=triage_study(classifications) if with_rules else None,
+        )
+
     def process(
         self,
         input_path: Path,
@@ -296,11 +344,19 @@ class PipelineEngine:
             )
             if self.on_classified is not None:
                 self.on_classified(classifications, results)
+            results.classifications = list(classifications)
+            results.triage = triage_by_study(classifications)
         if self.write_findings:
             segmentations = write_segmentations(classifications, output_dir, classify_options, results)
             parametric_maps = write_parametric_maps(classifications, output_dir, classify_options, results)
             write_findings_reports(
-                classifications, segmentations, output_dir, classify_options, results, parametric_maps
+                classifications,
+                segmentations,
+                output_dir,
+                classify_options,
+                results,
+                parametric_maps,
+                triage=results.triage,
             )
         if self.medgemma is not None and self.prompts is not None:
             reports = generate_reports(

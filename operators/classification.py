@@ -80,6 +80,7 @@ def classify_series(
     relevance_top_k: int = 3,
     with_embeddings: bool = False,
     model: ModelIdentity,
+    with_relevance_maps: bool = True,
 ) -> SeriesClassification:
     """Score every frame of ``series`` and aggregate to series findings (module docstring).
 
@@ -98,6 +99,9 @@ def classify_series(
         Keep the frames' image embeddings in the result.
     model:
         The identity of the model behind ``scorer``, recorded in the result.
+    with_relevance_maps:
+        False skips the maps (their extra pass through the model): the listener's triage stage
+        needs the scores only.
 
     Returns
     -------
@@ -139,7 +143,7 @@ def classify_series(
     if with_embeddings:
         embeddings = _checked_embeddings(scores, len(images))
 
-    keys = relevance_keys(finding_scores, relevance_top_k)
+    keys = relevance_keys(finding_scores, relevance_top_k) if with_relevance_maps else []
     maps: dict[str, np.ndarray] = {}
     shapes = {image.shape[:2] for image in images}
     if keys and len(shapes) > 1:

@@ -34,6 +34,7 @@ from medgemma_deploy.operators.pmap_writer import NoPatientGeometryError, build_
 from medgemma_deploy.operators.results import RunResults, WrittenObject, series_rejection
 from medgemma_deploy.operators.seg_writer import build_relevance_segmentations
 from medgemma_deploy.operators.sr_writer import build_findings_sr
+from medgemma_deploy.operators.triage import StudyTriage
 
 __all__ = [
     "RELEVANCE_FORMATS",
@@ -66,6 +67,8 @@ class ClassifyOptions:
     budget: MemoryBudget = field(default_factory=MemoryBudget)
     #: Keep each frame's embedding in the classification without writing it (the search index needs it).
     keep_embeddings: bool = False
+    #: Compute relevance maps (False: scores only, for the listener's triage stage).
+    relevance_maps: bool = True
 
     def __post_init__(self) -> None:
         if self.relevance_format not in RELEVANCE_FORMATS:
@@ -221,9 +224,15 @@ def write_findings_reports(
     options: ClassifyOptions,
     results: RunResults,
     parametric_maps: Mapping[str, Mapping[str, Sequence[ParametricMap]]] | None = None,
+    triage: Mapping[str, StudyTriage] | None = None,
 ) -> None:
-    """Write each series' TID 1500 SR (referencing its relevance maps) and, if asked, embeddings."""
+    """Write each series' TID 1500 SR (referencing its relevance maps) and, if asked, embeddings.
+
+    ``triage`` (by Study Instance UID, :func:`~medgemma_deploy.operators.triage.triage_by_study`)
+    puts each study's triage level and reasons in its series' SRs.
+    """
     parametric_maps = parametric_maps or {}
+    triage = triage or {}
     for classification in classifications:
         series = classification.series
         algorithm = algorithm_for(classification.model, classification.label_set, options)
@@ -238,6 +247,7 @@ def write_findings_reports(
                 algorithm,
                 options,
                 out_dir,
+                triage.get(series.study_instance_uid),
             ),
         )
         if written is not None:
@@ -272,6 +282,7 @@ def _classify(
         relevance_top_k=options.relevance_top_k,
         with_embeddings=options.write_embeddings or options.keep_embeddings,
         model=model,
+        with_relevance_maps=options.relevance_maps,
     )
 
 
@@ -305,6 +316,7 @@ def _write_findings_sr(
     algorithm: AlgorithmInfo,
     options: ClassifyOptions,
     out_dir: Path,
+    triage: StudyTriage | None = None,
 ) -> WrittenObject:
     series_uid = classification.series.series_instance_uid
     report = build_findings_sr(
@@ -313,5 +325,6 @@ def _write_findings_sr(
         segmentations=segmentations.get(series_uid, ()),
         parametric_maps=parametric_maps.get(series_uid),
         result_version=options.result_version,
+        triage=triage,
     )
     return save_dicom(report, out_dir, "SR", series_uid)

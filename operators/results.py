@@ -19,6 +19,7 @@ from pydicom.uid import UID
 
 from medgemma_deploy.errors import InputError, ServiceError, describe_exception, warnings_logged
 from medgemma_deploy.operators.domain import ModelIdentity, Rejection, Series, SeriesClassification
+from medgemma_deploy.operators.triage import StudyTriage
 
 __all__ = [
     "EXIT_OK",
@@ -75,6 +76,12 @@ class RunResults:
     outputs: list[WrittenObject] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     skipped: list[Rejection] = field(default_factory=list)
+    #: Each study's triage level and reasons, by Study Instance UID (studies whose label sets have
+    #: triage rules only): ``results.json`` ``triage``.
+    triage: dict[str, StudyTriage] = field(default_factory=dict)
+    #: The run's classified series (not written to results.json: the listener builds its HL7
+    #: message from them).
+    classifications: list[SeriesClassification] = field(default_factory=list)
 
     def reject(self, rejection: Rejection, *, log: bool = True) -> None:
         """Record a rejected input; logged as one WARNING line naming the file and the reason.
@@ -210,6 +217,10 @@ class RunResults:
             "rejected": [r.to_json() for r in self.rejected],
             "skipped": [r.to_json() for r in self.skipped],
         }
+        if self.triage:
+            document["triage"] = [
+                {"study_instance_uid": study, **triage.to_json()} for study, triage in self.triage.items()
+            ]
         if self.random_weights:
             document["warning"] = (
                 "RANDOM WEIGHTS: the model is a tiny randomly-initialised test model; "

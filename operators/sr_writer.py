@@ -19,7 +19,10 @@ Document structure (PS3.16 TID 1500), all from highdicom templates and content i
   referenced from its group as CONTAINS IMAGE "Illustration of Finding" (DCM 125201; TID 1501
   row 10b): its SEG segment (with the Referenced Segment Number) and/or its Parametric Map;
 * a "Qualitative Evaluations" container with the AI disclaimer as text (and the random-weights
-  warning when the model has random weights).
+  warning when the model has random weights) and, when the label set has triage rules, the study's
+  triage level as a CODE item (99MEDGEMMA "AI triage priority" = ROUTINE/URGENT/STAT; no standard
+  concept exists) followed by a TEXT item "AI triage reason" naming each rule that fired. The level
+  is the study's (the highest any series reached), so every series' SR of a study says the same.
 
 The document is VerificationFlag UNVERIFIED, CompletionFlag PARTIAL, PreliminaryFlag
 PRELIMINARY, ContentQualification RESEARCH. Patient and study attributes come from the sources.
@@ -64,6 +67,12 @@ from medgemma_deploy.operators.dicom_common import (
 from medgemma_deploy.operators.domain import AlgorithmInfo, FindingScore, SeriesClassification
 from medgemma_deploy.operators.equipment import contributing_equipment
 from medgemma_deploy.operators.seg_writer import finding_tracking_uid
+from medgemma_deploy.operators.triage import (
+    TRIAGE_PRIORITY_CODES,
+    TRIAGE_PRIORITY_CONCEPT,
+    TRIAGE_REASON_CONCEPT,
+    StudyTriage,
+)
 
 __all__ = ["RELEVANCE_MAP_REFERENCE", "build_findings_sr", "procedure_reported"]
 
@@ -119,6 +128,7 @@ def build_findings_sr(
     parametric_maps: Mapping[str, Sequence[ParametricMap]] | None = None,
     series_number: int = 9902,
     result_version: int = 1,
+    triage: StudyTriage | None = None,
 ) -> hsr.Comprehensive3DSR:
     """Build the TID 1500 findings report of one classified series.
 
@@ -138,6 +148,9 @@ def build_findings_sr(
         Series Number of the SR series.
     result_version:
         Bump it to write a new result for the same inputs and model instead of replacing the old.
+    triage:
+        The study's triage level and reasons (``triage_by_study``), written as a coded item with
+        its reason; ``None`` when the label set has no triage rules.
 
     Returns
     -------
@@ -158,6 +171,8 @@ def build_findings_sr(
     """
     maps_by_key = dict(parametric_maps or {})
     _validate(classification, algorithm, segmentations, maps_by_key, series_number, result_version)
+    if triage is not None and not isinstance(triage, StudyTriage):
+        raise TypeError(f"triage must be a StudyTriage or None, got {type(triage).__name__}")
     series = classification.series
     model = classification.model
     label_set = classification.label_set
@@ -186,7 +201,7 @@ def build_findings_sr(
         index for index, item in enumerate(root_items) if item.name == codes.DCM.ImagingMeasurements
     )
     root_items.insert(measurements_index, _image_library(sources))
-    root_items.append(_disclaimer(model.random_weights))
+    root_items.append(_disclaimer(model.random_weights, triage))
     source_uids = list(by_uid)
     equipment = contributing_equipment(model, algorithm)
     try:
@@ -226,7 +241,12 @@ def build_findings_sr(
             f"highdicom cannot derive the findings SR of series {series.series_instance_uid} from its "
             f"{len(source_uids)} source image(s), starting with this one: {type(exc).__name__}: {exc}",
         ) from exc
-    declare_private_schemes(document, [score.finding.code for score in classification.scores])
+    triage_codes = (
+        [TRIAGE_PRIORITY_CONCEPT, TRIAGE_REASON_CONCEPT, TRIAGE_PRIORITY_CODES[triage.priority]]
+        if triage is not None
+        else []
+    )
+    declare_private_schemes(document, [score.finding.code for score in classification.scores] + triage_codes)
     logger.info(
         "series %s: findings SR with %d finding(s), %d relevance map reference(s)",
         series.series_instance_uid,
@@ -516,19 +536,37 @@ def _num(name: PydicomCode, value: object, unit: PydicomCode | hsr.CodedConcept)
     return hsr.NumContentItem(name=name, value=number, unit=unit, relationship_type=_ACQ)
 
 
-def _disclaimer(random_weights: bool) -> hsr.ContainerContentItem:
-    """TID 1500 "Qualitative Evaluations" container holding the disclaimer text item(s)."""
+def _disclaimer(random_weights: bool, triage: StudyTriage | None = None) -> hsr.ContainerContentItem:
+    """TID 1500 "Qualitative Evaluations" container: the disclaimer text item(s), then the triage.
+
+    The triage level is a CODE item and its reason a TEXT item, both rows of TID 1500's qualitative
+    evaluations (CONTAINS), so a receiver can select studies by the coded level and show why.
+    """
     texts = [RANDOM_WEIGHTS_WARNING, AI_DISCLAIMER] if random_weights else [AI_DISCLAIMER]
     container = hsr.ContainerContentItem(
         name=hsr.CodedConcept(value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations"),
         relationship_type=hsr.RelationshipTypeValues.CONTAINS,
     )
-    container.ContentSequence = hsr.ContentSequence(
-        [
-            hsr.TextContentItem(
-                name=codes.DCM.Comment, value=text, relationship_type=hsr.RelationshipTypeValues.CONTAINS
+    items: list[hsr.ContentItem] = [
+        hsr.TextContentItem(
+            name=codes.DCM.Comment, value=text, relationship_type=hsr.RelationshipTypeValues.CONTAINS
+        )
+        for text in texts
+    ]
+    if triage is not None:
+        items.append(
+            hsr.CodeContentItem(
+                name=to_coded_concept(TRIAGE_PRIORITY_CONCEPT),
+                value=to_coded_concept(TRIAGE_PRIORITY_CODES[triage.priority]),
+                relationship_type=hsr.RelationshipTypeValues.CONTAINS,
             )
-            for text in texts
-        ]
-    )
+        )
+        items.append(
+            hsr.TextContentItem(
+                name=to_coded_concept(TRIAGE_REASON_CONCEPT),
+                value=triage.describe(),
+                relationship_type=hsr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    container.ContentSequence = hsr.ContentSequence(items)
     return container

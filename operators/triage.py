@@ -9,17 +9,38 @@ study: it never removes one from normal reading.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from medgemma_deploy.operators.domain import (
+    Code,
     FindingDefinition,
     SeriesClassification,
     TriagePriority,
 )
 
-__all__ = ["StudyTriage", "TriageReason", "triage_study"]
+__all__ = [
+    "TRIAGE_PRIORITY_CODES",
+    "TRIAGE_PRIORITY_CONCEPT",
+    "TRIAGE_REASON_CONCEPT",
+    "StudyTriage",
+    "TriageReason",
+    "triage_by_study",
+    "triage_study",
+]
+
+#: The findings SR's triage item (PS3.16 TID 1500 "Qualitative Evaluations"): no standard concept
+#: names an AI triage level, so the project's private scheme 99MEDGEMMA is used (PS3.16 8.2,
+#: declared in the SR's Coding Scheme Identification Sequence; docs/dicom-conformance.md).
+TRIAGE_PRIORITY_CONCEPT = Code("TRIAGE", "99MEDGEMMA", "AI triage priority")
+TRIAGE_REASON_CONCEPT = Code("TRIAGE-REASON", "99MEDGEMMA", "AI triage reason")
+TRIAGE_PRIORITY_CODES: dict[TriagePriority, Code] = {
+    TriagePriority.ROUTINE: Code("ROUTINE", "99MEDGEMMA", "Routine"),
+    TriagePriority.URGENT: Code("URGENT", "99MEDGEMMA", "Urgent"),
+    TriagePriority.STAT: Code("STAT", "99MEDGEMMA", "Stat"),
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +82,21 @@ class StudyTriage:
             "reasons": [reason.to_json() for reason in self.reasons],
         }
 
+    def reasons_json(self) -> str:
+        """The reasons as compact JSON, as the listener's job store keeps them (no patient data)."""
+        return json.dumps([reason.to_json() for reason in self.reasons], separators=(",", ":"))
+
+    def describe(self) -> str:
+        """One line for people (SR text item, HL7 note): the level and every rule that fired."""
+        if not self.reasons:
+            return f"{self.priority.name}: no triage rule reached its threshold (uncalibrated thresholds)"
+        fired = "; ".join(
+            f"{r.finding.display_name} {r.probability:.4f} >= {r.threshold:g} ({r.priority.name}) "
+            f"in series {r.series_instance_uid}"
+            for r in self.reasons
+        )
+        return f"{self.priority.name}: {fired} (uncalibrated thresholds, a site decision)"
+
 
 def triage_study(classifications: Iterable[SeriesClassification]) -> StudyTriage:
     """Apply each series' label-set rules to its findings and combine them into the study's priority.
@@ -87,3 +123,19 @@ def triage_study(classifications: Iterable[SeriesClassification]) -> StudyTriage
     reasons.sort(key=lambda reason: (reason.priority, reason.probability), reverse=True)
     priority = reasons[0].priority if reasons else TriagePriority.ROUTINE
     return StudyTriage(priority=priority, reasons=tuple(reasons))
+
+
+def triage_by_study(classifications: Iterable[SeriesClassification]) -> dict[str, StudyTriage]:
+    """:func:`triage_study` per Study Instance UID, for the studies whose label sets have rules.
+
+    A study none of whose series' label sets carries a ``triage:`` section gets no entry: its
+    priority is unknown, not routine.
+    """
+    by_study: dict[str, list[SeriesClassification]] = {}
+    for classification in classifications:
+        by_study.setdefault(classification.series.study_instance_uid, []).append(classification)
+    return {
+        study: triage_study(members)
+        for study, members in by_study.items()
+        if any(member.label_set.triage_rules for member in members)
+    }

@@ -195,3 +195,25 @@ def test_a_worker_that_stops_answering_mid_run_ends_in_one_line_and_exit_4(
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("medgemma-deploy: error:")]
     assert len(lines) == 1 and worker.address in lines[0] and "retry later" in lines[0], err
+
+
+def test_results_json_and_the_srs_carry_each_studys_triage(classified):
+    _, out, results = classified
+    [triage] = results["triage"]  # the demo study; the packaged label sets have triage rules
+    assert triage["study_instance_uid"] == results["series"][0]["study_instance_uid"]
+    assert triage["uncalibrated"] is True
+    probabilities = {
+        (series["series_instance_uid"], finding["key"]): finding["probability"]
+        for series in results["series"]
+        for finding in series["findings"]
+    }
+    levels = {"ROUTINE": 0, "URGENT": 1, "STAT": 2}
+    for reason in triage["reasons"]:  # every reason is a rule the scores really reached
+        assert probabilities[(reason["series_instance_uid"], reason["finding"])] >= reason["threshold"]
+    expected = max((levels[r["priority"]] for r in triage["reasons"]), default=0)
+    assert levels[triage["priority"]] == expected
+    for output in results["outputs"]:
+        if output["kind"] == "SR":
+            texts = sr_texts(pydicom.dcmread(out / output["path"]))
+            assert "AI triage priority" in texts
+            assert any(text.startswith(f"{triage['priority']}: ") for text in texts)

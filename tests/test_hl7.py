@@ -4,22 +4,21 @@ the connection, and one that acknowledges another message."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
-from hl7apy.mllp import AbstractHandler, MLLPServer
+from hl7apy.mllp import MLLPServer
 from hl7apy.parser import parse_message
 from pydicom.dataset import Dataset
 
 from medgemma_deploy.network.hl7 import Hl7Identity, build_oru, message_control_id
-from medgemma_deploy.network.mllp import Hl7DeliveryError, Hl7Endpoint, frame, send_message
+from medgemma_deploy.network.mllp import Hl7DeliveryError, Hl7Endpoint, send_message
 from medgemma_deploy.operators.domain import TriagePriority
 from medgemma_deploy.operators.triage import triage_study
-from tests.triage_support import classification
+from tests.triage_support import classification, running_mllp_receiver
 
 CREATED = datetime(2026, 12, 3, 10, 0, 0)
 IDENTITY = Hl7Identity(sending_facility="RADIOLOGY", receiving_application="RIS", receiving_facility="HOSP")
@@ -148,47 +147,10 @@ def test_identity_names_with_delimiters_are_refused():
         Hl7Identity(processing_id="X")
 
 
-class _Receiver(AbstractHandler):
-    """Acknowledges like an interface engine: MSA-1 from the server's script, MSA-2 the control id."""
-
-    def reply(self) -> str:
-        server = threading.current_thread().server  # type: ignore[attr-defined]
-        incoming = parse_message(self.incoming_message, validation_level=VALIDATION_LEVEL.STRICT)
-        server.received.append(incoming)
-        code = server.codes.pop(0) if server.codes else "AA"
-        if code == "DROP":
-            raise ConnectionAbortedError("dropping the connection without an answer")
-        ack = Message("ACK", version="2.5.1")
-        ack.msh.msh_9 = "ACK^R01^ACK"
-        ack.msh.msh_10 = "ACK1"
-        ack.msh.msh_11 = "P"
-        ack.msa.msa_1 = code
-        ack.msa.msa_2 = server.acknowledge or incoming.msh.msh_10.to_er7()
-        if code != "AA":
-            ack.msa.msa_3 = "patient not found"
-        return frame(ack.to_er7()).decode("utf-8")
-
-
 @pytest.fixture
 def receiver() -> Iterator[MLLPServer]:
-    server = MLLPServer("127.0.0.1", 0, {"ORU^R01^ORU_R01": (_Receiver,)}, timeout=5)
-    server.received, server.codes, server.acknowledge = [], [], None
-    # The handler finds its server through the thread that serves the connection.
-    original = server.process_request_thread
-
-    def process(request: object, address: object) -> None:
-        threading.current_thread().server = server  # type: ignore[attr-defined]
-        original(request, address)
-
-    server.process_request_thread = process  # type: ignore[method-assign]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running_mllp_receiver() as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def _message() -> tuple[str, str]:

@@ -471,3 +471,47 @@ def test_tracking_uids_are_kept_by_a_rerun_with_another_model_version(
     tracking = [{group.tracking_identifier: group.tracking_uid for group in _groups(r)} for r in reports]
     assert tracking[0] == tracking[1]
     assert set(tracking[0]) == {score.finding.display_name for score in first.scores}
+
+
+@requires_dciodvfy
+@requires_pixelmed
+def test_triage_is_a_coded_item_with_its_reason(cr_series, make_classification, tmp_path):
+    from medgemma_deploy.operators.domain import TriagePriority
+    from medgemma_deploy.operators.triage import (
+        TRIAGE_PRIORITY_CODES,
+        TRIAGE_PRIORITY_CONCEPT,
+        TRIAGE_REASON_CONCEPT,
+        StudyTriage,
+        TriageReason,
+    )
+
+    classification = make_classification(cr_series)
+    top = max(classification.scores, key=lambda score: score.probability)
+    reason = TriageReason(
+        classification.series.series_instance_uid, top.finding, top.probability, 0.0, TriagePriority.STAT
+    )
+    document = build_findings_sr(
+        classification, ALGORITHM, triage=StudyTriage(TriagePriority.STAT, (reason,))
+    )
+    report = _read(document, tmp_path)
+    [level] = find_content_items(report.content[0], name=_concept(TRIAGE_PRIORITY_CONCEPT), recursive=True)
+    assert level.value.value == TRIAGE_PRIORITY_CODES[TriagePriority.STAT].value == "STAT"
+    [text] = _texts(report.content[0], _concept(TRIAGE_REASON_CONCEPT))
+    assert text.startswith("STAT: ") and top.finding.display_name in text and "uncalibrated" in text
+    declared = {str(i.CodingSchemeDesignator) for i in document.CodingSchemeIdentificationSequence}
+    assert "99MEDGEMMA" in declared
+    path = tmp_path / "sr.dcm"
+    document.save_as(path, enforce_file_format=True)
+    assert_dciodvfy_clean(path)
+    assert_pixelmed_clean([path])
+    # Without triage (a label set without rules) there is no such item.
+    plain = _read(build_findings_sr(classification, ALGORITHM), tmp_path)
+    assert not find_content_items(plain.content[0], name=_concept(TRIAGE_PRIORITY_CONCEPT), recursive=True)
+    with pytest.raises(TypeError, match="triage must be a StudyTriage"):
+        build_findings_sr(classification, ALGORITHM, triage="STAT")
+
+
+def _concept(code):
+    from medgemma_deploy.operators.dicom_common import to_coded_concept
+
+    return to_coded_concept(code)

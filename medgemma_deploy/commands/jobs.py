@@ -2,7 +2,8 @@
 
 Reads the job store of a spool (``--spool``, else ``MEDGEMMA_LISTENER_SPOOL``, else
 ``/var/spool/medgemma``) while the listener runs. Output is a table, or JSON lines with ``--json``;
-it holds UIDs, states, counts and reasons, never patient data.
+it holds UIDs, states, counts, triage priorities with their reasons (findings and probabilities)
+and the HL7 notification's state, never patient data (the ORU's text stays in its spool file).
 """
 
 from __future__ import annotations
@@ -21,9 +22,17 @@ from medgemma_deploy.errors import UsageError
 from medgemma_deploy.network.jobmodel import JobState
 
 if TYPE_CHECKING:
-    from medgemma_deploy.network.jobstore import Job, RejectedInput
+    from medgemma_deploy.network.jobstore import Job, Notification, RejectedInput
 
-__all__ = ["DEFAULT_SPOOL", "describe_status", "format_table", "main", "register", "run"]
+__all__ = [
+    "DEFAULT_SPOOL",
+    "describe_notification",
+    "describe_status",
+    "format_table",
+    "main",
+    "register",
+    "run",
+]
 
 DEFAULT_SPOOL = Path("/var/spool/medgemma")
 _STATES = ("received", "queued", "running", "delivering", "delivered", "failed")
@@ -46,7 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", metavar="UID", help="only jobs of this Study Instance UID")
     parser.add_argument("--limit", type=int, metavar="N", help="at most N jobs (newest first)")
     parser.add_argument("--json", action="store_true", help="one JSON object per job")
-    parser.add_argument("--retry", type=int, metavar="JOB_ID", help="give a failed job a fresh start")
+    parser.add_argument(
+        "--retry",
+        type=int,
+        metavar="JOB_ID",
+        help="give a failed job (or its failed HL7 message) a fresh start",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
             if store is None:
                 raise UsageError(f"{database}: no job store here (has a listener used this spool?)")
             try:
+                notification = store.notification(args.retry)
+                job = store.job(args.retry)
+                if job is not None and job.state is not JobState.FAILED and notification is not None:
+                    notification = store.requeue_notification(args.retry)
+                    print(f"job {job.id}: HL7 message {notification.control_id} is queued again")
+                    return 0
                 job = store.requeue_failed(args.retry)
             except (KeyError, ValueError) as exc:
                 raise UsageError(str(exc).strip("'\"")) from exc
@@ -77,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             rejected: dict[int, list[RejectedInput]] = {}
             for item in store.rejected_inputs():
                 rejected.setdefault(item.job_id, []).append(item)
+            notifications = {n.job_id: n for n in store.notifications()}
         finally:
             store.close()
     except UsageError as exc:
@@ -88,9 +109,11 @@ def run(args: argparse.Namespace) -> int:
         for job in jobs:
             record = {**job.to_json(), "status": describe_status(job)}
             record["rejected_inputs"] = [item.to_json() for item in rejected.get(job.id, [])]
+            notification = notifications.get(job.id)
+            record["hl7"] = None if notification is None else notification.to_json()
             print(json.dumps(record, sort_keys=True))
     else:
-        print(format_table(jobs, rejected))
+        print(format_table(jobs, rejected, notifications))
     return 0
 
 
@@ -113,15 +136,39 @@ def describe_status(job: Job, now: float | None = None) -> str:
     return "; ".join(parts) or job.state.value
 
 
-def format_table(jobs: Sequence[Job], rejected: Mapping[int, Sequence[RejectedInput]] | None = None) -> str:
-    """A fixed-width table: id, state, version, instances, outputs, rejected, attempts, updated, study.
+def describe_notification(notification: Notification, now: float | None = None) -> str:
+    """The HL7 message's state in words: sent (with the ACK), queued (with the retry), or failed."""
+    now = time.time() if now is None else now
+    head = f"HL7 {notification.control_id} to {notification.endpoint}"
+    if notification.state.value == "sent":
+        return f"{head}: sent ({notification.ack_code})"
+    if notification.state.value == "failed":
+        return f"{head}: failed after {notification.attempts} attempt(s): {notification.last_error}"
+    if notification.attempts:
+        wait = max(0.0, notification.not_before - now)
+        return (
+            f"{head}: queued, will retry (attempt {notification.attempts} failed; next in {wait:.0f} s): "
+            f"{notification.last_error}"
+        )
+    return f"{head}: queued"
+
+
+def format_table(
+    jobs: Sequence[Job],
+    rejected: Mapping[int, Sequence[RejectedInput]] | None = None,
+    notifications: Mapping[int, Notification] | None = None,
+) -> str:
+    """A fixed-width table: id, state, priority, version, instances, outputs, rejected, attempts,
+    updated, study.
 
     Under each job with a problem: its status in words (:func:`describe_status`), the last error,
-    and each rejected instance with its stage and reason.
+    and each rejected instance with its stage and reason; under a triaged job above routine, the
+    rules that fired; under a job with an HL7 message, its state (:func:`describe_notification`).
     """
     rejected = rejected or {}
+    notifications = notifications or {}
     header = (
-        f"{'ID':>5} {'STATE':<10} {'VER':>3} {'INST':>5} {'OUT':>4} {'REJ':>4} {'TRY':>3} "
+        f"{'ID':>5} {'STATE':<10} {'PRIO':<7} {'VER':>3} {'INST':>5} {'OUT':>4} {'REJ':>4} {'TRY':>3} "
         f"{'UPDATED (UTC)':<19} STUDY / STATUS"
     )
     lines = [header]
@@ -129,10 +176,17 @@ def format_table(jobs: Sequence[Job], rejected: Mapping[int, Sequence[RejectedIn
         updated = datetime.fromtimestamp(job.updated_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         outputs = "" if job.n_outputs is None else str(job.n_outputs)
         refused = "" if job.n_rejected is None else str(job.n_rejected)
+        priority = job.priority_name or "-"
         lines.append(
-            f"{job.id:>5} {job.state.value:<10} {job.version:>3} {job.n_instances:>5} {outputs:>4} "
-            f"{refused:>4} {job.attempts:>3} {updated:<19} {job.study_instance_uid}"
+            f"{job.id:>5} {job.state.value:<10} {priority:<7} {job.version:>3} {job.n_instances:>5} "
+            f"{outputs:>4} {refused:>4} {job.attempts:>3} {updated:<19} {job.study_instance_uid}"
         )
+        for reason in job.triage_reasons():
+            lines.append(
+                f"{'':>5} └ triage {reason['priority']}: {reason['display_name']} "
+                f"{reason['probability']:.4f} >= {reason['threshold']:g} in series "
+                f"{reason['series_instance_uid']}"
+            )
         status = describe_status(job)
         if status != job.state.value:
             lines.append(f"{'':>5} └ {status}")
@@ -141,6 +195,8 @@ def format_table(jobs: Sequence[Job], rejected: Mapping[int, Sequence[RejectedIn
         for item in rejected.get(job.id, []):
             instance = item.sop_instance_uid or item.path
             lines.append(f"{'':>5} └ rejected {instance} [{item.stage}]: {item.reason}")
+        if job.id in notifications:
+            lines.append(f"{'':>5} └ {describe_notification(notifications[job.id])}")
     if len(lines) == 1:
         lines.append("(no jobs)")
     return "\n".join(lines)

@@ -3,8 +3,10 @@
 Every option can also come from the environment, ``MEDGEMMA_LISTENER_<OPTION>`` (``--quiet-seconds``
 → ``MEDGEMMA_LISTENER_QUIET_SECONDS``; lists comma-separated); a flag wins over the variable.
 The STOW-RS bearer token is read only from ``MEDGEMMA_LISTENER_STOW_TOKEN``, never from the
-command line. Every run setting (device, label sets, relevance maps, embeddings, prompts, report
-length, findings grounding, backend) comes from :mod:`medgemma_deploy.settings`
+command line. Triage notification: ``--hl7 HOST:PORT`` sends an HL7 v2.5.1 ORU^R01 over MLLP for
+every study at or above ``--hl7-min-priority`` (default URGENT; ``--hl7-all``: every triaged
+study), see ``docs/hl7-oru.md``. Every run setting (device, label sets, relevance maps, embeddings,
+prompts, report length, findings grounding, backend) comes from :mod:`medgemma_deploy.settings`
 (``MEDGEMMA_DEPLOY_*``, ``MEDGEMMA_DEPLOY_CONFIG``); ``--backend``/``--prompts`` and their
 ``MEDGEMMA_LISTENER_*`` variables override those two.
 
@@ -31,6 +33,22 @@ __all__ = ["ENV_PREFIX", "build_config", "main", "register", "run"]
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "MEDGEMMA_LISTENER_"
+
+
+def _boolean(text: str) -> bool:
+    """An environment switch: 1/true/yes/on or 0/false/no/off (any case)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a yes/no value (1/0, true/false, yes/no, on/off)")
+
+
+def _on_off(text: str) -> bool:
+    """``on``/``off`` (or any :func:`_boolean` value)."""
+    return _boolean(text)
+
 
 #: option (argparse dest) → (converter, default) for options resolvable from the environment.
 _OPTIONS: dict[str, tuple[Callable[[str], Any], Any]] = {
@@ -61,6 +79,20 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "retention_hours": (float, 72.0),
     "drain_seconds": (float, 60.0),
     "audit_log": (Path, None),
+    "triage_aging_seconds": (float, 600.0),
+    "triage_queue": (_on_off, True),
+    "hl7": (str, None),
+    "hl7_min_priority": (str, "URGENT"),
+    "hl7_all": (_boolean, False),
+    "hl7_tls": (_boolean, False),
+    "hl7_tls_ca": (Path, None),
+    "hl7_tls_cert": (Path, None),
+    "hl7_tls_key": (Path, None),
+    "hl7_sending_application": (str, "MEDGEMMA_DEPLOY"),
+    "hl7_sending_facility": (str, ""),
+    "hl7_receiving_application": (str, ""),
+    "hl7_receiving_facility": (str, ""),
+    "hl7_processing_id": (str, "P"),
 }
 _LIST_OPTIONS = frozenset({"destination", "allow"})
 
@@ -163,6 +195,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_index_arguments(pipe)
     pipe.add_argument("--stow-url", metavar="URL", help="also/instead STOW-RS results to this DICOMweb root")
 
+    triage = parser.add_argument_group("triage and HL7 notification (docs/hl7-oru.md)")
+    triage.add_argument(
+        "--triage-queue",
+        type=_on_off,
+        metavar="on|off",
+        help="urgent studies first, every study classified before any report (default on); "
+        "off: first come, first served (triage still recorded and notified)",
+    )
+    triage.add_argument(
+        "--triage-aging-seconds",
+        type=float,
+        metavar="S",
+        help="queue order: waiting S seconds counts as one triage level, so routine work "
+        "still advances (default 600)",
+    )
+    triage.add_argument(
+        "--hl7", metavar="HOST:PORT", help="send an HL7 v2.5.1 ORU^R01 over MLLP to this interface engine"
+    )
+    triage.add_argument(
+        "--hl7-min-priority",
+        type=str.upper,
+        choices=["ROUTINE", "URGENT", "STAT"],
+        help="notify studies at or above this triage level (default URGENT)",
+    )
+    triage.add_argument(
+        "--hl7-all", action="store_true", default=None, help="notify every triaged study, routine ones too"
+    )
+    triage.add_argument("--hl7-tls", action="store_true", default=None, help="MLLP over TLS (system CAs)")
+    triage.add_argument("--hl7-tls-ca", type=Path, metavar="PEM", help="MLLP over TLS, trusting this CA")
+    triage.add_argument("--hl7-tls-cert", type=Path, metavar="PEM", help="client certificate for MLLP/TLS")
+    triage.add_argument("--hl7-tls-key", type=Path, metavar="PEM", help="its private key")
+    triage.add_argument("--hl7-sending-application", metavar="NAME", help="MSH-3 (default MEDGEMMA_DEPLOY)")
+    triage.add_argument("--hl7-sending-facility", metavar="NAME", help="MSH-4 (default empty)")
+    triage.add_argument("--hl7-receiving-application", metavar="NAME", help="MSH-5 (default empty)")
+    triage.add_argument("--hl7-receiving-facility", metavar="NAME", help="MSH-6 (default empty)")
+    triage.add_argument(
+        "--hl7-processing-id", choices=["P", "T", "D"], help="MSH-11: production, training, debugging"
+    )
+
 
 def resolve_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
     """Each option from the flag, else ``MEDGEMMA_LISTENER_<OPTION>``, else its default.
@@ -230,6 +301,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         environ,
     )
     retention = options["retention_hours"]
+    hl7 = _hl7_settings(options)
     return ListenerConfig(
         ae_title=options["ae_title"],
         host=options["bind"],
@@ -255,6 +327,64 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         retention_s=retention * 3600.0 if retention and retention > 0 else None,
         drain_s=options["drain_seconds"],
         audit_log=options["audit_log"],
+        hl7=hl7,
+        triage_aging_s=options["triage_aging_seconds"],
+        triage_queue=options["triage_queue"],
+    )
+
+
+def _hl7_settings(options: Mapping[str, Any]) -> Any:
+    """The HL7 notification settings from the resolved options, or None without ``--hl7``.
+
+    Raises
+    ------
+    UsageError
+        A bad endpoint, priority, identity name or TLS file, or HL7 options without ``--hl7``.
+    """
+    import ssl
+
+    from medgemma_deploy.network.hl7 import Hl7Identity
+    from medgemma_deploy.network.mllp import Hl7Endpoint
+    from medgemma_deploy.network.notify import Hl7Settings
+    from medgemma_deploy.operators.domain import TriagePriority
+
+    tls_files = (options["hl7_tls_ca"], options["hl7_tls_cert"], options["hl7_tls_key"])
+    if options["hl7"] is None:
+        if options["hl7_all"] or options["hl7_tls"] or any(tls_files):
+            raise UsageError("--hl7-all and --hl7-tls* need --hl7 HOST:PORT (the interface engine)")
+        return None
+    if (options["hl7_tls_cert"] is None) != (options["hl7_tls_key"] is None):
+        raise UsageError("--hl7-tls-cert and --hl7-tls-key go together")
+    context = None
+    if options["hl7_tls"] or any(tls_files):
+        try:
+            context = ssl.create_default_context(cafile=options["hl7_tls_ca"])
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if options["hl7_tls_cert"] is not None:
+                context.load_cert_chain(options["hl7_tls_cert"], options["hl7_tls_key"])
+        except (OSError, ssl.SSLError) as exc:
+            files = ", ".join(str(f) for f in tls_files if f)
+            raise UsageError(f"--hl7-tls: cannot load {files} ({exc})") from exc
+    priority_name = str(options["hl7_min_priority"]).strip().upper()
+    if priority_name not in TriagePriority.__members__:
+        raise UsageError(f"--hl7-min-priority {priority_name!r}: must be ROUTINE, URGENT or STAT")
+    try:
+        endpoint = Hl7Endpoint.parse(options["hl7"], ssl_context=context)
+        endpoint = Hl7Endpoint(endpoint.host, endpoint.port, context, timeout_s=options["timeout_seconds"])
+        identity = Hl7Identity(
+            sending_application=options["hl7_sending_application"],
+            sending_facility=options["hl7_sending_facility"],
+            receiving_application=options["hl7_receiving_application"],
+            receiving_facility=options["hl7_receiving_facility"],
+            processing_id=options["hl7_processing_id"],
+        )
+    except ValueError as exc:
+        raise UsageError(f"--hl7: {exc}") from exc
+    return Hl7Settings(
+        endpoint=endpoint,
+        identity=identity,
+        min_priority=TriagePriority[priority_name],
+        send_all=bool(options["hl7_all"]),
     )
 
 

@@ -33,6 +33,8 @@ _EXPORTS = {
     "StoreStatus": "receiver",
     "Listener": "service",
     "ListenerConfig": "service",
+    "Hl7Outbox": "notify",
+    "Hl7Settings": "notify",
     "Spool": "spool",
     "safe_uid_name": "spool",
     "RetryPolicy": "worker_loop",

@@ -9,7 +9,9 @@ Events: ``association-accepted``, ``association-refused``, ``association-release
 ``association-aborted``, ``instance-received``, ``instance-refused``, ``instance-quarantined``,
 ``study-complete``, ``job-started``, ``job-processed``, ``instance-rejected`` (by the pipeline),
 ``job-retry``, ``job-failed``, ``delivered``, ``delivery-failed``, ``job-delivered``, ``job-recovered``,
-``study-purged``, ``listener-started``, ``listener-stopped``.
+``study-purged``, ``listener-started``, ``listener-stopped``; triage and HL7: ``job-triaged``,
+``hl7-queued``, ``hl7-sent``, ``hl7-retry``, ``hl7-failed`` (control ids and priorities, never the
+message).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 #: The only field names an audit event may carry (identifiers, counts, statuses, reasons).
 AUDIT_FIELDS = frozenset(
     {
+        "ack",
         "address",
         "ae_title",
         "association",
@@ -35,6 +38,7 @@ AUDIT_FIELDS = frozenset(
         "bytes",
         "called_aet",
         "calling_aet",
+        "control_id",
         "delay_s",
         "destination",
         "duration_s",
@@ -47,6 +51,7 @@ AUDIT_FIELDS = frozenset(
         "outputs",
         "pipeline",
         "port",
+        "priority",
         "reason",
         "sop_class_uid",
         "sop_instance_uid",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from medgemma_deploy.operators.domain import TriagePriority
+
 __all__ = [
+    "MIGRATIONS",
     "SCHEMA",
     "SCHEMA_VERSION",
     "TERMINAL_STATES",
@@ -15,20 +19,36 @@ __all__ = [
     "Job",
     "JobState",
     "NewInstance",
+    "Notification",
+    "NotificationState",
     "OutputRecord",
     "RecordOutcome",
     "RejectedInput",
     "instance_from_row",
     "job_from_row",
+    "notification_from_row",
 ]
 
 
-#: ``PRAGMA user_version`` of the schema below; a store with another version is refused.
-SCHEMA_VERSION = 1
+#: ``PRAGMA user_version`` of the schema below. Version 1 (before triage) is migrated in place on
+#: the first read-write open (:data:`MIGRATIONS`); any other version is refused.
+SCHEMA_VERSION = 2
+
+#: Columns added to ``jobs`` by version 2, for stores created by version 1 (SQLite cannot
+#: ``ADD COLUMN IF NOT EXISTS``: the store checks ``PRAGMA table_info`` first). ``priority`` is the
+#: study version's triage level (``TriagePriority``: 0 routine, 1 urgent, 2 stat), NULL until its
+#: findings are known; ``triage`` the reasons as JSON (finding keys, probabilities, thresholds,
+#: series UIDs: no patient data).
+MIGRATIONS: dict[str, str] = {
+    "priority": "ALTER TABLE jobs ADD COLUMN priority INTEGER",
+    "triage": "ALTER TABLE jobs ADD COLUMN triage TEXT",
+}
 
 #: Tables: instances (one row per SOP Instance UID, newest content), jobs (one per study version),
 #: outputs (objects a job wrote), deliveries (per object and destination), quarantine, and
-#: rejected_inputs (the instances a job's pipeline refused, with the stage and reason). Every
+#: rejected_inputs (the instances a job's pipeline refused, with the stage and reason), and
+#: notifications (the HL7 ORU outbox: one row per study version, whose message text lives in an
+#: ER7 file of the spool, never here, because it holds the patient's identifiers). Every
 #: statement is ``IF NOT EXISTS``, so a version-1 store made before rejected_inputs existed gets
 #: the table on its next read-write open; readers treat its absence as "none recorded".
 SCHEMA = """
@@ -63,6 +83,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     last_instance_at REAL NOT NULL,
     delivered_at REAL,
+    priority INTEGER,
+    triage TEXT,
     UNIQUE (study_instance_uid, version)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, not_before);
@@ -97,6 +119,22 @@ CREATE TABLE IF NOT EXISTS rejected_inputs (
     reason TEXT NOT NULL,
     PRIMARY KEY (job_id, path)
 );
+CREATE TABLE IF NOT EXISTS notifications (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs (id),
+    control_id TEXT NOT NULL UNIQUE,
+    endpoint TEXT NOT NULL,
+    path TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'sent', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    not_before REAL NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    sent_at REAL,
+    ack_code TEXT
+);
+CREATE INDEX IF NOT EXISTS notifications_by_state ON notifications (state, not_before);
 """
 
 
@@ -175,10 +213,57 @@ class Job:
     updated_at: float
     last_instance_at: float
     delivered_at: float | None
+    #: Triage level (0 routine, 1 urgent, 2 stat); None until the study's findings are known.
+    priority: int | None = None
+    #: The reasons for the level as JSON (see :meth:`triage_reasons`).
+    triage: str | None = None
+
+    @property
+    def priority_name(self) -> str | None:
+        return None if self.priority is None else TriagePriority(self.priority).name
+
+    def triage_reasons(self) -> list[dict[str, Any]]:
+        """The rules that fired (``TriageReason.to_json`` records), most urgent first."""
+        return list(json.loads(self.triage)) if self.triage else []
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         data["state"] = self.state.value
+        data["priority"] = self.priority_name
+        data["triage"] = self.triage_reasons()
+        return data
+
+
+class NotificationState(str, Enum):
+    """States of a study version's HL7 ORU in the outbox."""
+
+    QUEUED = "queued"  #: waiting to be sent (or for its retry time)
+    SENT = "sent"  #: acknowledged AA/CA by the interface engine
+    FAILED = "failed"  #: attempts exhausted; ``jobs`` shows the last error
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One ORU in the outbox: where its ER7 file is (spool-relative) and how its delivery stands."""
+
+    job_id: int
+    control_id: str
+    endpoint: str
+    path: str
+    priority: int
+    state: NotificationState
+    attempts: int
+    last_error: str | None
+    not_before: float
+    created_at: float
+    updated_at: float
+    sent_at: float | None
+    ack_code: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["state"] = self.state.value
+        data["priority"] = TriagePriority(self.priority).name
         return data
 
 
@@ -221,3 +306,9 @@ def job_from_row(row: sqlite3.Row) -> Job:
     data = dict(row)
     data["state"] = JobState(data["state"])
     return Job(**data)
+
+
+def notification_from_row(row: sqlite3.Row) -> Notification:
+    data = dict(row)
+    data["state"] = NotificationState(data["state"])
+    return Notification(**data)

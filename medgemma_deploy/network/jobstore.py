@@ -7,6 +7,11 @@ One row per study *version* is a job. Its states::
         └── late instance ─────────┘  └─retry──┘            └──┘ retry (backoff)
                                       failed  (permanent error, or attempts exhausted)
 
+A job's ``priority`` is its study version's triage level (routine, urgent, stat), known once its
+findings are; :meth:`JobStore.claim_next` serves due work by that level with aging, so an urgent
+study goes first and a routine one still advances (see there). The ``notifications`` table is the
+HL7 ORU outbox, one row per study version (see :mod:`medgemma_deploy.network.notify`).
+
 A late instance for a study whose newest job is still ``received`` or ``queued`` joins that job; once
 the job is ``running`` or beyond, it opens version N+1 (a new job), so nothing is silently dropped.
 Every commit is durable (``synchronous=FULL``): a row that exists survived a crash, which is what
@@ -25,17 +30,21 @@ from pathlib import Path
 from typing import Any
 
 from medgemma_deploy.network.jobmodel import (
+    MIGRATIONS,
     SCHEMA,
     SCHEMA_VERSION,
     InstanceRecord,
     Job,
     JobState,
     NewInstance,
+    Notification,
+    NotificationState,
     OutputRecord,
     RecordOutcome,
     RejectedInput,
     instance_from_row,
     job_from_row,
+    notification_from_row,
 )
 
 __all__ = [
@@ -44,12 +53,17 @@ __all__ = [
     "JobState",
     "JobStore",
     "NewInstance",
+    "Notification",
+    "NotificationState",
     "OutputRecord",
     "RecordOutcome",
     "RejectedInput",
 ]  # the records live in jobmodel and are re-exported here
 
 _INSTANCE_COLUMNS = (*(f.name for f in dataclasses.fields(NewInstance)), "version", "received_at")
+
+#: How long a study waits before it counts one triage level higher (``claim_next``), by default.
+DEFAULT_AGING_S = 600.0
 
 
 class JobStore:
@@ -67,6 +81,7 @@ class JobStore:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._claimed: set[int] = set()
+        self._claimed_notifications: set[int] = set()
         if read_only and not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no job store here (has a listener used this spool?)")
         target = f"file:{self.path}?mode=ro" if read_only else str(self.path)
@@ -76,7 +91,7 @@ class JobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA foreign_keys=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             raise RuntimeError(
                 f"{self.path}: job store schema version {version}, this software reads {SCHEMA_VERSION}"
             )
@@ -85,7 +100,21 @@ class JobStore:
             # FULL: a commit is on disk before it returns, so Success is only sent for durable rows.
             self._db.execute("PRAGMA synchronous=FULL")
             # executescript runs outside our transactions; every statement is idempotent.
-            self._db.executescript(SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+            self._db.executescript(SCHEMA)
+            self._migrate()
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _migrate(self) -> None:
+        """Bring a version-1 store's ``jobs`` table to version 2 (columns it lacks, in one transaction).
+
+        Existing jobs get ``priority`` NULL (not triaged): queued ones are triaged when they run,
+        finished ones show no priority in ``jobs``.
+        """
+        with self._transaction():
+            present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for column, statement in MIGRATIONS.items():
+                if column not in present:
+                    self._db.execute(statement)
 
     def close(self) -> None:
         with self._lock:
@@ -123,8 +152,10 @@ class JobStore:
             if latest is not None and latest["state"] in (JobState.RECEIVED.value, JobState.QUEUED.value):
                 job_id, version = latest["id"], latest["version"]
                 reopened = latest["state"] == JobState.QUEUED.value
+                # A new instance may change the findings: the version is triaged again.
                 self._db.execute(
-                    "UPDATE jobs SET state = 'received', last_instance_at = ?, updated_at = ? WHERE id = ?",
+                    "UPDATE jobs SET state = 'received', last_instance_at = ?, updated_at = ?, "
+                    "priority = NULL, triage = NULL WHERE id = ?",
                     (now, now, job_id),
                 )
             else:
@@ -237,22 +268,49 @@ class JobStore:
 
     # -- job execution --------------------------------------------------------------------------
 
-    def claim_next(self, *, allow_processing: bool, now: float | None = None) -> Job | None:
+    def claim_next(
+        self,
+        *,
+        allow_processing: bool,
+        triage_first: bool = False,
+        by_priority: bool = True,
+        aging_s: float = DEFAULT_AGING_S,
+        now: float | None = None,
+    ) -> Job | None:
         """Claim the next due job for this process: a queued one (→ running) or one to deliver.
+
+        Order (radiology triage: an urgent study is read first, a routine one is never starved):
+
+        1. with ``triage_first`` (a pipeline whose classification is a cheap first stage), queued
+           versions not yet triaged (``priority`` NULL), oldest first, so an urgent study is found
+           before any expensive report runs;
+        2. then by *effective arrival*: the last instance's time minus ``priority × aging_s``. A
+           stat study counts as if it had arrived ``2 × aging_s`` earlier, so it overtakes every
+           routine study younger than that, and a routine study that has waited longer than that
+           goes before a newly arrived stat one (no starvation). Untriaged jobs count as routine.
+
+        With ``by_priority`` False (``--triage-queue off``) the order is first due, first served.
 
         A version waits while an earlier version of its study is queued or running, so versions are
         processed in order. Claimed delivering jobs are remembered in memory (the state does not
         change) until :meth:`release`.
         """
+        if aging_s <= 0:
+            raise ValueError(f"aging_s must be > 0, got {aging_s}")
         now = time.time() if now is None else now
         states = "'queued', 'delivering'" if allow_processing else "'delivering'"
+        untriaged_first = "(state = 'queued' AND priority IS NULL) DESC, " if triage_first else ""
+        order, params = "not_before, id", (now,)
+        if by_priority:
+            order = f"{untriaged_first}last_instance_at - COALESCE(priority, 0) * ?, id"
+            params = (now, aging_s)
         with self._transaction():
             rows = self._db.execute(
                 f"SELECT * FROM jobs AS j WHERE state IN ({states}) AND not_before <= ? "
                 "AND NOT EXISTS (SELECT 1 FROM jobs AS e WHERE e.study_instance_uid = j.study_instance_uid "
                 "AND e.version < j.version AND e.state IN ('queued', 'running')) "
-                "ORDER BY not_before, id LIMIT 64",
-                (now,),
+                f"ORDER BY {order} LIMIT 64",
+                params,
             ).fetchall()
             for row in rows:
                 if row["id"] in self._claimed:
@@ -266,14 +324,38 @@ class JobStore:
                 return job_from_row(row)
         return None
 
+    def set_triage(self, job_id: int, priority: int, reasons_json: str, *, requeue: bool) -> Job:
+        """Record a version's triage level and reasons; with ``requeue``, a running job goes back to
+        ``queued`` (its classification stage is done, its reports wait their turn by priority)."""
+        now = time.time()
+        state_change = "state = 'queued', not_before = 0, " if requeue else ""
+        with self._transaction():
+            row = self._db.execute(
+                f"UPDATE jobs SET {state_change}priority = ?, triage = ?, updated_at = ? "
+                "WHERE id = ? RETURNING *",
+                (int(priority), reasons_json, now, job_id),
+            ).fetchone()
+        return job_from_row(row)
+
     def release(self, job_id: int) -> None:
         with self._lock:
             self._claimed.discard(job_id)
 
     def set_processed(
-        self, job_id: int, outputs: Sequence[OutputRecord], *, pipeline: str, n_rejected: int
+        self,
+        job_id: int,
+        outputs: Sequence[OutputRecord],
+        *,
+        pipeline: str,
+        n_rejected: int,
+        priority: int | None = None,
+        triage: str | None = None,
     ) -> Job:
-        """Record the pipeline's outputs; the job moves to ``delivering`` with a fresh attempt count."""
+        """Record the pipeline's outputs; the job moves to ``delivering`` with a fresh attempt count.
+
+        ``priority``/``triage``, when the run triaged the study, replace what the job had (its
+        delivery is then ordered by them); None keeps the job's own.
+        """
         now = time.time()
         with self._transaction():
             self._db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
@@ -284,8 +366,9 @@ class JobStore:
             )
             row = self._db.execute(
                 "UPDATE jobs SET state = 'delivering', pipeline = ?, n_outputs = ?, n_rejected = ?, "
-                "attempts = 0, last_error = NULL, not_before = 0, updated_at = ? WHERE id = ? RETURNING *",
-                (pipeline, len(outputs), n_rejected, now, job_id),
+                "attempts = 0, last_error = NULL, not_before = 0, updated_at = ?, "
+                "priority = COALESCE(?, priority), triage = COALESCE(?, triage) WHERE id = ? RETURNING *",
+                (pipeline, len(outputs), n_rejected, now, priority, triage, job_id),
             ).fetchone()
         return job_from_row(row)
 
@@ -397,6 +480,107 @@ class JobStore:
                 (state, now, job_id),
             ).fetchone()
         return job_from_row(row)
+
+    # -- HL7 outbox -----------------------------------------------------------------------------
+
+    def add_notification(self, job_id: int, control_id: str, endpoint: str, path: str, priority: int) -> bool:
+        """Queue a study version's ORU (its ER7 file must already be durable at ``path``).
+
+        Exactly one row per job: a second call (a retry of the job, a restart) changes nothing and
+        returns False, so a study version is notified once whatever happens in between.
+        """
+        now = time.time()
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO notifications (job_id, control_id, endpoint, path, priority, state, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+                (job_id, control_id, endpoint, path, int(priority), now, now),
+            )
+        return cursor.rowcount == 1
+
+    def notification(self, job_id: int) -> Notification | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM notifications WHERE job_id = ?", (job_id,)).fetchone()
+        return notification_from_row(row) if row else None
+
+    def notifications(self) -> list[Notification]:
+        """Every ORU in the outbox, by job; none for a store from before the outbox (read-only)."""
+        with self._lock:
+            try:
+                rows = self._db.execute("SELECT * FROM notifications ORDER BY job_id").fetchall()
+            except sqlite3.OperationalError:
+                return []
+        return [notification_from_row(r) for r in rows]
+
+    def claim_notification(self, *, now: float | None = None) -> Notification | None:
+        """The next due queued ORU (most urgent first, then oldest), remembered until released."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM notifications WHERE state = 'queued' AND not_before <= ? "
+                "ORDER BY priority DESC, job_id LIMIT 64",
+                (now,),
+            ).fetchall()
+            for row in rows:
+                if row["job_id"] not in self._claimed_notifications:
+                    self._claimed_notifications.add(row["job_id"])
+                    return notification_from_row(row)
+        return None
+
+    def release_notification(self, job_id: int) -> None:
+        with self._lock:
+            self._claimed_notifications.discard(job_id)
+
+    def notification_sent(self, job_id: int, ack_code: str) -> Notification:
+        now = time.time()
+        with self._transaction():
+            row = self._db.execute(
+                "UPDATE notifications SET state = 'sent', sent_at = ?, ack_code = ?, last_error = NULL, "
+                "updated_at = ? WHERE job_id = ? RETURNING *",
+                (now, ack_code, now, job_id),
+            ).fetchone()
+        return notification_from_row(row)
+
+    def notification_retry(
+        self, job_id: int, error: str, *, delay_s: float, max_attempts: int
+    ) -> Notification:
+        """Count a failed send; retry after ``delay_s``, or mark it failed at ``max_attempts``."""
+        now = time.time()
+        with self._transaction():
+            attempts = (
+                self._db.execute("SELECT attempts FROM notifications WHERE job_id = ?", (job_id,)).fetchone()[
+                    0
+                ]
+                + 1
+            )
+            state = NotificationState.QUEUED.value
+            if attempts >= max_attempts:
+                state, error = NotificationState.FAILED.value, f"{error} (gave up after {attempts} attempts)"
+            row = self._db.execute(
+                "UPDATE notifications SET state = ?, attempts = ?, last_error = ?, not_before = ?, "
+                "updated_at = ? WHERE job_id = ? RETURNING *",
+                (state, attempts, error, now + delay_s, now, job_id),
+            ).fetchone()
+        return notification_from_row(row)
+
+    def requeue_notification(self, job_id: int) -> Notification:
+        """Give a failed ORU a fresh start (``jobs --retry`` on a job whose message gave up)."""
+        now = time.time()
+        with self._transaction():
+            row = self._db.execute(
+                "UPDATE notifications SET state = 'queued', attempts = 0, not_before = 0, updated_at = ? "
+                "WHERE job_id = ? AND state = 'failed' RETURNING *",
+                (now, job_id),
+            ).fetchone()
+        if row is None:
+            raise ValueError(f"job {job_id} has no failed HL7 message to retry")
+        return notification_from_row(row)
+
+    def next_notification_due(self) -> float | None:
+        with self._lock:
+            return self._db.execute(
+                "SELECT MIN(not_before) FROM notifications WHERE state = 'queued'"
+            ).fetchone()[0]
 
     # -- queries --------------------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from medgemma_deploy.errors import UsageError
-from medgemma_deploy.operators.domain import Rejection
+from medgemma_deploy.operators.domain import Rejection, SeriesClassification
+from medgemma_deploy.operators.triage import StudyTriage
 from medgemma_deploy.settings import RunSettings
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "PipelineOptions",
     "PipelineOutput",
     "PipelineRun",
+    "PipelineTriage",
+    "StagedPipeline",
     "available_pipelines",
     "make_pipeline",
     "register_pipeline",
@@ -77,6 +80,18 @@ class PipelineRun:
     rejected: tuple[Rejection, ...] = ()
     skipped: tuple[Rejection, ...] = ()
     models: tuple[str, ...] = field(default=())
+    #: The study's triage level and reasons when its label sets have triage rules, else None.
+    triage: StudyTriage | None = None
+    #: The classified series (for the HL7 message's OBX segments).
+    classifications: tuple[SeriesClassification, ...] = ()
+
+
+@dataclass(frozen=True)
+class PipelineTriage:
+    """A staged pipeline's first stage: the study's findings and triage, nothing written."""
+
+    triage: StudyTriage | None
+    classifications: tuple[SeriesClassification, ...] = ()
 
 
 class Pipeline(Protocol):
@@ -89,6 +104,20 @@ class Pipeline(Protocol):
     def close(self) -> None: ...
 
     def process(self, input_dir: Path, output_dir: Path, *, result_version: int) -> PipelineRun: ...
+
+
+class StagedPipeline(Pipeline, Protocol):
+    """A pipeline whose classification is a cheap stage before an expensive one (reports).
+
+    The listener runs :meth:`triage` on every queued study before any :meth:`process`, so an urgent
+    study is found early and its reports and delivery go first. ``classifies_first`` may be False
+    (e.g. a report pipeline without findings grounding has nothing to triage on).
+    """
+
+    @property
+    def classifies_first(self) -> bool: ...
+
+    def triage(self, input_dir: Path) -> PipelineTriage: ...
 
 
 PipelineFactory = Callable[[PipelineOptions], Pipeline]
@@ -157,6 +186,14 @@ class EnginePipeline:
             self._indexer.close()
             self._indexer = self.engine.on_classified = None
 
+    @property
+    def classifies_first(self) -> bool:
+        return bool(getattr(self.engine, "classifies_first", False))
+
+    def triage(self, input_dir: Path) -> PipelineTriage:
+        findings = self.engine.triage(input_dir)
+        return PipelineTriage(triage=findings.triage, classifications=findings.classifications)
+
     def process(self, input_dir: Path, output_dir: Path, *, result_version: int) -> PipelineRun:
         results = self.engine.process(input_dir, output_dir, result_version=result_version)
         outputs = []
@@ -180,7 +217,16 @@ class EnginePipeline:
             rejected=tuple(results.rejected),
             skipped=tuple(results.skipped),
             models=tuple(f"{m.name} {m.version}" for m in results.models),
+            triage=_study_triage(results.triage),
+            classifications=tuple(results.classifications),
         )
+
+
+def _study_triage(by_study: dict[str, StudyTriage]) -> StudyTriage | None:
+    """One study version's triage (the listener runs one study per job; several: the highest)."""
+    if not by_study:
+        return None
+    return max(by_study.values(), key=lambda triage: triage.priority)
 
 
 def _engine_kwargs(engine_class: type, options: PipelineOptions, name: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from medgemma_deploy.network.completion import StudyCompletion
 from medgemma_deploy.network.delivery import CStoreDestination, Destination, DicomNode, StowDestination
 from medgemma_deploy.network.jobstore import JobStore
 from medgemma_deploy.network.metrics import ListenerMetrics
+from medgemma_deploy.network.notify import Hl7Outbox, Hl7Settings
 from medgemma_deploy.network.pipelines import Pipeline, PipelineOptions, make_pipeline
 from medgemma_deploy.network.receiver import InstanceReceiver
 from medgemma_deploy.network.scp import StorageSCP
@@ -61,6 +62,12 @@ class ListenerConfig:
     retention_s: float | None = 72 * 3600.0
     drain_s: float = 60.0
     audit_log: Path | None = None
+    #: HL7 ORU notification of triaged studies (``--hl7``); None: no notification.
+    hl7: Hl7Settings | None = None
+    #: Seconds of waiting that count as one triage level in the queue (starvation freedom).
+    triage_aging_s: float = 600.0
+    #: Order the queue by triage priority, classification first (False: first come, first served).
+    triage_queue: bool = True
 
     def __post_init__(self) -> None:
         if not self.ae_title or len(self.ae_title) > 16:
@@ -75,6 +82,8 @@ class ListenerConfig:
             raise UsageError("--tls-ca (client certificates) needs --tls-cert and --tls-key")
         if self.quiet_s < 0 or self.concurrency < 1 or self.max_associations < 1:
             raise UsageError("--quiet-seconds must be >= 0, --concurrency and --max-associations >= 1")
+        if self.triage_aging_s <= 0:
+            raise UsageError(f"--triage-aging-seconds must be > 0, got {self.triage_aging_s:g}")
 
 
 def server_ssl_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
@@ -128,6 +137,7 @@ class Listener:
         self.scp: StorageSCP | None = None
         self.completion: StudyCompletion | None = None
         self.workers: WorkerLoop | None = None
+        self.outbox: Hl7Outbox | None = None
 
     @property
     def port(self) -> int:
@@ -186,6 +196,16 @@ class Listener:
         if config.metrics_port is not None:
             self.metrics.enable(self.store.counts_by_state)
             self.metrics.serve(config.metrics_port, config.metrics_host)
+        if config.hl7 is not None:
+            self.outbox = Hl7Outbox(
+                self.store,
+                self.spool,
+                self.audit,
+                config.hl7,
+                max_attempts=config.retry.max_attempts,
+                backoff=config.retry.delay,
+                metrics=self.metrics,
+            )
         self.workers = WorkerLoop(
             self.store,
             self.spool,
@@ -195,6 +215,9 @@ class Listener:
             metrics=self.metrics,
             concurrency=config.concurrency,
             retry=config.retry,
+            outbox=self.outbox,
+            aging_s=config.triage_aging_s,
+            triage_queue=config.triage_queue,
         )
         self.completion = StudyCompletion(
             self.store,
@@ -205,6 +228,8 @@ class Listener:
             retention_s=config.retention_s,
         )
         self.workers.start()
+        if self.outbox is not None:
+            self.outbox.start()  # messages a previous run queued go out now
         self.completion.start()
         receiver = InstanceReceiver(self.spool, self.store, self.audit, self.metrics)
         self.scp = StorageSCP(
@@ -221,7 +246,9 @@ class Listener:
             ae_title=config.ae_title,
             port=self.scp.port,
             pipeline=pipeline.name,
-            destination=", ".join(d.name for d in destinations),
+            destination=", ".join(
+                [d.name for d in destinations] + ([str(config.hl7.endpoint)] if config.hl7 else [])
+            ),
             tls=ssl_context is not None,
         )
         logger.info("listener ready: %s", config)
@@ -241,6 +268,9 @@ class Listener:
             if not drained:
                 logger.warning("jobs still running after %.0f s; they resume at the next start", drain_s)
             self.workers = None
+        if self.outbox is not None:
+            self.outbox.stop()
+            self.outbox = None
         if self.pipeline is not None:
             if drained:  # never unload models under a running job; process exit frees them
                 self.pipeline.close()

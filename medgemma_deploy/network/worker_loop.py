@@ -6,6 +6,16 @@ instances, with ``result_version`` = the study version, so a retry of the same v
 the same SOP Instance UIDs and a re-opened study gets new ones. Its outputs are recorded and the
 job moves to ``delivering``; each destination then gets the objects it has not acknowledged yet.
 
+Triage (radiology worklist priority, see :mod:`medgemma_deploy.operators.triage`): jobs are
+claimed by priority with aging (:meth:`~medgemma_deploy.network.jobstore.JobStore.claim_next`).
+With a staged pipeline (classification cheap, reports expensive: ``classifies_first``), a queued
+job is first only *triaged*: classified, its priority recorded, its HL7 ORU queued when an outbox
+is configured, and put back in the queue, where its reports and delivery go ahead of routine work
+when it is urgent. Every queued study is triaged before any report runs, so an urgent study is
+found early. With another pipeline the triage comes with the run itself. The priority lives in
+the job store, so it survives restarts; an ORU is queued before the job's state moves on, so a
+crash in between re-queues nothing twice (the outbox has one row per study version).
+
 Bad inputs never cost their neighbours: the pipeline rejects each bad instance on its own and
 processes the rest, and the job lists the refused instances (stage and reason) and quarantines
 them, then delivers what the good ones gave.
@@ -27,6 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medgemma_deploy.errors import InputError, UsageError
 from medgemma_deploy.network.audit import AuditLog
@@ -42,7 +53,11 @@ from medgemma_deploy.network.jobstore import (
 from medgemma_deploy.network.metrics import ListenerMetrics
 from medgemma_deploy.network.pipelines import Pipeline
 from medgemma_deploy.network.spool import Spool
-from medgemma_deploy.operators.domain import Rejection
+from medgemma_deploy.operators.domain import Rejection, SeriesClassification, TriagePriority
+from medgemma_deploy.operators.triage import StudyTriage
+
+if TYPE_CHECKING:
+    from medgemma_deploy.network.notify import Hl7Outbox
 
 __all__ = ["RetryPolicy", "WorkerLoop", "is_transient"]
 
@@ -110,6 +125,13 @@ class WorkerLoop:
         Worker threads (pipeline runs are still one at a time; the others deliver meanwhile).
     retry:
         Backoff and attempt limit.
+    outbox:
+        The HL7 ORU outbox, or None when no ``--hl7`` endpoint is configured.
+    aging_s:
+        Seconds of waiting that count as one triage level (starvation freedom, ``claim_next``).
+    triage_queue:
+        Order work by triage priority and classify first (default); False: first come, first
+        served, the triage only recorded and notified with the run (``--triage-queue off``).
     """
 
     def __init__(
@@ -124,6 +146,9 @@ class WorkerLoop:
         concurrency: int = 2,
         retry: RetryPolicy | None = None,
         idle_poll_s: float = 1.0,
+        outbox: Hl7Outbox | None = None,
+        aging_s: float = 600.0,
+        triage_queue: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -135,6 +160,11 @@ class WorkerLoop:
         self.concurrency = concurrency
         self.retry = retry or RetryPolicy()
         self.idle_poll_s = idle_poll_s
+        self.outbox = outbox
+        self.aging_s = aging_s
+        #: Classification is a stage of its own, run on every queued study before any report.
+        self.triage_queue = triage_queue
+        self.staged = triage_queue and bool(getattr(pipeline, "classifies_first", False))
         self._processing = threading.Semaphore(1)
         self._wake = threading.Condition()
         self._stopping = threading.Event()
@@ -182,12 +212,19 @@ class WorkerLoop:
     def _run_one(self) -> bool:
         have_slot = self._processing.acquire(blocking=False)
         try:
-            claimed = self.store.claim_next(allow_processing=have_slot)
+            claimed = self.store.claim_next(
+                allow_processing=have_slot,
+                triage_first=self.staged,
+                by_priority=self.triage_queue,
+                aging_s=self.aging_s,
+            )
             if claimed is None:
                 return False
             try:
                 job: Job | None = claimed
-                if claimed.state is JobState.RUNNING:
+                if claimed.state is JobState.RUNNING and self.staged and claimed.priority is None:
+                    job = self._triage(claimed)
+                elif claimed.state is JobState.RUNNING:
                     job = self._process(claimed)
                 if have_slot:  # delivering is network work: free the pipeline for the next study
                     self._processing.release()
@@ -200,6 +237,68 @@ class WorkerLoop:
         finally:
             if have_slot:
                 self._processing.release()
+
+    # -- triage ---------------------------------------------------------------------------------
+
+    def _triage(self, job: Job) -> None:
+        """The staged pipeline's first stage: classify, record the priority, queue the ORU, requeue."""
+        started = time.perf_counter()
+        work = self.spool.work_dir(job.study_instance_uid, job.version)
+        try:
+            instances = self.store.study_instances(job.study_instance_uid, job.version)
+            self.spool.link_inputs([i.path for i in instances], work / "input")
+            staged = self.pipeline.triage(work / "input")  # type: ignore[attr-defined]
+        except Exception as exc:
+            if is_transient(exc) or isinstance(exc, (InputError, UsageError)):
+                self._failed(job, "triage", exc)
+            else:
+                self._crashed(job, exc)
+            return None
+        triage = staged.triage
+        if triage is None:  # no label set with rules: routine, nothing to notify
+            triage = StudyTriage(priority=TriagePriority.ROUTINE)
+        self._notify(job, triage, staged.classifications)
+        self.store.set_triage(job.id, int(triage.priority), triage.reasons_json(), requeue=True)
+        self._audit_triage(job, triage, time.perf_counter() - started)
+        return None
+
+    def _notify(self, job: Job, triage: StudyTriage, classifications: Sequence[SeriesClassification]) -> None:
+        """Queue the ORU (before the job's state moves on: see the module docstring)."""
+        if self.outbox is None:
+            return
+        try:
+            self.outbox.enqueue(job, triage, classifications)
+        except ValueError as exc:  # a header hl7apy refuses: the DICOM results still go out
+            reason = " ".join(str(exc).split())
+            logger.error("job %d: no HL7 message: %s", job.id, reason)
+            self.audit.event(
+                "hl7-failed",
+                job_id=job.id,
+                study_instance_uid=job.study_instance_uid,
+                version=job.version,
+                stage="build",
+                reason=reason,
+            )
+
+    def _audit_triage(self, job: Job, triage: StudyTriage, seconds: float) -> None:
+        logger.info(
+            "study %s version %d triaged %s in %.1f s (%d rule(s) fired)",
+            job.study_instance_uid,
+            job.version,
+            triage.priority.name,
+            seconds,
+            len(triage.reasons),
+        )
+        self.audit.event(
+            "job-triaged",
+            job_id=job.id,
+            study_instance_uid=job.study_instance_uid,
+            version=job.version,
+            priority=triage.priority.name,
+            reason="; ".join(f"{r.finding.key} {r.probability:.4f}>={r.threshold:g}" for r in triage.reasons)
+            or None,
+            duration_s=round(seconds, 3),
+        )
 
     # -- processing -----------------------------------------------------------------------------
 
@@ -257,8 +356,17 @@ class WorkerLoop:
             )
             for o in run.outputs
         ]
+        if run.triage is not None:
+            self._notify(job, run.triage, run.classifications)
+            if job.priority is None:
+                self._audit_triage(job, run.triage, seconds)
         processed = self.store.set_processed(
-            job.id, outputs, pipeline=self.pipeline.name, n_rejected=len(run.rejected)
+            job.id,
+            outputs,
+            pipeline=self.pipeline.name,
+            n_rejected=len(run.rejected),
+            priority=None if run.triage is None else int(run.triage.priority),
+            triage=None if run.triage is None else run.triage.reasons_json(),
         )
         self.metrics.job("processed")
         logger.info(
