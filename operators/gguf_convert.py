@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             if model_type == ModelType.TEXT and layer_types:
                 # llama.cpp assumes Gemma 3's 5:1 sliding/global pattern unless told; a checkpoint
                 # lists its own (the tiny test model alternates 1:1).
-                self.gguf_writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])
+                self.gguf_writer.add_sliding_window_pattern(
+                    [kind == "sliding_attention" for kind in layer_types]
+                )
 
         def set_vocab(self) -> None:
             if model_type == ModelType.MMPROJ or (self.dir_model / "tokenizer.model").is_file():
