@@ -150,6 +150,7 @@ class GgufMedGemmaRunner:
         self._mtmd: Any = None
         self._n_vocab = 0
         self._n_ctx_seq = 0
+        self._suppressed = np.zeros(0, dtype=np.int64)
         self._lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -252,6 +253,8 @@ class GgufMedGemmaRunner:
         self.context_length = min(n_ctx_seq, train_context)
         self.eos_token_ids = eos_ids(generation.eos_token_id, processor.tokenizer)
         self._sampling_defaults = {name: getattr(generation, name, None) for name in _SAMPLING_OPTIONS}
+        # As transformers' generate: ids the checkpoint's generation_config.json suppresses.
+        self._suppressed = np.asarray(generation.suppress_tokens or [], dtype=np.int64)
         logger.info(
             "MedGemma %s (%s) on llama.cpp from %s (%s) in %.1f s: %d threads, %d sequences of %d tokens",
             self.identity.name,
@@ -513,6 +516,9 @@ class GgufMedGemmaRunner:
 
     def _pick(self, sequence: _Sequence, logits: np.ndarray) -> int:
         settings = sequence.settings
+        if self._suppressed.size:
+            logits = logits.copy()
+            logits[self._suppressed] = -np.inf
         if settings.repetition_penalty is not None and sequence.token_ids:
             logits = logits.copy()
             seen = np.unique(np.asarray(sequence.token_ids))
