@@ -223,3 +223,87 @@ def test_auto_fp32_and_bf16_stay_on_torch(tmp_path):
     model_dir = make_test_medgemma(tmp_path / "medgemma", seed=0)
     for precision in ("auto", "fp32", "bf16"):
         assert isinstance(medgemma_runner(model_dir, device="cpu", precision=precision), MedGemmaRunner)
+
+
+def test_cli_int4_without_the_extra_is_one_line_naming_it(monkeypatch, tmp_path, capsys):
+    from medgemma_deploy.cli import main
+    from medgemma_deploy.synthetic import write_demo_study
+
+    model_dir = make_test_medgemma(tmp_path / "medgemma", seed=0)
+    write_demo_study(tmp_path / "study")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args, **kwargs: None if name == "llama_cpp" else real_find_spec(name, *args, **kwargs),
+    )
+    arguments = ["report", "-i", str(tmp_path / "study"), "-o", str(tmp_path / "out"), "-m", str(model_dir)]
+    assert main([*arguments, "--precision", "int4"]) == 2
+    err = capsys.readouterr().err
+    assert "medgemma-deploy[lowbit]" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "lowbit" in line]) == 1
+
+
+@needs_lowbit
+def test_cli_report_at_int4_writes_srs_that_name_llama_cpp(medgemma_dir, tmp_path, capsys):
+    import pydicom
+
+    from medgemma_deploy.cli import main
+    from medgemma_deploy.synthetic import write_demo_study
+
+    write_demo_study(tmp_path / "study")
+    arguments = [
+        "report",
+        "-i",
+        str(tmp_path / "study"),
+        "-o",
+        str(tmp_path / "out"),
+        "-m",
+        str(medgemma_dir),
+    ]
+    assert main([*arguments, "--precision", "int4", "--max-new-tokens", "12", "--quiet-tokens"]) == 0
+    written = sorted((tmp_path / "out").glob("report-sr-*.dcm"))
+    assert len(written) == 2  # the CR and the CT of the demo study
+    for path in written:
+        texts = sr_texts(pydicom.dcmread(path))
+        assert "precision=int4" in texts
+        assert any(text.startswith("weights_sha256=") for text in texts)
+
+
+@needs_lowbit
+def test_suppressed_tokens_are_never_generated_as_in_transformers(medgemma_dir, tmp_path, prompts):
+    import json
+
+    model_dir = tmp_path / "medgemma"
+    shutil.copytree(medgemma_dir, model_dir, ignore=shutil.ignore_patterns("gguf"))
+    request = build_report_request(
+        make_cr_series(grey=0.3), prompts, settings=GenerationSettings(max_new_tokens=12)
+    )
+    free, _ = _plain_generate(model_dir, request.messages, 12)
+    config_file = model_dir / "generation_config.json"
+    config = json.loads(config_file.read_text())
+    config["suppress_tokens"] = sorted(set(free))
+    config_file.write_text(json.dumps(config))
+    from medgemma_deploy.operators.medgemma_gguf import GgufMedGemmaRunner
+
+    with GgufMedGemmaRunner(model_dir, precision="fp32", n_threads=1) as runner:
+        result = runner.generate(request)
+    assert not set(result.token_ids) & set(free)
+
+
+@needs_lowbit
+def test_compare_precisions_prints_how_each_precision_differs(medgemma_dir, tmp_path, capsys):
+    from medgemma_deploy.bench.compare_precisions import _first_difference, main
+    from medgemma_deploy.synthetic import write_demo_study
+
+    assert _first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert _first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert _first_difference([1, 2], [1, 2, 3]) == 2
+    write_demo_study(tmp_path / "study")
+    arguments = ["-i", str(tmp_path / "study"), "-m", str(medgemma_dir), "--precisions", "fp32,int8,int4"]
+    assert main([*arguments, "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("series ") == 2
+    assert out.count("fp32: ") == 2 and out.count("reference") == 2
+    assert out.count("int8: ") == 2 and out.count("int4: ") == 2
+    assert out.count("text similarity") + out.count("identical tokens") >= 4
