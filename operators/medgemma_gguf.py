@@ -57,38 +57,6 @@ _SAMPLING_OPTIONS = ("temperature", "top_p", "top_k")
 #: ggml's type ids for a KV cache at full precision (parity) and at 16 bits (default).
 _GGML_F32, _GGML_F16 = 0, 1
 _IMAGE_CHUNK = 1  # MTMD_INPUT_CHUNK_TYPE_IMAGE
-#: Narrowest decoder whose Q4_0 weights are repacked (see ``_load``).
-_REPACK_MIN_WIDTH = 512
-#: The decoder's block matrices, which llama.cpp's repacked CPU layout serves.
-_REPACKED_TENSORS = rb"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight"
-
-
-class _BufferOverride(ctypes.Structure):
-    """llama.cpp's ``llama_model_tensor_buft_override``: a tensor-name pattern and a buffer type."""
-
-    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-
-def repack_buffer_type() -> int | None:
-    """ggml's repacked CPU buffer type (a C++ symbol of libggml-cpu), or None where it is absent."""
-    import llama_cpp
-
-    library_dir = Path(llama_cpp.__file__).parent / "lib"
-    for library in sorted(library_dir.glob("libggml-cpu.so*")):
-        try:
-            function = ctypes.CDLL(str(library))._Z35ggml_backend_cpu_repack_buffer_typev
-        except (OSError, AttributeError):
-            continue
-        function.restype = ctypes.c_void_p
-        return function()
-    return None
-
-
-def _repack_overrides() -> Any:
-    buffer_type = repack_buffer_type()
-    if not buffer_type:
-        return None
-    return (_BufferOverride * 2)(_BufferOverride(_REPACKED_TENSORS, buffer_type), _BufferOverride(None, None))
 
 
 @dataclass
@@ -181,7 +149,6 @@ class GgufMedGemmaRunner:
         self._n_vocab = 0
         self._n_ctx_seq = 0
         self._suppressed = np.zeros(0, dtype=np.int64)
-        self._overrides: Any = None
         self._lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -242,17 +209,12 @@ class GgufMedGemmaRunner:
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
-        # llama.cpp's "extra" CPU buffer types put weights in AMX tiles where the CPU lists AMX,
-        # and that path crashes here (ggml_backend_amx_mul_mat, SIGSEGV, on a Xeon with amx_int8);
-        # they are switched off and only the repacked layout (interleaved Q4_0/Q8_0 blocks for
-        # AVX2/AVX-512, measured 1.4x faster decoding) is asked for, for the block matrices.
-        # Measured: the repacked layout runs Q4_0 of MedGemma's width; it crashes on Q8_0 and F32
-        # weights and on the tiny test model's 64-wide layers, which keep the plain layout.
+        # llama.cpp's "extra" CPU buffer types (AMX tiles, repacked blocks) are off: where the CPU
+        # lists AMX, ggml puts weights in AMX buffers and its AMX matmul crashes here (SIGSEGV in
+        # ggml_backend_amx_mul_mat on a Xeon with amx_int8, and on the tiny test model); asking for
+        # the repacked layout alone by tensor override fails ggml's scheduler check. Measured cost
+        # in docs/performance.md.
         model_params.use_extra_bufts = False
-        repack = weights.weight_type == "q4_0" and _hidden_size(self.model_dir) >= _REPACK_MIN_WIDTH
-        self._overrides = _repack_overrides() if repack else None
-        if self._overrides is not None:
-            model_params.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
         model = llama_cpp.llama_model_load_from_file(str(weights.text).encode(), model_params)
         if not model:
             raise ModelLoadError(f"{weights.text}: llama.cpp cannot load this GGUF (see the log above)")
@@ -624,13 +586,6 @@ def _package_version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _hidden_size(model_dir: Path) -> int:
-    import json
-
-    config = json.loads((model_dir / "config.json").read_text())
-    return int(config.get("text_config", config).get("hidden_size", 0))
 
 
 def _image_token_id(model_dir: Path) -> int:

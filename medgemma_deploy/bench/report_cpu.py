@@ -30,7 +30,6 @@ and memory only; ``medgemma_deploy.bench.compare_precisions`` compares report te
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import shutil
@@ -220,14 +219,9 @@ def _row_bare_llama(model_dir: Path, max_new_tokens: int) -> dict:
     import llama_cpp._logger as llama_logger
 
     llama_logger.set_verbose(False)
-    from medgemma_deploy.operators.medgemma_gguf import _REPACK_MIN_WIDTH, _hidden_size, _repack_overrides
-
     llama_cpp.llama_backend_init()
     model_params = llama_cpp.llama_model_default_params()
-    model_params.use_extra_bufts = False  # as the runner: AMX crashes here, repack is asked for
-    overrides = _repack_overrides() if _hidden_size(model_dir) >= _REPACK_MIN_WIDTH else None
-    if overrides is not None:
-        model_params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+    model_params.use_extra_bufts = False  # as the runner: ggml's AMX buffers crash on this CPU
     model = llama_cpp.llama_model_load_from_file(str(weights.text).encode(), model_params)
     params = llama_cpp.llama_context_default_params()
     params.n_ctx, params.n_threads, params.n_threads_batch, params.no_perf = 1024, threads, threads, True
