@@ -59,6 +59,9 @@ WEIGHT_TYPES: dict[str, tuple[str, str]] = {
     "q4_0": ("q4_0", "f16"),
 }
 
+#: JSON files of a model directory that do not change the GGUF files (decoding settings, our marker).
+_NOT_WEIGHTS = ("generation_config.json", "medgemma_deploy_model.json")
+
 #: Bumped when the way we convert changes, so that caches built the old way are rebuilt.
 _RECIPE = "1"
 
@@ -164,7 +167,7 @@ def _fingerprint(model_dir: Path) -> str:
     """Sources (config, tokenizer, processor contents; weight names, sizes and mtimes) and versions."""
     digest = hashlib.sha256(f"recipe {_RECIPE} llama-cpp-python {_llama_cpp_version()}\n".encode())
     for path in sorted(model_dir.iterdir()):
-        if path.suffix == ".json":
+        if path.suffix == ".json" and path.name not in _NOT_WEIGHTS:
             digest.update(path.name.encode() + path.read_bytes())
         elif path.suffix in (".safetensors", ".model"):
             stat = path.stat()

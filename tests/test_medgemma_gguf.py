@@ -185,6 +185,9 @@ def test_weights_are_cached_with_digests_and_rebuilt_when_the_checkpoint_changes
     built_at = first.text.stat().st_mtime_ns
     again = gguf_weights(model_dir, "q8_0")
     assert again == first and again.text.stat().st_mtime_ns == built_at
+    generation_config = model_dir / "generation_config.json"
+    generation_config.write_text(generation_config.read_text().replace("64", "40"))  # top_k only
+    assert gguf_weights(model_dir, "q8_0").text.stat().st_mtime_ns == built_at
     make_test_medgemma(model_dir, seed=2)  # new weights in the same directory
     rebuilt = gguf_weights(model_dir, "q8_0")
     assert rebuilt.text_sha256 != first.text_sha256
