@@ -129,7 +129,7 @@ class GgufMedGemmaRunner:
         if device not in (None, "cpu"):
             raise ModelLoadError(
                 f"{self.model_dir}: --precision {precision} runs on llama.cpp's CPU build; use --device cpu, "
-                "or fp32/bf16 on {device}"
+                f"or fp32/bf16 on {device}"
             )
         self.identity: ModelIdentity = model_identity(self.model_dir)
         self.precision = precision

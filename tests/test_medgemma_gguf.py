@@ -310,3 +310,9 @@ def test_compare_precisions_prints_how_each_precision_differs(medgemma_dir, tmp_
     assert out.count("fp32: ") == 2 and out.count("reference") == 2
     assert out.count("int8: ") == 2 and out.count("int4: ") == 2
     assert out.count("text similarity") + out.count("identical tokens") >= 4
+
+
+@needs_lowbit
+def test_low_bit_on_a_gpu_device_is_refused_naming_the_alternatives(medgemma_dir):
+    with pytest.raises(ModelLoadError, match=r"--device cpu, or fp32/bf16 on cuda"):
+        medgemma_runner(medgemma_dir, device="cuda", precision="int4")
