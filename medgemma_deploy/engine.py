@@ -228,9 +228,9 @@ class PipelineEngine:
                 )
                 self.medsiglip.load()
             if self.report:
-                from medgemma_deploy.operators.medgemma import MedGemmaRunner
+                from medgemma_deploy.operators.medgemma_runners import medgemma_runner
 
-                self.medgemma = MedGemmaRunner(
+                self.medgemma = medgemma_runner(
                     resolve_model_dir(self.models_path, "medgemma"), device=device, precision=self.precision
                 )
                 self.medgemma.load()

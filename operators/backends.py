@@ -128,9 +128,9 @@ class Backend:
                 self._medgemma = RemoteMedGemma(self._worker_client())
             else:
                 from medgemma_deploy.model_dir import resolve_model_dir
-                from medgemma_deploy.operators.medgemma import MedGemmaRunner
+                from medgemma_deploy.operators.medgemma_runners import medgemma_runner
 
-                self._medgemma = MedGemmaRunner(
+                self._medgemma = medgemma_runner(
                     resolve_model_dir(self._models_path(), "medgemma"),
                     device=self.device,
                     precision=self.precision,

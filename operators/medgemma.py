@@ -234,6 +234,17 @@ class MedGemmaRunner:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def engine_parameters(self) -> tuple[tuple[str, str], ...]:
+        """What ran the model, for the result and the SR: transformers and the weights' dtype."""
+        import transformers
+
+        dtype = str(self._model.dtype).removeprefix("torch.") if self._model is not None else ""
+        return (
+            ("engine", f"transformers {transformers.__version__}"),
+            ("precision", f"{self.precision} ({dtype})"),
+        )
+
     # -- run ---------------------------------------------------------------------------------
 
     def prepare_inputs(self, request: ReportRequest) -> Any:
@@ -356,6 +367,7 @@ class MedGemmaRunner:
             prompt_version=request.prompt_version,
             preprocess_seconds=preprocess_seconds,
             warnings=warnings,
+            engine_parameters=self.engine_parameters,
         )
         logger.info(
             "%s: %d prompt tokens (%d images), %d generated in %.2f s (%.1f tok/s), finish %s",

@@ -35,7 +35,9 @@ class ReportResult:
     ``text`` is the decoded generated text (special tokens dropped, otherwise as generated);
     ``token_ids`` are the generated ids, the stop token included when ``finish_reason`` is
     ``"stop"``. ``seconds`` times ``generate`` only (prefill + decode); ``preprocess_seconds``
-    the chat template and image processing.
+    the chat template and image processing. ``engine_parameters`` name what ran the model (engine,
+    precision, and for GGUF weights their SHA-256), which the SR records with the generation
+    settings; ``first_token_seconds`` is prefill time where the engine measures it (else 0).
     """
 
     text: str
@@ -50,6 +52,8 @@ class ReportResult:
     prompt_version: str = ""
     preprocess_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    engine_parameters: tuple[tuple[str, str], ...] = ()
+    first_token_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready summary (no token ids), for results.json."""

@@ -233,6 +233,7 @@ def _generation_parameters(request: ReportRequest, result: ReportResult) -> tupl
         ("prompt_version", request.prompt_version),
         *result.settings.as_parameters(),
         ("findings_grounded", "yes" if request.findings_grounded else "no"),
+        *result.engine_parameters,
     )
 
 

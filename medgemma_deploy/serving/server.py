@@ -354,14 +354,23 @@ class WorkerServer:
         slot.service = service
 
     def _load_medgemma(self, slot: _ModelSlot) -> None:
+        from medgemma_deploy.errors import ModelLoadError
         from medgemma_deploy.model_dir import resolve_model_dir
         from medgemma_deploy.operators.medgemma import MedGemmaRunner
+        from medgemma_deploy.operators.medgemma_runners import medgemma_runner
 
         c = self.config
         assert slot.path is not None
-        runner = MedGemmaRunner(
+        runner = medgemma_runner(
             resolve_model_dir(slot.path, "medgemma"), device=c.device, precision=c.precision
         )
+        if not isinstance(runner, MedGemmaRunner):
+            # The worker's continuous-batching scheduler drives a torch model step by step; the
+            # llama.cpp runner batches inside itself and has no scheduler adapter yet.
+            raise ModelLoadError(
+                f"{slot.path}: the worker serves MedGemma with --precision fp32 or bf16; {runner.precision} "
+                "(llama.cpp) runs in-process: medgemma-deploy report/listen without --backend"
+            )
         slot.runner = runner
         runner.load()
         slot.device, slot.dtype = _device_and_dtype(runner)
