@@ -95,6 +95,12 @@ class GroupCommitter:
         #: Handlers inside :meth:`writing`: they will call :meth:`commit` soon.
         self._writers = 0
 
+    @property
+    def queued(self) -> int:
+        """Instances waiting for a batch (not yet taken by a leader)."""
+        with self._condition:
+            return len(self._queue)
+
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Wrap writing a file and committing it, so a leader knows to wait for this handler."""
