@@ -415,7 +415,7 @@ def compare(args: argparse.Namespace) -> list[dict]:
         logger.info("wrote %d instances of %d bytes", len(files), os.path.getsize(files[0]))
         rows = []
         for associations in (1, args.compare_associations):
-            for index, server in enumerate(COMPARED_SERVERS):
+            for index, server in enumerate(args.compare_servers):
                 row = _compare_one(
                     server,
                     files,
@@ -462,6 +462,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--compare-instances", type=int, default=400, help="instances per --compare row")
     parser.add_argument("--compare-associations", type=int, default=4, help="the concurrent --compare rows")
+    parser.add_argument(
+        "--compare-servers",
+        nargs="+",
+        choices=COMPARED_SERVERS,
+        default=list(COMPARED_SERVERS),
+        help="which servers --compare measures (default: all three)",
+    )
     parser.add_argument(
         "--compare-sender",
         choices=sorted(SENDERS),
