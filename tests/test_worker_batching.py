@@ -273,6 +273,24 @@ def test_continuous_batching_gives_the_single_stream_greedy_tokens(
     assert max(finished.mean_batch_size for _, finished, _, _ in results.values()) > 1, "nothing was batched"
 
 
+def test_an_idle_scheduler_waits_for_reports_still_being_prepared(medgemma):
+    """A burst is prefilled as one batch: the first report waits for the one still being prepared."""
+    settings = GenerationSettings(max_new_tokens=4)
+    service = _service(medgemma, max_prefills_per_step=4)
+    service.scheduler.admission_window_s = 3600.0  # only the arrivals can end the wait
+    chats = [_chat(seed, n_images=1, words=3) for seed in (21, 22)]
+    try:
+        with service.arriving():
+            first = service.submit(service.prepare(chats[0], settings))
+            with service.arriving():  # a second request arrives while the first is queued
+                second = service.submit(service.prepare(chats[1], settings))
+        results = [_collect(first), _collect(second)]
+    finally:
+        service.stop()
+    assert [admitted.running for _, _, admitted in results] == [2, 2], "not prefilled together"
+    assert all(len(tokens) == 4 for tokens, _, _ in results)
+
+
 def test_prompts_prefilled_together_decode_like_single_streams(medgemma):
     from medgemma_deploy.serving.decode_batch import DecodeBatch
 
