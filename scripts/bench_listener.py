@@ -11,6 +11,16 @@ version), so the figures are those of the network entry (receive, fsync, job sto
 delivery), not of a model. Prints one JSON summary line::
 
     .venv/bin/python scripts/bench_listener.py --instances 10000 --associations 16 --restarts 2
+
+``--compare`` measures ingest alone, side by side in one run: ``--compare-instances`` 512 x 512 CT
+instances (16-bit, 0.5 MB each) sent over 1 and over ``--compare-associations`` associations to our
+listener, to Orthanc (Debian package; its default SQLite index) and to dcmtk's ``storescp`` (no
+fsync; ``--fork``, a process per association), each on a fresh store. The sender is dcmtk's
+``storescu`` (one process per association, so it costs little CPU) or, with ``--compare-sender
+pynetdicom``, pynetdicom (one process per association, as a Python router would send). Prints a
+Markdown table and one JSON line::
+
+    flock /tmp/bench.lock .venv/bin/python scripts/bench_listener.py --compare
 """
 
 from __future__ import annotations
@@ -19,6 +29,9 @@ import argparse
 import json
 import logging
 import multiprocessing
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -243,6 +256,194 @@ def run(args: argparse.Namespace) -> dict:
         }
 
 
+# -- --compare: ingest only, ours against Orthanc and dcmtk storescp -----------------------------
+
+#: The servers --compare measures, in the order of the table.
+COMPARED_SERVERS = ("medgemma-deploy listener", "Orthanc", "dcmtk storescp")
+
+
+def write_ct_instances(out_dir: Path, n_instances: int, per_study: int) -> list[Path]:
+    """512 x 512 16-bit CT instances (0.5 MB of pixels each), ``per_study`` to a study.
+
+    One data set is built and only its UIDs change per file, so writing a few thousand takes
+    seconds; the pixels are noise (nothing compresses or de-duplicates them).
+    """
+    from tests.listener_support import write_small_studies
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(write_small_studies(out_dir / "template", 1, 1, seed=7, size=512)[0])
+    shutil.rmtree(out_dir / "template")
+    paths = []
+    for index in range(n_instances):
+        study, slice_index = divmod(index, per_study)
+        template.StudyInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[f"compare/{study}"])
+        template.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[f"compare/{study}/series"])
+        template.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[f"compare/{study}/{slice_index}"])
+        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
+        template.InstanceNumber = slice_index + 1
+        path = out_dir / f"ct-{index:05d}.dcm"
+        template.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _send_with_storescu(port: int, called_aet: str, groups: Sequence[Sequence[Path]]) -> float:
+    """One ``storescu`` per group, all at once; seconds until the last one exits (each must succeed)."""
+    started = time.perf_counter()
+    processes = [
+        subprocess.Popen(
+            ["storescu", "-aet", "STORESCU", "-aec", called_aet, "127.0.0.1", str(port), *map(str, group)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for group in groups
+    ]
+    failures = []
+    for process in processes:
+        _, stderr = process.communicate()
+        if process.returncode != 0:
+            failures.append(stderr.decode(errors="replace")[-500:])
+    seconds = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"storescu failed: {failures[0]}")
+    return seconds
+
+
+def _pynetdicom_association(port: int, called_aet: str, group: Sequence[Path], result_file: str) -> None:
+    from tests.listener_support import send_files
+
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    statuses = send_files(port, group, called_aet=called_aet)
+    Path(result_file).write_text(json.dumps(statuses))
+
+
+def _send_with_pynetdicom(port: int, called_aet: str, groups: Sequence[Sequence[Path]]) -> float:
+    """One process per group sending with pynetdicom (Nagle off); seconds until the last ends."""
+    context = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="bench-sender-") as temp:
+        results = [Path(temp) / f"{i}.json" for i in range(len(groups))]
+        senders = [
+            context.Process(target=_pynetdicom_association, args=(port, called_aet, group, str(result)))
+            for group, result in zip(groups, results, strict=True)
+        ]
+        started = time.perf_counter()
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        seconds = time.perf_counter() - started
+        failed = [
+            status for result in results for status in json.loads(result.read_text()).values() if status != 0
+        ]
+    if failed:
+        raise RuntimeError(f"pynetdicom sender: {len(failed)} instance(s) not stored (statuses {failed[:5]})")
+    return seconds
+
+
+#: --compare-sender choices.
+SENDERS = {"storescu": _send_with_storescu, "pynetdicom": _send_with_pynetdicom}
+
+
+def _compare_one(
+    server: str, files: Sequence[Path], associations: int, per_study: int, work: Path, sender: str
+) -> dict:
+    """Start ``server`` on a fresh store, send ``files`` over ``associations``, count what it holds."""
+    studies = [files[i : i + per_study] for i in range(0, len(files), per_study)]
+    groups: list[list[Path]] = [[] for _ in range(associations)]
+    for index, study in enumerate(studies):  # a study travels on one association, as routers send
+        groups[index % associations].extend(study)
+    work.mkdir(parents=True)
+    send = SENDERS[sender]
+    with ExitStack() as stack:
+        if server == "medgemma-deploy listener":
+            port = free_port()
+            # A quiet period longer than the run: nothing but ingest runs while it is measured, so
+            # the destination (required by the listener) is never called.
+            listener = ListenerProcess(
+                work / "spool", port,
+                ["--pipeline", MARKER, "--allow", "STORESCU", "--quiet-seconds", "3600",
+                 "--destination", f"UNUSED@127.0.0.1:{free_port()}",
+                 "--max-associations", str(associations + 8)],
+            )  # fmt: skip
+            stack.callback(listener.stop)
+            listener.start()
+            seconds = send(port, "MEDGEMMA", groups)
+            stored = _spooled(listener.spool)
+        elif server == "Orthanc":
+            orthanc = stack.enter_context(running_orthanc(work / "orthanc"))
+            seconds = send(orthanc.dicom_port, orthanc.aet, groups)
+            stored = int(orthanc.get("/statistics")["CountInstances"])
+        else:
+            port = free_port()
+            out = work / "storescp"
+            out.mkdir()
+            process = subprocess.Popen(
+                ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            stack.callback(lambda: (process.terminate(), process.wait(10)))
+            wait_until(lambda: _accepts(port), 30, 0.1, "storescp to listen")
+            seconds = send(port, "STORESCP", groups)
+            stored = sum(1 for _ in out.iterdir())
+    if stored != len(files):
+        raise RuntimeError(f"{server} holds {stored} of {len(files)} instances after the run")
+    return {
+        "server": server,
+        "sender": sender,
+        "associations": associations,
+        "instances": len(files),
+        "seconds": round(seconds, 2),
+        "instances_per_second": round(len(files) / seconds, 1),
+    }
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def compare(args: argparse.Namespace) -> list[dict]:
+    """Every server at 1 and at ``--compare-associations`` associations; one row each."""
+    if not orthanc_available() or shutil.which("storescu") is None or shutil.which("storescp") is None:
+        raise SystemExit("--compare needs Orthanc and dcmtk: apt-get install orthanc dcmtk")
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as temp:
+        work = Path(temp)
+        files = write_ct_instances(work / "in", args.compare_instances, args.per_study)
+        logger.info("wrote %d instances of %d bytes", len(files), os.path.getsize(files[0]))
+        rows = []
+        for associations in (1, args.compare_associations):
+            for index, server in enumerate(args.compare_servers):
+                row = _compare_one(
+                    server,
+                    files,
+                    associations,
+                    args.per_study,
+                    work / f"{associations}-{index}",
+                    args.compare_sender,
+                )
+                logger.info("%s", row)
+                rows.append(row)
+    return rows
+
+
+def _markdown(rows: Sequence[dict]) -> str:
+    lines = [
+        "| server | sender | associations | instances | seconds | instances/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        "| "
+        + " | ".join(str(r[k]) for k in ("server", "sender", "associations", "instances", "seconds"))
+        + " | "
+        f"{r['instances_per_second']} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=10_000)
@@ -256,9 +457,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quiet", type=float, default=3.0, help="listener --quiet-seconds")
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument(
+        "--compare", action="store_true", help="ingest only: ours, Orthanc and storescp side by side"
+    )
+    parser.add_argument("--compare-instances", type=int, default=400, help="instances per --compare row")
+    parser.add_argument("--compare-associations", type=int, default=4, help="the concurrent --compare rows")
+    parser.add_argument(
+        "--compare-servers",
+        nargs="+",
+        choices=COMPARED_SERVERS,
+        default=list(COMPARED_SERVERS),
+        help="which servers --compare measures (default: all three)",
+    )
+    parser.add_argument(
+        "--compare-sender",
+        choices=sorted(SENDERS),
+        default="storescu",
+        help="storescu (dcmtk, C++) or pynetdicom (Python, as a pynetdicom router would send)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    if args.compare:
+        rows = compare(args)
+        print(_markdown(rows))
+        print(json.dumps(rows))
+        return 0
     summary = run(args)
     print(json.dumps(summary))
     return 0 if summary["lost"] == 0 and summary["never_acknowledged"] == 0 else 1

@@ -68,6 +68,35 @@ def test_concurrent_requests_are_coalesced_into_one_batch():
         batcher.stop()
 
 
+def test_a_lone_client_never_waits_for_the_queue_delay():
+    """After a batch of one, the next lone request runs at once (a delay of an hour never starts)."""
+    recorder = Recorder()
+    batcher = _batcher(recorder, max_queue_delay=3600.0)
+    try:
+        # A full batch runs without waiting; it held one request, so one is what the batcher expects.
+        assert batcher.submit("full", cost=8, group_key="a").future.result(timeout=10) == "done full"
+        for name in ("next", "and next"):
+            assert batcher.submit(name, cost=1, group_key="a").future.result(timeout=10) == f"done {name}"
+        assert recorder.groups == [["full"], ["next"], ["and next"]]
+    finally:
+        batcher.stop(timeout=0)
+
+
+def test_steady_clients_are_batched_without_waiting_the_full_delay():
+    """After a batch of three, the batcher runs as soon as three requests are back, all together."""
+    recorder = Recorder()
+    batcher = _batcher(recorder, max_queue_delay=3600.0)
+    try:
+        # First batch: waits until full (8 images in three requests), as there is no history yet.
+        first = [batcher.submit(p, cost=c, group_key="a") for p, c in (("a", 3), ("b", 3), ("c", 2))]
+        assert [r.future.result(timeout=10) for r in first] == ["done a", "done b", "done c"]
+        second = [batcher.submit(p, cost=1, group_key="a") for p in ("x", "y", "z")]
+        assert [r.future.result(timeout=10) for r in second] == ["done x", "done y", "done z"]
+        assert recorder.groups == [["a", "b", "c"], ["x", "y", "z"]]
+    finally:
+        batcher.stop(timeout=0)
+
+
 def test_batches_respect_max_batch_size_and_groups():
     recorder = Recorder(hold=True)
     batcher = _batcher(recorder, max_batch_size=4, max_queue_delay=0.0)
@@ -242,6 +271,24 @@ def test_continuous_batching_gives_the_single_stream_greedy_tokens(
         assert text.text == local.text
         assert text.warnings == local.warnings
     assert max(finished.mean_batch_size for _, finished, _, _ in results.values()) > 1, "nothing was batched"
+
+
+def test_an_idle_scheduler_waits_for_reports_still_being_prepared(medgemma):
+    """A burst is prefilled as one batch: the first report waits for the one still being prepared."""
+    settings = GenerationSettings(max_new_tokens=4)
+    service = _service(medgemma, max_prefills_per_step=4)
+    service.scheduler.admission_window_s = 3600.0  # only the arrivals can end the wait
+    chats = [_chat(seed, n_images=1, words=3) for seed in (21, 22)]
+    try:
+        with service.arriving():
+            first = service.submit(service.prepare(chats[0], settings))
+            with service.arriving():  # a second request arrives while the first is queued
+                second = service.submit(service.prepare(chats[1], settings))
+        results = [_collect(first), _collect(second)]
+    finally:
+        service.stop()
+    assert [admitted.running for _, _, admitted in results] == [2, 2], "not prefilled together"
+    assert all(len(tokens) == 4 for tokens, _, _ in results)
 
 
 def test_prompts_prefilled_together_decode_like_single_streams(medgemma):

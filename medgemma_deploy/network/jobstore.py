@@ -82,6 +82,7 @@ class JobStore:
         self._lock = threading.RLock()
         self._claimed: set[int] = set()
         self._claimed_notifications: set[int] = set()
+        self._transaction_depth = 0
         if read_only and not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no job store here (has a listener used this spool?)")
         target = f"file:{self.path}?mode=ro" if read_only else str(self.path)
@@ -180,6 +181,17 @@ class JobStore:
         return RecordOutcome(
             job_id=job_id, version=version, new_job=new_job, reopened=reopened, replaced_path=replaced
         )
+
+    def record_instances(
+        self, instances: Sequence[NewInstance], *, now: float | None = None
+    ) -> list[RecordOutcome]:
+        """:meth:`record_instance` for each, in order, in one transaction: one commit (one WAL
+        fsync) for all of them, which is what lets concurrent C-STOREs share their durability cost
+        (:mod:`medgemma_deploy.network.groupcommit`). All or none are recorded.
+        """
+        now = time.time() if now is None else now
+        with self._transaction():
+            return [self.record_instance(instance, now=now) for instance in instances]
 
     def record_quarantine(
         self, sop_instance_uid: str | None, calling_aet: str | None, path: str, reason: str
@@ -644,12 +656,28 @@ class JobStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on error) under the store's lock."""
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on error) under the store's lock.
+
+        Nested use joins the outer transaction (the outer one commits or rolls back), so
+        :meth:`record_instances` can run :meth:`record_instance` several times in one commit.
+        """
         with self._lock:
+            # A depth count, not ``in_transaction``: a transaction left open by a failed COMMIT
+            # must never be mistaken for an outer one (its rows would never be committed).
+            if self._transaction_depth:
+                self._transaction_depth += 1
+                try:
+                    yield self._db
+                finally:
+                    self._transaction_depth -= 1
+                return
             self._db.execute("BEGIN IMMEDIATE")
+            self._transaction_depth = 1
             try:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self._transaction_depth = 0
             self._db.execute("COMMIT")

@@ -4,6 +4,8 @@
 encoded bytes, and it returns the response Dataset (``Status`` and, on failure, ``ErrorComment``).
 The order is the promise: decode the header, write and fsync the file, commit the job-store row,
 and only then Success. Any failure on the way is a failure status, never a Success that is lost.
+The fsyncs and the commit are shared with concurrent stores (:mod:`.groupcommit`); each store
+still waits for its own instance to be durable.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from medgemma_deploy.network.audit import AuditLog
+from medgemma_deploy.network.groupcommit import GroupCommitter
 from medgemma_deploy.network.jobstore import JobStore, NewInstance
 from medgemma_deploy.network.metrics import ListenerMetrics
 from medgemma_deploy.network.spool import Spool, SpoolFullError
@@ -73,6 +76,9 @@ class InstanceReceiver:
     ----------
     spool, store, audit, metrics:
         Where files and rows go, and where events are reported.
+    committer:
+        Makes each instance durable, sharing fsyncs and commits with concurrent stores; by
+        default one over ``spool`` and ``store``.
     """
 
     def __init__(
@@ -81,9 +87,11 @@ class InstanceReceiver:
         store: JobStore,
         audit: AuditLog,
         metrics: ListenerMetrics | None = None,
+        committer: GroupCommitter | None = None,
     ) -> None:
         self.spool, self.store, self.audit = spool, store, audit
         self.metrics = metrics or ListenerMetrics()
+        self.committer = committer or GroupCommitter(spool, store)
 
     def refuse(self, request: StoreRequest, status: StoreStatus, reason: str) -> Dataset:
         """Answer ``status`` without storing anything, and audit it."""
@@ -146,34 +154,46 @@ class InstanceReceiver:
             return self._response(StoreStatus.SUCCESS)
 
         relative = self.spool.instance_path(study_uid, sop_uid, sha)
-        try:
-            self.spool.check_free_space(len(header) + len(stream))
-            self.spool.write(relative, [header, stream])
-        except SpoolFullError as exc:
-            logger.error("spool full, refusing %s: %s", sop_uid, exc)
-            return self.refuse(request, StoreStatus.OUT_OF_RESOURCES, "spool disk full")
-        except OSError as exc:  # any write failure: refuse rather than promise what is not on disk
-            logger.error("cannot write %s to the spool: %s", sop_uid, exc)
-            return self.refuse(request, StoreStatus.OUT_OF_RESOURCES, f"spool write failed ({exc.strerror})")
-        try:
-            outcome = self.store.record_instance(
-                NewInstance(
-                    sop_instance_uid=sop_uid,
-                    study_instance_uid=study_uid,
-                    series_instance_uid=series_uid,
-                    sop_class_uid=sop_class,
-                    transfer_syntax_uid=request.transfer_syntax_uid,
-                    path=relative,
-                    sha256=sha,
-                    size=len(header) + len(stream),
-                    calling_aet=request.calling_aet,
+        instance = NewInstance(
+            sop_instance_uid=sop_uid,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=request.transfer_syntax_uid,
+            path=relative,
+            sha256=sha,
+            size=len(header) + len(stream),
+            calling_aet=request.calling_aet,
+        )
+        with self.committer.writing():
+            try:
+                self.spool.check_free_space(len(header) + len(stream))
+                pending = self.spool.write_pending(relative, [header, stream])
+            except SpoolFullError as exc:
+                logger.error("spool full, refusing %s: %s", sop_uid, exc)
+                return self.refuse(request, StoreStatus.OUT_OF_RESOURCES, "spool disk full")
+            except OSError as exc:  # any write failure: refuse rather than promise what is not on disk
+                logger.error("cannot write %s to the spool: %s", sop_uid, exc)
+                return self.refuse(
+                    request, StoreStatus.OUT_OF_RESOURCES, f"spool write failed ({exc.strerror})"
                 )
-            )
-        except sqlite3.Error as exc:
-            logger.error("job store write failed for %s: %s", sop_uid, exc)
-            if existing is None or existing.path != relative:
-                self.spool.remove(relative)
-            return self.refuse(request, StoreStatus.OUT_OF_RESOURCES, "job store unavailable")
+            try:
+                # Blocks until the file and the row are durable (shared with concurrent stores).
+                outcome = self.committer.commit(pending, instance)
+            except SpoolFullError as exc:
+                logger.error("spool full, refusing %s: %s", sop_uid, exc)
+                self._discard_unrecorded(relative, sop_uid, sha)
+                return self.refuse(request, StoreStatus.OUT_OF_RESOURCES, "spool disk full")
+            except OSError as exc:
+                logger.error("cannot make %s durable in the spool: %s", sop_uid, exc)
+                self._discard_unrecorded(relative, sop_uid, sha)
+                return self.refuse(
+                    request, StoreStatus.OUT_OF_RESOURCES, f"spool write failed ({exc.strerror})"
+                )
+            except sqlite3.Error as exc:
+                logger.error("job store write failed for %s: %s", sop_uid, exc)
+                self._discard_unrecorded(relative, sop_uid, sha)
+                return self.refuse(request, StoreStatus.OUT_OF_RESOURCES, "job store unavailable")
         if outcome.new_job and outcome.version > 1:
             logger.info("study %s re-opened as version %d", study_uid, outcome.version)
         self._audit_received(
@@ -186,6 +206,21 @@ class InstanceReceiver:
             size=len(header) + len(stream),
         )
         return self._response(StoreStatus.SUCCESS)
+
+    def _discard_unrecorded(self, relative: str, sop_uid: str, sha: str) -> None:
+        """Remove the spool file of a store that failed, unless a committed row names it.
+
+        A concurrent store of the same content (same path) may have committed in another batch;
+        its file must stay. When the store cannot even be read, the file stays too: an orphan file
+        costs disk space, removing a recorded one would lose an instance.
+        """
+        try:
+            recorded = self.store.find_instance(sop_uid)
+        except sqlite3.Error as exc:
+            logger.warning("keeping %s: cannot check the job store (%s)", relative, exc)
+            return
+        if recorded is None or recorded.path != relative or recorded.sha256 != sha:
+            self.spool.remove(relative)
 
     def _quarantine(self, request: StoreRequest, data: bytes, reason: str) -> Dataset:
         try:

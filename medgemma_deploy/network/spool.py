@@ -26,11 +26,11 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Spool", "SpoolFullError", "SpoolLockedError", "StoredFile", "safe_uid_name"]
+__all__ = ["PendingFile", "Spool", "SpoolFullError", "SpoolLockedError", "StoredFile", "safe_uid_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,20 @@ class StoredFile:
     relative_path: str
     size: int
     sha256: str
+
+
+@dataclass
+class PendingFile:
+    """A file written to its temporary name but not yet durable (see :meth:`Spool.write_pending`).
+
+    ``fd`` stays open until :meth:`Spool.make_durable` fsyncs it: an fsync on a descriptor opened
+    later might not report a write-back error that happened before.
+    """
+
+    stored: StoredFile
+    target: Path
+    tmp: Path
+    fd: int | None
 
 
 class Spool:
@@ -158,32 +172,94 @@ class Spool:
         OSError
             Any other write failure, likewise cleaned up.
         """
+        pending = self.write_pending(relative_path, chunks)
+        self.make_durable([pending])
+        return pending.stored
+
+    def write_pending(self, relative_path: str, chunks: Iterable[bytes]) -> PendingFile:
+        """Write ``chunks`` to a temporary file beside ``relative_path``, without fsync.
+
+        Nothing is durable or visible under the final name until :meth:`make_durable`, which
+        several writers' files can share (one folder fsync for all of them). The caller must pass
+        the result to :meth:`make_durable` or :meth:`discard`, or the descriptor leaks.
+
+        Raises
+        ------
+        SpoolFullError, OSError
+            As :meth:`write`; the partial temporary file is removed.
+        """
         target = self.path(relative_path)
         self._make_dirs(target.parent)
         tmp = target.parent / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         digest = hashlib.sha256()
         size = 0
+        fd: int | None = None
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                    digest.update(chunk)
-                    size += len(chunk)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                digest.update(chunk)
+                size += len(chunk)
         except OSError as exc:
+            if fd is not None:
+                os.close(fd)
             _remove_quietly(tmp)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if _means_full(exc):
                 raise SpoolFullError(exc.errno, f"{target}: {os.strerror(exc.errno)}") from exc
             raise
-        return StoredFile(relative_path=relative_path, size=size, sha256=digest.hexdigest())
+        stored = StoredFile(relative_path=relative_path, size=size, sha256=digest.hexdigest())
+        return PendingFile(stored=stored, target=target, tmp=tmp, fd=fd)
+
+    def make_durable(self, pending: Sequence[PendingFile]) -> None:
+        """fsync each file, rename it into place, then fsync each folder once.
+
+        After this returns every file is complete under its final name and survives a crash.
+        If anything fails, every descriptor is closed and every temporary file not yet renamed
+        is removed, and the error is raised for all of them: the caller must treat none of the
+        files as durable (a file already renamed may exist, but its folder entry may not be on disk).
+
+        Raises
+        ------
+        SpoolFullError, OSError
+            As :meth:`write`.
+        """
+        try:
+            for item in pending:
+                fd, item.fd = item.fd, None
+                if fd is None:
+                    raise ValueError(f"{item.tmp} was already made durable or discarded")
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            folders: dict[Path, None] = {}
+            for item in pending:
+                os.replace(item.tmp, item.target)
+                folders[item.target.parent] = None
+            for folder in folders:
+                _fsync_dir(folder)
+        except OSError as exc:
+            self.discard(pending)
+            if _means_full(exc):
+                raise SpoolFullError(
+                    exc.errno, f"{exc.filename or self.root}: {os.strerror(exc.errno)}"
+                ) from exc
+            raise
+        except BaseException:
+            self.discard(pending)
+            raise
+
+    def discard(self, pending: Sequence[PendingFile]) -> None:
+        """Close and remove files that will not be made durable (their temporary names only)."""
+        for item in pending:
+            fd, item.fd = item.fd, None
+            if fd is not None:
+                os.close(fd)
+            if item.tmp.exists():
+                _remove_quietly(item.tmp)
 
     def quarantine(self, sop_instance_uid: str, data: bytes) -> StoredFile:
         """Keep an instance that could not be decoded, for a person to look at."""
@@ -249,6 +325,11 @@ class Spool:
             for folder in reversed(missing):
                 folder.mkdir(exist_ok=True)
                 _fsync_dir(folder.parent)
+
+
+def _means_full(exc: OSError) -> bool:
+    """ENOSPC, EDQUOT or EFBIG: the spool cannot take more (answer out-of-resources)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _fsync_dir(directory: Path) -> None:

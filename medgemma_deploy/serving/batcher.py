@@ -2,7 +2,10 @@
 
 Triton's dynamic batcher, in plain Python. Requests queue with a cost (their image count); one
 thread takes them in arrival order until the batch holds ``max_batch_size`` images or the oldest
-request has waited ``max_queue_delay`` seconds, then runs the batch:
+request has waited ``max_queue_delay`` seconds, then runs the batch. The wait is adaptive: it ends
+as soon as as many requests are queued as the previous batch held, so a lone client (batches of
+one) never pays the delay, and N steady clients wait only until all N are back; the first batch
+after start waits the full delay, as it has nothing to go by. Then:
 
 * requests whose client went away or whose deadline passed are dropped before any model work
   (a cancelled client frees its place at once);
@@ -124,6 +127,9 @@ class MicroBatcher:
         self._accepting = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        #: Requests in the previous batch: how many to wait for before the delay is up
+        #: (``None`` until a first batch ran).
+        self._expected_requests: int | None = None
 
     @property
     def queued(self) -> int:
@@ -218,10 +224,12 @@ class MicroBatcher:
                 if self._stopping:
                     return None
                 self._condition.wait(timeout=0.1)
-            # Fill: wait until the batch is full or the oldest request has waited long enough.
+            # Fill: wait until the batch is full, or as many requests are queued as the last batch
+            # held (the clients seen last time are back), or the oldest has waited long enough.
             fill_until = self._queue[0].enqueued_at + self.max_queue_delay
             while (
                 self._queued_cost < self.max_batch_size
+                and (self._expected_requests is None or len(self._queue) < self._expected_requests)
                 and self._accepting
                 and (remaining := fill_until - time.monotonic()) > 0
             ):
@@ -233,6 +241,7 @@ class MicroBatcher:
                 self._queued_cost -= request.cost
                 batch.append(request)
                 size += request.cost
+            self._expected_requests = len(batch)
             depth = self._queued_cost
             self._condition.notify_all()
         if self.observer is not None:

@@ -18,7 +18,10 @@ them), and the running sequences decode together in one :class:`DecodeBatch` (a 
 
 1. **admit** up to ``max_prefills_per_step`` waiting requests while fewer than ``max_running``
    decode and the cache budget allows, prefilled together in one padded forward (a new request
-   joins without waiting for running ones);
+   joins without waiting for running ones). When nothing is running and other requests are still
+   being prepared (:meth:`ReportScheduler.arriving`: decoding images, tokenizing), the loop waits
+   up to ``admission_window_s`` for them, so a burst is prefilled and decoded as one batch instead
+   of one prefill and one ragged decode per arrival; nothing running means nobody waits on it;
 2. **drop** rows whose client cancelled or whose deadline passed (their slot is free at once);
 3. **decode** one token for every running row in a single forward, choose each row's token (greedy,
    or its own sampling settings and seeded generator), stream it, and retire rows that produced an
@@ -34,7 +37,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -113,6 +117,9 @@ class ReportScheduler:
         prefilled in batches and cannot stall running decodes for long.
     pad_token_id:
         Token id of the left padding of batched prefills.
+    admission_window_s:
+        How long an idle loop waits for requests still being prepared (see step 1); never
+        waited while sequences are running.
     """
 
     def __init__(
@@ -127,6 +134,7 @@ class ReportScheduler:
         max_prefills_per_step: int = 8,
         pad_token_id: int = 0,
         observer: SchedulerObserver | None = None,
+        admission_window_s: float = 0.05,
     ) -> None:
         if max_running < 1 or max_waiting < 1 or max_prefills_per_step < 1:
             raise ValueError(
@@ -144,10 +152,26 @@ class ReportScheduler:
         self._waiting: deque[_Job] = deque()
         self._running: list[_Job] = []  # row order of self.batch
         self._admitting = 0  # taken from the queue, not yet running (counted by stop's drain)
+        self._arriving = 0  # requests being prepared (inside arriving()), not yet submitted
+        if admission_window_s < 0:
+            raise ValueError(f"admission_window_s must be >= 0, got {admission_window_s}")
+        self.admission_window_s = admission_window_s
         self._condition = threading.Condition()
         self._accepting = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Wrap preparing and submitting a request, so an idle loop knows to wait for it."""
+        with self._condition:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._arriving -= 1
+                self._condition.notify_all()
 
     @property
     def running(self) -> int:
@@ -240,6 +264,16 @@ class ReportScheduler:
                 self._condition.wait(timeout=0.1)
             if self._stopping:
                 return False
+            if not self._running and self._waiting:
+                # Idle: let requests still being prepared join this prefill (bounded wait).
+                admit_by = self._waiting[0].enqueued_at + self.admission_window_s
+                while (
+                    self._arriving
+                    and len(self._waiting) < self.max_prefills_per_step
+                    and self._accepting
+                    and (remaining := admit_by - time.monotonic()) > 0
+                ):
+                    self._condition.wait(timeout=remaining)
             admitting = self._take_admissible()
             self._admitting = len(admitting)
             depth = len(self._waiting)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,6 +201,10 @@ class ReportService:
         budget = self.runner.token_budget(request, int(input_ids.shape[1]), warnings)
         effective = self.runner.effective_settings(settings)
         return PreparedReport(PreparedPrompt(input_ids, inputs), effective, budget, warnings)
+
+    def arriving(self) -> AbstractContextManager[None]:
+        """Wrap preparing and submitting a report (see :meth:`ReportScheduler.arriving`)."""
+        return self.scheduler.arriving()
 
     def submit(self, prepared: PreparedReport, *, deadline: float | None = None) -> ReportStream:
         """Queue a prepared report (raises ``QueueFullError`` / ``NotReadyError`` / ``BadRequestError``)."""

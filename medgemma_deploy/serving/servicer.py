@@ -317,21 +317,26 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         with self._rpc("GenerateReport", context):
             service = self.core.report_service()
             limits = self.core.limits()
-            messages = chat_convert.chat_from_proto(request.messages, max_pixels=limits.max_image_pixels)
-            n_images = sum(
-                1 for message in messages for part in message["content"] if part["type"] == "image"
-            )
-            if n_images > limits.max_images_per_request:
-                raise BadRequestError(
-                    "messages", f"{n_images} images exceed the limit of {limits.max_images_per_request}"
+            # An idle scheduler waits (briefly) for reports still in here, so a burst is one batch.
+            with service.arriving():
+                messages = chat_convert.chat_from_proto(request.messages, max_pixels=limits.max_image_pixels)
+                n_images = sum(
+                    1 for message in messages for part in message["content"] if part["type"] == "image"
                 )
-            settings = chat_convert.sampling_from_proto(
-                request.settings, service.default_max_new_tokens, service.max_new_tokens
-            )
-            prepared = service.prepare(
-                messages, settings, prompt_id=request.prompt_id, source=request.request_id or "grpc request"
-            )
-            stream = service.submit(prepared, deadline=_deadline(context))
+                if n_images > limits.max_images_per_request:
+                    raise BadRequestError(
+                        "messages", f"{n_images} images exceed the limit of {limits.max_images_per_request}"
+                    )
+                settings = chat_convert.sampling_from_proto(
+                    request.settings, service.default_max_new_tokens, service.max_new_tokens
+                )
+                prepared = service.prepare(
+                    messages,
+                    settings,
+                    prompt_id=request.prompt_id,
+                    source=request.request_id or "grpc request",
+                )
+                stream = service.submit(prepared, deadline=_deadline(context))
             context.add_callback(stream.cancel)
             decoder = service.detokenizer()
             generated: list[int] = []
