@@ -31,6 +31,7 @@ from medgemma_deploy.operators.domain import (
     SeriesClassification,
 )
 
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache_dir(tmp_path_factory):
     """Persisted prompt embeddings go to a folder of this session, never the user's ~/.cache."""
