@@ -126,6 +126,15 @@ class MedSigLIPRunner:
     text_cache_dir:
         Where label sets' prompt embeddings persist between processes
         (:mod:`~medgemma_deploy.operators.text_cache`); None keeps them in this process only.
+    int8_cache_dir:
+        Where ``precision="int8"`` keeps its quantised vision tower
+        (:mod:`~medgemma_deploy.operators.onnx_vision`); None builds it for this process only.
+
+    Precision: ``auto``, ``fp32`` and ``bf16`` load the torch model in that dtype. ``int8`` (CPU
+    only) runs the vision tower with int8 weights on ONNX Runtime and everything else in float32.
+    ``int4`` is refused: MedSigLIP is a 0.9 B-parameter encoder whose time goes into matrix products
+    over 1,024 patch tokens, where 4-bit weights save memory but no compute on a CPU, and no int4
+    path of the libraries here is faster than int8.
     """
 
     def __init__(
@@ -138,6 +147,7 @@ class MedSigLIPRunner:
         max_batch_size: int = 32,
         relevance_cache_size: int = 1024,
         text_cache_dir: str | Path | None = None,
+        int8_cache_dir: str | Path | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -147,12 +157,21 @@ class MedSigLIPRunner:
         self.device = torch.device(device) if device else _default_device()
         self.precision = precision
         dtype_name = torch_dtype_name(precision, self.device.type)
+        if precision == "int8":
+            if self.device.type != "cpu":
+                raise ModelLoadError(
+                    f"{self.model_dir}: precision int8 is offered for MedSigLIP on the CPU only "
+                    "(ONNX Runtime); on a GPU use bf16"
+                )
+            dtype_name = "float32"  # the text tower and the head; the vision tower is int8
         if dtype_name is None:
             raise ModelLoadError(
                 f"{self.model_dir}: precision {precision} is not offered for MedSigLIP; "
-                "use auto, fp32 or bf16"
+                "use auto, fp32, bf16 or (on a CPU) int8"
             )
         self.dtype = dtype or getattr(torch, dtype_name)
+        self.int8_cache_dir = Path(int8_cache_dir) if int8_cache_dir is not None else None
+        self._onnx_vision: Any = None
         self.max_batch_size = max_batch_size
         self.relevance_cache_size = relevance_cache_size
         self._identity: ModelIdentity | None = None
@@ -185,6 +204,10 @@ class MedSigLIPRunner:
             return self
         started = time.perf_counter()
         model_dir = resolve_model_dir(self.model_dir, "medsiglip")
+        if self.precision == "int8":
+            from medgemma_deploy.operators.onnx_vision import require_onnxruntime
+
+            require_onnxruntime()  # before minutes of loading: the missing extra is named at once
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError(f"device {self.device}: CUDA is not available on this machine (use cpu)")
         import transformers
@@ -208,6 +231,12 @@ class MedSigLIPRunner:
         self._logit_scale = float(model.logit_scale.detach().float().exp())
         self._logit_bias = float(model.logit_bias.detach().float())
         self._identity = model_identity(model_dir)
+        if self.precision == "int8":
+            from medgemma_deploy.operators.onnx_vision import OnnxVisionTower
+
+            self._onnx_vision = OnnxVisionTower.load_or_build(
+                self._model, model_dir, self._identity, self.int8_cache_dir
+            )
         self._config_digest = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
         self.model_dir = model_dir
         loaded = time.perf_counter()
@@ -232,6 +261,7 @@ class MedSigLIPRunner:
             return
         with self._lock:
             self._model = None
+            self._onnx_vision = None
             self._tokenizer = None
             self._preprocessor = None
             self._text_cache.clear()
@@ -576,11 +606,15 @@ class MedSigLIPRunner:
         assert self._preprocessor is not None
         batch = self._preprocessor(images, indices=indices, at_model_input=at_model_input)
         with torch.inference_mode():
-            output = model.vision_model(pixel_values=batch.pixel_values)
-            pooled = F.normalize(output.pooler_output.float(), dim=-1)
+            if self._onnx_vision is not None:
+                pooler_output, last_hidden_state = self._onnx_vision(batch.pixel_values)
+            else:
+                output = model.vision_model(pixel_values=batch.pixel_values)
+                pooler_output, last_hidden_state = output.pooler_output, output.last_hidden_state
+            pooled = F.normalize(pooler_output.float(), dim=-1)
             if not with_patches:
                 return pooled, None
-            patches = patch_embeddings(model.vision_model.head, output.last_hidden_state)
+            patches = patch_embeddings(model.vision_model.head, last_hidden_state.to(self.dtype))
             return pooled, F.normalize(patches.float(), dim=-1)
 
     def _warn_truncated(self, label_set: LabelSet, rows: list[tuple[int, int, str]]) -> None:
@@ -662,10 +696,15 @@ def make_medsiglip_runner(
 
     ``cache_dir`` is the ``cache_dir`` setting (default
     :func:`~medgemma_deploy.operators.text_cache.default_cache_dir`): prompt embeddings persist
-    under its ``text-embeddings/``. Other keyword arguments go to
-    :class:`MedSigLIPRunner`.
+    under its ``text-embeddings/``, and ``int8``'s quantised vision tower under ``vision-int8/``.
+    Other keyword arguments go to :class:`MedSigLIPRunner`.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return MedSigLIPRunner(
-        model_dir, device=device, precision=precision, text_cache_dir=root / "text-embeddings", **kwargs
+        model_dir,
+        device=device,
+        precision=precision,
+        text_cache_dir=root / "text-embeddings",
+        int8_cache_dir=root / "vision-int8",
+        **kwargs,
     )
