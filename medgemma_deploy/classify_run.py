@@ -31,6 +31,7 @@ class ClassifyEngine(PipelineEngine):
         prompts_file: Path | None = None,
         device: str | None = None,
         precision: str = "auto",
+        cache_dir: Path | None = None,
         classify_options: ClassifyOptions | None = None,
         report_options: ReportOptions | None = None,
     ) -> None:
@@ -43,6 +44,7 @@ class ClassifyEngine(PipelineEngine):
             prompts_file=prompts_file,
             device=device,
             precision=precision,
+            cache_dir=cache_dir,
             classify_options=classify_options,
             report_options=report_options,
         )

@@ -93,6 +93,7 @@ class EngineOptions:
     prompts_file: Path | None = None
     device: str | None = None
     precision: str = "auto"
+    cache_dir: Path | None = None
     classify_options: ClassifyOptions = field(default_factory=ClassifyOptions)
     report_options: ReportOptions = field(default_factory=ReportOptions)
 
@@ -115,6 +116,7 @@ class EngineOptions:
             prompts_file=settings.prompts,
             device=settings.device,
             precision=settings.precision,
+            cache_dir=settings.cache_dir,
             classify_options=ClassifyOptions(
                 relevance_top_k=settings.relevance_top_k,
                 write_embeddings=settings.write_embeddings,
@@ -158,6 +160,8 @@ class PipelineEngine:
         ``grpcs://HOST:PORT`` (a shared GPU worker; ``models_path`` is not used).
     precision:
         ``auto``, ``fp32``, ``bf16``, ``int8`` or ``int4`` for the local models (the worker has its own).
+    cache_dir:
+        The ``cache_dir`` setting: where MedSigLIP keeps label sets' prompt embeddings.
     medsiglip_path:
         The MedSigLIP directory when ``models_path`` is the MedGemma directory itself.
     """
@@ -175,6 +179,7 @@ class PipelineEngine:
         prompts_file: Path | None = None,
         device: str | None = None,
         precision: str = "auto",
+        cache_dir: Path | None = None,
         classify_options: ClassifyOptions | None = None,
         report_options: ReportOptions | None = None,
         medsiglip_path: Path | None = None,
@@ -195,6 +200,7 @@ class PipelineEngine:
         self.prompts_file = prompts_file
         self.device = device
         self.precision = precision
+        self.cache_dir = cache_dir
         self.label_sets: list[LabelSet] = []
         self.prompts: PromptBook | None = None
         self.medsiglip = None
@@ -219,18 +225,19 @@ class PipelineEngine:
             return self._open_remote()
         try:
             if self.needs_medsiglip:
-                from medgemma_deploy.operators.medsiglip import MedSigLIPRunner
+                from medgemma_deploy.operators.medsiglip import make_medsiglip_runner
 
-                self.medsiglip = MedSigLIPRunner(
+                self.medsiglip = make_medsiglip_runner(
                     resolve_model_dir(self.medsiglip_path, "medsiglip"),
                     device=device,
                     precision=self.precision,
+                    cache_dir=self.cache_dir,
                 )
                 self.medsiglip.load()
             if self.report:
-                from medgemma_deploy.operators.medgemma_runners import medgemma_runner
+                from medgemma_deploy.operators.medgemma_runners import make_medgemma_runner
 
-                self.medgemma = medgemma_runner(
+                self.medgemma = make_medgemma_runner(
                     resolve_model_dir(self.models_path, "medgemma"), device=device, precision=self.precision
                 )
                 self.medgemma.load()

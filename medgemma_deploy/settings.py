@@ -43,6 +43,9 @@ SETTINGS_TABLE: dict[str, tuple[str, Any]] = {
     "max_frame_megapixels": ("MEDGEMMA_DEPLOY_MAX_FRAME_MEGAPIXELS", 20),
     "max_series_frames": ("MEDGEMMA_DEPLOY_MAX_SERIES_FRAMES", 2000),
     "max_series_decoded_mib": ("MEDGEMMA_DEPLOY_MAX_SERIES_DECODED_MIB", 176),
+    # Label sets' prompt embeddings persist here between processes (operators/text_cache.py);
+    # None: $XDG_CACHE_HOME/medgemma-deploy, else ~/.cache/medgemma-deploy.
+    "cache_dir": ("MEDGEMMA_DEPLOY_CACHE_DIR", None),
 }
 CONFIG_ENV = "MEDGEMMA_DEPLOY_CONFIG"
 
@@ -70,6 +73,7 @@ class RunSettings:
     max_frame_megapixels: int = 20
     max_series_frames: int = 2000
     max_series_decoded_mib: int = 176
+    cache_dir: Path | None = None
 
 
 def resolve_settings(

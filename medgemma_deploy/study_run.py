@@ -26,6 +26,7 @@ class StudyEngine(PipelineEngine):
         prompts_file: Path | None = None,
         device: str | None = None,
         precision: str = "auto",
+        cache_dir: Path | None = None,
         classify_options: ClassifyOptions | None = None,
         report_options: ReportOptions | None = None,
     ) -> None:
@@ -38,6 +39,7 @@ class StudyEngine(PipelineEngine):
             prompts_file=prompts_file,
             device=device,
             precision=precision,
+            cache_dir=cache_dir,
             classify_options=classify_options,
             report_options=report_options,
         )

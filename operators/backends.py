@@ -77,6 +77,7 @@ class Backend:
         models_path: Path | None,
         device: str | None,
         precision: str = "auto",
+        cache_dir: Path | None = None,
         target: str | None = None,
         tls: Any = None,
         timeout: float = 600.0,
@@ -85,6 +86,7 @@ class Backend:
         self.models_path = models_path
         self.device = device
         self.precision = precision
+        self.cache_dir = cache_dir
         self.target = target
         self.tls = tls
         self.timeout = timeout
@@ -109,12 +111,13 @@ class Backend:
                 self._medsiglip = RemoteMedSigLIP(self._worker_client())
             else:
                 from medgemma_deploy.model_dir import resolve_model_dir
-                from medgemma_deploy.operators.medsiglip import MedSigLIPRunner
+                from medgemma_deploy.operators.medsiglip import make_medsiglip_runner
 
-                self._medsiglip = MedSigLIPRunner(
+                self._medsiglip = make_medsiglip_runner(
                     resolve_model_dir(self._models_path(), "medsiglip"),
                     device=self.device,
                     precision=self.precision,
+                    cache_dir=self.cache_dir,
                 )
         return self._medsiglip
 
@@ -128,9 +131,9 @@ class Backend:
                 self._medgemma = RemoteMedGemma(self._worker_client())
             else:
                 from medgemma_deploy.model_dir import resolve_model_dir
-                from medgemma_deploy.operators.medgemma_runners import medgemma_runner
+                from medgemma_deploy.operators.medgemma_runners import make_medgemma_runner
 
-                self._medgemma = medgemma_runner(
+                self._medgemma = make_medgemma_runner(
                     resolve_model_dir(self._models_path(), "medgemma"),
                     device=self.device,
                     precision=self.precision,
@@ -172,6 +175,7 @@ def make_backend(
     device: str | None,
     *,
     precision: str = "auto",
+    cache_dir: Path | None = None,
     tls: Any = None,
     timeout: float = 600.0,
 ) -> Backend:
@@ -187,6 +191,8 @@ def make_backend(
         ``cpu``/``cuda`` for the local backend (the worker chooses its own).
     precision:
         ``--precision`` for the local backend (operators/precision.py; the worker chooses its own).
+    cache_dir:
+        The ``cache_dir`` setting for the local backend (MedSigLIP's persisted prompt embeddings).
     tls:
         A ``ClientTLS`` for ``grpcs://``; default: from the ``MEDGEMMA_DEPLOY_TLS_*`` variables.
     timeout:
@@ -199,7 +205,9 @@ def make_backend(
     """
     spec = (spec or "local").strip()
     if spec == "local":
-        return Backend("local", models_path=models_path, device=device, precision=precision)
+        return Backend(
+            "local", models_path=models_path, device=device, precision=precision, cache_dir=cache_dir
+        )
     from medgemma_deploy.operators.remote_backend import parse_target
     from medgemma_deploy.serving.tls import ClientTLS
 

@@ -214,10 +214,13 @@ def _stack_maps(
                 f"expected {expected} (one map per finding on the frame's pixels)"
             )
     stacked = np.stack([np.asarray(m, dtype=np.float32) for m in per_frame], axis=1)  # (keys, frames, r, c)
-    if not np.isfinite(stacked).all():
-        raise ValueError("scorer returned relevance maps with NaN or infinite values")
+    # Two passes over full-resolution maps, not four: min and max are NaN or infinite exactly when
+    # a value is, and values already in [0, 1] (every in-process map) need no clipping.
     low, high = float(stacked.min()), float(stacked.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError("scorer returned relevance maps with NaN or infinite values")
     if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
         raise ValueError(f"scorer returned relevance maps in [{low:g}, {high:g}], outside [0, 1]")
-    np.clip(stacked, 0.0, 1.0, out=stacked)
+    if low < 0.0 or high > 1.0:
+        np.clip(stacked, 0.0, 1.0, out=stacked)
     return {key: stacked[index] for index, key in enumerate(keys)}

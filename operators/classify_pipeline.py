@@ -207,7 +207,7 @@ def write_parametric_maps(
         except NoPatientGeometryError as exc:
             # Not a failure of the series: its images cannot carry this object (named in results).
             if options.writes_seg:
-                results.skip(series_rejection(series, "pmap", exc))
+                results.skip(series_rejection(series, "pmap", exc), expected=True)
             else:
                 results.reject(series_rejection(series, "pmap", exc))
             continue

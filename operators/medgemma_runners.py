@@ -1,6 +1,6 @@
 """The one place that picks MedGemma's runner class for a precision.
 
-``medgemma_runner(model_dir, device=, precision=)`` is what the engine, the backends and the worker
+``make_medgemma_runner(model_dir, device=, precision=)`` is what the engine, the backends and the worker
 call. ``auto``, ``fp32`` and ``bf16`` run on torch
 (:class:`~medgemma_deploy.operators.medgemma.MedGemmaRunner`; ``auto`` is bf16 on a GPU and fp32 on
 a CPU, operators/precision.py); ``int8`` and ``int4`` run on llama.cpp
@@ -23,13 +23,13 @@ if TYPE_CHECKING:
     from medgemma_deploy.operators.medgemma import MedGemmaRunner
     from medgemma_deploy.operators.medgemma_gguf import GgufMedGemmaRunner
 
-__all__ = ["LOW_BIT", "medgemma_runner"]
+__all__ = ["LOW_BIT", "make_medgemma_runner"]
 
 #: Precisions that run on llama.cpp.
 LOW_BIT = ("int8", "int4")
 
 
-def medgemma_runner(
+def make_medgemma_runner(
     model_dir: str | Path, *, device: str | None = None, precision: str = "auto"
 ) -> MedGemmaRunner | GgufMedGemmaRunner:
     """A MedGemma runner (not loaded) for ``precision`` on ``device``.

@@ -36,6 +36,7 @@ lets ``score`` then ``relevance_maps`` on the same frames run the vision tower o
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import threading
 import time
@@ -62,12 +63,20 @@ from medgemma_deploy.operators.relevance import (
     patch_embeddings,
     relevance_grids,
 )
+from medgemma_deploy.operators.text_cache import (
+    PROBE_TEXT,
+    CachedTextEmbeddings,
+    TextEmbeddingCache,
+    cache_key,
+    default_cache_dir,
+)
 
 # patch_embeddings is defined with the rest of the relevance maps in relevance.py and re-exported here.
 __all__ = [
     "MedSigLIPRunner",
     "RunnerNotLoadedError",
     "TextEmbeddings",
+    "make_medsiglip_runner",
     "patch_embeddings",
 ]
 
@@ -114,6 +123,18 @@ class MedSigLIPRunner:
         Images whose patch-grid maps are kept between :meth:`score` and :meth:`relevance_maps`
         (4 KiB per finding and image on MedSigLIP-448's 32x32 grid, so 1024 chest images with 13
         findings hold about 53 MiB of CPU memory); 0 disables the cache.
+    text_cache_dir:
+        Where label sets' prompt embeddings persist between processes
+        (:mod:`~medgemma_deploy.operators.text_cache`); None keeps them in this process only.
+    int8_cache_dir:
+        Where ``precision="int8"`` keeps its quantised vision tower
+        (:mod:`~medgemma_deploy.operators.onnx_vision`); None builds it for this process only.
+
+    Precision: ``auto``, ``fp32`` and ``bf16`` load the torch model in that dtype. ``int8`` (CPU
+    only) runs the vision tower with int8 weights on ONNX Runtime and everything else in float32.
+    ``int4`` is refused: MedSigLIP is a 0.9 B-parameter encoder whose time goes into matrix products
+    over 1,024 patch tokens, where 4-bit weights save memory but no compute on a CPU, and no int4
+    path of the libraries here is faster than int8.
     """
 
     def __init__(
@@ -125,6 +146,8 @@ class MedSigLIPRunner:
         precision: str = "auto",
         max_batch_size: int = 32,
         relevance_cache_size: int = 1024,
+        text_cache_dir: str | Path | None = None,
+        int8_cache_dir: str | Path | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -134,12 +157,21 @@ class MedSigLIPRunner:
         self.device = torch.device(device) if device else _default_device()
         self.precision = precision
         dtype_name = torch_dtype_name(precision, self.device.type)
+        if precision == "int8":
+            if self.device.type != "cpu":
+                raise ModelLoadError(
+                    f"{self.model_dir}: precision int8 is offered for MedSigLIP on the CPU only "
+                    "(ONNX Runtime); on a GPU use bf16"
+                )
+            dtype_name = "float32"  # the text tower and the head; the vision tower is int8
         if dtype_name is None:
             raise ModelLoadError(
                 f"{self.model_dir}: precision {precision} is not offered for MedSigLIP; "
-                "use auto, fp32 or bf16"
+                "use auto, fp32, bf16 or (on a CPU) int8"
             )
         self.dtype = dtype or getattr(torch, dtype_name)
+        self.int8_cache_dir = Path(int8_cache_dir) if int8_cache_dir is not None else None
+        self._onnx_vision: Any = None
         self.max_batch_size = max_batch_size
         self.relevance_cache_size = relevance_cache_size
         self._identity: ModelIdentity | None = None
@@ -151,6 +183,9 @@ class MedSigLIPRunner:
         self._logit_scale = 0.0
         self._logit_bias = 0.0
         self._text_cache: dict[tuple, TextEmbeddings] = {}
+        self._disk_cache = TextEmbeddingCache(Path(text_cache_dir)) if text_cache_dir is not None else None
+        self._probe: np.ndarray | None = None
+        self._config_digest = ""
         self._grid_cache = RelevanceGridCache(relevance_cache_size)
         self._lock = threading.Lock()
 
@@ -169,6 +204,10 @@ class MedSigLIPRunner:
             return self
         started = time.perf_counter()
         model_dir = resolve_model_dir(self.model_dir, "medsiglip")
+        if self.precision == "int8":
+            from medgemma_deploy.operators.onnx_vision import require_onnxruntime
+
+            require_onnxruntime()  # before minutes of loading: the missing extra is named at once
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError(f"device {self.device}: CUDA is not available on this machine (use cpu)")
         import transformers
@@ -192,6 +231,13 @@ class MedSigLIPRunner:
         self._logit_scale = float(model.logit_scale.detach().float().exp())
         self._logit_bias = float(model.logit_bias.detach().float())
         self._identity = model_identity(model_dir)
+        if self.precision == "int8":
+            from medgemma_deploy.operators.onnx_vision import OnnxVisionTower
+
+            self._onnx_vision = OnnxVisionTower.load_or_build(
+                self._model, model_dir, self._identity, self.int8_cache_dir
+            )
+        self._config_digest = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
         self.model_dir = model_dir
         loaded = time.perf_counter()
         self._warm_up()
@@ -215,6 +261,7 @@ class MedSigLIPRunner:
             return
         with self._lock:
             self._model = None
+            self._onnx_vision = None
             self._tokenizer = None
             self._preprocessor = None
             self._text_cache.clear()
@@ -278,6 +325,10 @@ class MedSigLIPRunner:
         cached = self._text_cache.get(key)
         if cached is not None:
             return cached
+        persisted = self._persisted_text_embeddings(label_set)
+        if persisted is not None:
+            self._text_cache[key] = persisted
+            return persisted
         # One row per prompt: (finding index, 0 positive / 1 negative, text).
         rows = [
             (index, polarity, prompt)
@@ -312,6 +363,7 @@ class MedSigLIPRunner:
             n_prompts=len(prompts),
         )
         self._text_cache[key] = embeddings
+        self._persist_text_embeddings(label_set, embeddings)
         logger.info(
             "encoded %d prompts of label set %s %s (%d findings)",
             len(prompts),
@@ -484,6 +536,46 @@ class MedSigLIPRunner:
 
     # ---- internals ------------------------------------------------------------------------------
 
+    def _text_cache_key(self, label_set: LabelSet) -> dict[str, Any]:
+        identity = self.identity
+        return cache_key(
+            model_name=identity.name,
+            model_version=identity.version,
+            config_digest=self._config_digest,
+            label_set=label_set,
+            precision=f"{self.precision}:{str(self.dtype).removeprefix('torch.')}",
+            text_length=self._text_length,
+        )
+
+    def _persisted_text_embeddings(self, label_set: LabelSet) -> TextEmbeddings | None:
+        """The label set's embeddings from the disk cache, verified against this model, or None."""
+        if self._disk_cache is None or self._probe is None:
+            return None
+        entry = self._disk_cache.load(self._text_cache_key(label_set), self._probe, len(label_set.findings))
+        if entry is None:
+            return None
+        return TextEmbeddings(
+            label_set=label_set.name,
+            version=label_set.version,
+            finding_keys=tuple(f.key for f in label_set.findings),
+            positive=torch.from_numpy(entry.positive).to(self.device),
+            negative=torch.from_numpy(entry.negative).to(self.device),
+            has_negative=torch.from_numpy(entry.has_negative).to(self.device),
+            n_prompts=entry.n_prompts,
+        )
+
+    def _persist_text_embeddings(self, label_set: LabelSet, embeddings: TextEmbeddings) -> None:
+        if self._disk_cache is None or self._probe is None:
+            return
+        entry = CachedTextEmbeddings(
+            finding_keys=embeddings.finding_keys,
+            positive=embeddings.positive.cpu().numpy(),
+            negative=embeddings.negative.cpu().numpy(),
+            has_negative=embeddings.has_negative.cpu().numpy(),
+            n_prompts=embeddings.n_prompts,
+        )
+        self._disk_cache.store(self._text_cache_key(label_set), entry, self._probe)
+
     def _loaded(self) -> torch.nn.Module:
         if self._model is None:
             raise RunnerNotLoadedError(f"MedSigLIP from {self.model_dir} is not loaded (call load() first)")
@@ -514,11 +606,15 @@ class MedSigLIPRunner:
         assert self._preprocessor is not None
         batch = self._preprocessor(images, indices=indices, at_model_input=at_model_input)
         with torch.inference_mode():
-            output = model.vision_model(pixel_values=batch.pixel_values)
-            pooled = F.normalize(output.pooler_output.float(), dim=-1)
+            if self._onnx_vision is not None:
+                pooler_output, last_hidden_state = self._onnx_vision(batch.pixel_values)
+            else:
+                output = model.vision_model(pixel_values=batch.pixel_values)
+                pooler_output, last_hidden_state = output.pooler_output, output.last_hidden_state
+            pooled = F.normalize(pooler_output.float(), dim=-1)
             if not with_patches:
                 return pooled, None
-            patches = patch_embeddings(model.vision_model.head, output.last_hidden_state)
+            patches = patch_embeddings(model.vision_model.head, last_hidden_state.to(self.dtype))
             return pooled, F.normalize(patches.float(), dim=-1)
 
     def _warn_truncated(self, label_set: LabelSet, rows: list[tuple[int, int, str]]) -> None:
@@ -535,11 +631,15 @@ class MedSigLIPRunner:
                 )
 
     def _warm_up(self) -> None:
-        """One tiny forward pass of each tower, so the first real request is not the slow one."""
+        """One forward pass of each tower, so the first real request is not the slow one.
+
+        The text pass encodes the text-embedding cache's probe prompt: its embedding is what a
+        persisted entry is verified against (:mod:`~medgemma_deploy.operators.text_cache`).
+        """
         model = self._loaded()
         height, width = self.image_size
         self._encode_images(model, [np.zeros((height, width), np.float32)], [0], with_patches=True)
-        self._encode_text(model, ["warm-up"])
+        self._probe = self._encode_text(model, [PROBE_TEXT])[0].cpu().numpy()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -582,3 +682,29 @@ def _dtype_argument() -> str:
     from packaging.version import Version
 
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def make_medsiglip_runner(
+    model_dir: str | Path,
+    *,
+    device: str | None = None,
+    precision: str = "auto",
+    cache_dir: str | Path | None = None,
+    **kwargs: Any,
+) -> MedSigLIPRunner:
+    """The MedSigLIP runner for ``precision``: the one place the CLI, apps and worker build it.
+
+    ``cache_dir`` is the ``cache_dir`` setting (default
+    :func:`~medgemma_deploy.operators.text_cache.default_cache_dir`): prompt embeddings persist
+    under its ``text-embeddings/``, and ``int8``'s quantised vision tower under ``vision-int8/``.
+    Other keyword arguments go to :class:`MedSigLIPRunner`.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return MedSigLIPRunner(
+        model_dir,
+        device=device,
+        precision=precision,
+        text_cache_dir=root / "text-embeddings",
+        int8_cache_dir=root / "vision-int8",
+        **kwargs,
+    )

@@ -92,11 +92,20 @@ class RunResults:
         if log:
             logger.warning("rejected: %s: %s", rejection.source, rejection.reason)
 
-    def skip(self, rejection: Rejection, *, log: bool = True) -> None:
-        """Record an object that is not processed by design (SR, PR, KO…), with the reason."""
+    def skip(self, rejection: Rejection, *, log: bool = True, expected: bool = False) -> None:
+        """Record an object that is not processed by design (SR, PR, KO…), with the reason.
+
+        ``expected`` logs it at INFO: a skip that every such input gets (a CR/DX cannot carry a
+        Parametric Map) is no warning for the operator, and is still named in results.json.
+        """
         self.skipped.append(rejection)
         if log:
-            logger.warning("skipped: %s: %s", rejection.source, rejection.reason)
+            logger.log(
+                logging.INFO if expected else logging.WARNING,
+                "skipped: %s: %s",
+                rejection.source,
+                rejection.reason,
+            )
 
     def isolated(
         self,

@@ -31,6 +31,15 @@ from medgemma_deploy.operators.domain import (
     SeriesClassification,
 )
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Persisted prompt embeddings go to a folder of this session, never the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDGEMMA_DEPLOY_CACHE_DIR", str(tmp_path_factory.mktemp("medgemma-cache")))
+        yield
+
+
 #: The TID 4019 identification the writer tests use.
 ALGORITHM = AlgorithmInfo(
     name="google/medsiglip-448",

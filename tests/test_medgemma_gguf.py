@@ -24,7 +24,7 @@ from medgemma_deploy.errors import ModelLoadError
 from medgemma_deploy.operators.domain import AlgorithmInfo
 from medgemma_deploy.operators.gguf_weights import converter_dir, gguf_weights
 from medgemma_deploy.operators.medgemma import MedGemmaRunner
-from medgemma_deploy.operators.medgemma_runners import medgemma_runner
+from medgemma_deploy.operators.medgemma_runners import make_medgemma_runner
 from medgemma_deploy.operators.report_inputs import GenerationSettings, PromptBook, build_report_request
 from medgemma_deploy.operators.report_sr_writer import build_report_sr
 from medgemma_deploy.testmodels.gemma import make_test_medgemma
@@ -152,7 +152,7 @@ def test_streamed_pieces_concatenate_to_the_text(full_precision, prompts):
 def test_low_bit_report_records_engine_precision_and_digest_in_the_sr(
     medgemma_dir, prompts, precision, weight_type
 ):
-    runner = medgemma_runner(medgemma_dir, device="cpu", precision=precision)
+    runner = make_medgemma_runner(medgemma_dir, device="cpu", precision=precision)
     series = make_cr_series(grey=0.4)
     request = build_report_request(series, prompts, settings=GenerationSettings(max_new_tokens=8))
     with runner:
@@ -218,14 +218,14 @@ def test_int4_without_the_lowbit_extra_fails_at_start_naming_it(monkeypatch, tmp
     monkeypatch.setattr(importlib.util, "find_spec", without_llama_cpp)
     for precision in ("int4", "int8"):
         with pytest.raises(ModelLoadError, match=r"lowbit.*medgemma-deploy\[lowbit\]"):
-            medgemma_runner(model_dir, device="cpu", precision=precision)
-    assert isinstance(medgemma_runner(model_dir, device="cpu", precision="auto"), MedGemmaRunner)
+            make_medgemma_runner(model_dir, device="cpu", precision=precision)
+    assert isinstance(make_medgemma_runner(model_dir, device="cpu", precision="auto"), MedGemmaRunner)
 
 
 def test_auto_fp32_and_bf16_stay_on_torch(tmp_path):
     model_dir = make_test_medgemma(tmp_path / "medgemma", seed=0)
     for precision in ("auto", "fp32", "bf16"):
-        assert isinstance(medgemma_runner(model_dir, device="cpu", precision=precision), MedGemmaRunner)
+        assert isinstance(make_medgemma_runner(model_dir, device="cpu", precision=precision), MedGemmaRunner)
 
 
 def test_cli_int4_without_the_extra_is_one_line_naming_it(monkeypatch, tmp_path, capsys):
@@ -315,4 +315,4 @@ def test_compare_precisions_prints_how_each_precision_differs(medgemma_dir, tmp_
 @needs_lowbit
 def test_low_bit_on_a_gpu_device_is_refused_naming_the_alternatives(medgemma_dir):
     with pytest.raises(ModelLoadError, match=r"--device cpu, or fp32/bf16 on cuda"):
-        medgemma_runner(medgemma_dir, device="cuda", precision="int4")
+        make_medgemma_runner(medgemma_dir, device="cuda", precision="int4")

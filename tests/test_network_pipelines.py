@@ -48,6 +48,10 @@ SETTING_EFFECTS = {
         "11",
         lambda built: built.engine.classify_options.budget.max_series_decoded_bytes == 11 * 2**20,
     ),
+    "cache_dir": (
+        "/tmp/medgemma-cache-elsewhere",
+        lambda built: built.engine.cache_dir == Path("/tmp/medgemma-cache-elsewhere"),
+    ),
     # Where the listener indexes: the default store once index is on, or the store named.
     "index": ("true", lambda built: built.index_store == "sqlite:///medgemma-index.db"),
     "store": ("sqlite:///elsewhere.db", lambda built: built.index_store == "sqlite:///elsewhere.db"),

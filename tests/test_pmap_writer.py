@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pydicom
@@ -199,14 +200,20 @@ def _content_items(dataset):
     ids=["both", "pmap", "seg"],
 )
 def test_pipeline_names_the_projection_image_without_parametric_map(
-    relevance_format, written, skipped, rejected, cr_series, make_classification, tmp_path
+    relevance_format, written, skipped, rejected, cr_series, make_classification, tmp_path, caplog
 ):
-    """A CR's missing Parametric Map is named in results.json: skipped when its SEG carries the maps."""
+    """A CR's missing Parametric Map is named in results.json: skipped when its SEG carries the maps.
+
+    The expected skip is logged at INFO (every CR/DX gets it); a rejection stays a WARNING.
+    """
     classification = make_classification(cr_series, map_keys=["pneumothorax"])
     options = ClassifyOptions(relevance_format=relevance_format)
     results = RunResults(command="classify", disclaimer=AI_DISCLAIMER)
     write_segmentations([classification], tmp_path, options, results)
-    maps = write_parametric_maps([classification], tmp_path, options, results)
+    with caplog.at_level(logging.INFO, logger="medgemma_deploy.operators.results"):
+        maps = write_parametric_maps([classification], tmp_path, options, results)
+    skip_levels = [r.levelname for r in caplog.records if r.getMessage().startswith("skipped:")]
+    assert skip_levels == ["INFO"] * len(skipped)
     assert maps == {}
     assert [output.kind for output in results.outputs] == written
     assert [entry.stage for entry in results.skipped] == skipped

@@ -22,7 +22,7 @@ from pathlib import Path
 from medgemma_deploy.errors import InputError, ModelLoadError, UsageError
 from medgemma_deploy.model_dir import resolve_model_dir
 from medgemma_deploy.operators.dicom_input import load_study_input
-from medgemma_deploy.operators.medgemma_runners import medgemma_runner
+from medgemma_deploy.operators.medgemma_runners import make_medgemma_runner
 from medgemma_deploy.operators.precision import PRECISIONS
 from medgemma_deploy.operators.report_inputs import GenerationSettings, PromptBook, build_report_request
 
@@ -47,7 +47,7 @@ def compare(
             print(f"series {series.series_instance_uid}: skipped: {exc.reason}", file=sys.stderr)
     drafts: dict[str, dict[str, dict]] = {uid: {} for uid in requests}
     for precision in precisions:
-        with medgemma_runner(model_dir, device=device, precision=precision) as runner:
+        with make_medgemma_runner(model_dir, device=device, precision=precision) as runner:
             for uid, request in requests.items():
                 started = time.perf_counter()
                 result = runner.generate(request)

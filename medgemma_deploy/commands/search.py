@@ -120,7 +120,11 @@ def _open_model(settings: Any, models: Path | None) -> tuple[Any, Any]:
     from medgemma_deploy.operators.backends import make_backend
 
     backend = make_backend(
-        settings.backend, models, check_device(settings.device), precision=settings.precision
+        settings.backend,
+        models,
+        check_device(settings.device),
+        precision=settings.precision,
+        cache_dir=settings.cache_dir,
     )
     try:
         model = backend.medsiglip

@@ -161,6 +161,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         medgemma=medgemma,
         device=settings.device,
         precision=settings.precision,
+        cache_dir=settings.cache_dir,
         label_files=tuple(settings.labels),
         tls=tls,
         allow_insecure=args.allow_insecure,

@@ -36,6 +36,8 @@ class WorkerConfig:
     device: str | None = None
     #: ``--precision`` (operators/precision.py) for the worker's models.
     precision: str = "auto"
+    #: The ``cache_dir`` setting: where MedSigLIP keeps label sets' prompt embeddings.
+    cache_dir: Path | None = None
     label_files: tuple[Path, ...] = ()
     tls: ServerTLS | None = None
     allow_insecure: bool = False

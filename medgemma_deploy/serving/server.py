@@ -326,15 +326,16 @@ class WorkerServer:
     def _load_medsiglip(self, slot: _ModelSlot) -> None:
         from medgemma_deploy.model_dir import resolve_model_dir
         from medgemma_deploy.operators.labels import load_label_sets
-        from medgemma_deploy.operators.medsiglip import MedSigLIPRunner
+        from medgemma_deploy.operators.medsiglip import make_medsiglip_runner
 
         c = self.config
         label_sets = load_label_sets(list(c.label_files) or None)
         assert slot.path is not None
-        runner = MedSigLIPRunner(
+        runner = make_medsiglip_runner(
             resolve_model_dir(slot.path, "medsiglip"),
             device=c.device,
             precision=c.precision,
+            cache_dir=c.cache_dir,
             max_batch_size=c.classify_max_batch_size,
         )
         slot.runner = runner
@@ -357,11 +358,11 @@ class WorkerServer:
         from medgemma_deploy.errors import ModelLoadError
         from medgemma_deploy.model_dir import resolve_model_dir
         from medgemma_deploy.operators.medgemma import MedGemmaRunner
-        from medgemma_deploy.operators.medgemma_runners import medgemma_runner
+        from medgemma_deploy.operators.medgemma_runners import make_medgemma_runner
 
         c = self.config
         assert slot.path is not None
-        runner = medgemma_runner(
+        runner = make_medgemma_runner(
             resolve_model_dir(slot.path, "medgemma"), device=c.device, precision=c.precision
         )
         if not isinstance(runner, MedGemmaRunner):
