@@ -698,7 +698,14 @@ def make_medsiglip_runner(
     :func:`~medgemma_deploy.operators.text_cache.default_cache_dir`): prompt embeddings persist
     under its ``text-embeddings/``, and ``int8``'s quantised vision tower under ``vision-int8/``.
     Other keyword arguments go to :class:`MedSigLIPRunner`.
+
+    ``int4`` runs MedSigLIP at ``int8``: one ``--precision`` serves both models, and a site that asks
+    for 4-bit MedGemma (``study --precision int4``) wants the lowest precision of each, not a refusal
+    (MedSigLIP has no 4-bit path; see :class:`MedSigLIPRunner`).
     """
+    if precision == "int4":
+        logger.info("MedSigLIP has no 4-bit path: precision int4 runs it at int8")
+        precision = "int8"
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return MedSigLIPRunner(
         model_dir,

@@ -170,3 +170,11 @@ def test_int8_on_a_gpu_and_int4_are_refused_in_one_line(tiny_medsiglip_dir):
         MedSigLIPRunner(tiny_medsiglip_dir, device="cuda", precision="int8")
     with pytest.raises(ModelLoadError, match="precision int4 is not offered for MedSigLIP"):
         MedSigLIPRunner(tiny_medsiglip_dir, device="cpu", precision="int4")
+
+
+def test_the_factory_runs_medsiglip_at_int8_when_int4_is_asked_for_medgemma(tiny_medsiglip_dir, tmp_path):
+    from medgemma_deploy.operators.medsiglip import make_medsiglip_runner
+
+    runner = make_medsiglip_runner(tiny_medsiglip_dir, device="cpu", precision="int4", cache_dir=tmp_path)
+    assert runner.precision == "int8"
+    assert runner.int8_cache_dir == tmp_path / "vision-int8"
