@@ -32,7 +32,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +39,15 @@ from medgemma_deploy.errors import InputError, ModelLoadError
 from medgemma_deploy.model_dir import model_identity, resolve_model_dir
 from medgemma_deploy.operators.domain import ModelIdentity
 from medgemma_deploy.operators.medgemma_generation import (
+    SAMPLING_OPTIONS,
     FinishReason,
     IncrementalTextStreamer,
     ReportResult,
+    chat_inputs,
     dtype_name,
     eos_ids,
+    fill_sampling_defaults,
+    fit_token_budget,
 )
 from medgemma_deploy.operators.precision import torch_dtype_name
 from medgemma_deploy.operators.report_inputs import GenerationSettings, ReportRequest
@@ -54,9 +57,6 @@ from medgemma_deploy.operators.report_inputs import GenerationSettings, ReportRe
 __all__ = ["GenerationSettings", "MedGemmaRunner", "ReportRequest", "ReportResult"]
 
 logger = logging.getLogger(__name__)
-
-#: Generation options that only apply when sampling.
-_SAMPLING_OPTIONS = ("temperature", "top_p", "top_k")
 
 
 class MedGemmaRunner:
@@ -192,9 +192,9 @@ class MedGemmaRunner:
         # checkpoint's sampling defaults would reach (and warn in) greedy runs; keep them aside
         # and apply them only when sampling.
         self._sampling_defaults = {
-            name: getattr(model.generation_config, name, None) for name in _SAMPLING_OPTIONS
+            name: getattr(model.generation_config, name, None) for name in SAMPLING_OPTIONS
         }
-        for name in _SAMPLING_OPTIONS:
+        for name in SAMPLING_OPTIONS:
             setattr(model.generation_config, name, None)
         model.generation_config.do_sample = False
         n_parameters = sum(parameter.numel() for parameter in model.parameters())
@@ -253,22 +253,10 @@ class MedGemmaRunner:
         Raises
         ------
         InputError
-            The processor refuses the messages (e.g. an image it cannot read); ``source`` is
-            ``request.source``.
+            The processor refuses the messages (e.g. an image it cannot read).
         """
         self._require_loaded()
-        try:
-            return self._processor.apply_chat_template(
-                request.messages,
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-            )
-        except (ValueError, TypeError, KeyError) as exc:
-            raise InputError(
-                request.source, f"the MedGemma processor cannot build the prompt ({request.prompt_id}): {exc}"
-            ) from exc
+        return chat_inputs(self._processor, request, "pt")
 
     def generate(
         self, request: ReportRequest, *, on_token: Callable[[str], None] | None = None
@@ -382,36 +370,12 @@ class MedGemmaRunner:
         return result
 
     def token_budget(self, request: ReportRequest, n_prompt: int, warnings: list[str]) -> int:
-        """New tokens this request may generate: its max_new_tokens, shrunk (with a warning) to fit
-        the context; the worker's scheduler applies the same rule."""
-        context = self.context_length or 0
-        wanted = request.settings.max_new_tokens
-        if n_prompt >= context:
-            raise InputError(
-                request.source,
-                f"the prompt is {n_prompt} tokens ({request.n_images} images plus text, prompt "
-                f"{request.prompt_id}) and MedGemma's context is {context} tokens: send fewer images "
-                "(max_images in prompts.yaml) or a shorter prompt",
-            )
-        if n_prompt + wanted > context:
-            budget = context - n_prompt
-            warnings.append(
-                f"max_new_tokens reduced from {wanted} to {budget}: the {n_prompt}-token prompt leaves "
-                f"only that much of the {context}-token context"
-            )
-            return budget
-        return wanted
+        """New tokens this request may generate (:func:`fit_token_budget` on this model's context)."""
+        return fit_token_budget(request, n_prompt, self.context_length or 0, warnings)
 
     def effective_settings(self, settings: GenerationSettings) -> GenerationSettings:
         """``settings`` with the checkpoint's sampling defaults filled in, so results record them."""
-        if not settings.do_sample:
-            return settings
-        filled = {
-            name: self._sampling_defaults[name]
-            for name in _SAMPLING_OPTIONS
-            if getattr(settings, name) is None and self._sampling_defaults.get(name) is not None
-        }
-        return replace(settings, **filled) if filled else settings
+        return fill_sampling_defaults(settings, self._sampling_defaults)
 
     def _generation_config(self, settings: GenerationSettings, max_new_tokens: int) -> Any:
         config = copy.deepcopy(self._model.generation_config)
@@ -420,7 +384,7 @@ class MedGemmaRunner:
         config.do_sample = settings.do_sample
         config.num_beams = 1
         if settings.do_sample:
-            for name in _SAMPLING_OPTIONS:
+            for name in SAMPLING_OPTIONS:
                 setattr(config, name, getattr(settings, name))
         if settings.repetition_penalty is not None:
             config.repetition_penalty = settings.repetition_penalty

@@ -3,7 +3,8 @@
 :class:`ReportResult` (with :data:`FinishReason`) is the runner's output for one request;
 :class:`IncrementalTextStreamer` hands decoded text to ``on_token`` while ``generate`` runs;
 :func:`eos_ids` finds the tokens that end a report and :func:`dtype_name` checks the ``dtype``
-argument. They are separate from :mod:`~medgemma_deploy.operators.medgemma`, which re-exports
+argument; :func:`chat_inputs`, :func:`fit_token_budget` and :func:`fill_sampling_defaults` are the
+rules every MedGemma engine (transformers, llama.cpp) applies alike. They are separate from :mod:`~medgemma_deploy.operators.medgemma`, which re-exports
 :class:`ReportResult`, so that the runner module holds the model's lifecycle and the generate call
 only; none of them touches the model.
 """
@@ -11,16 +12,29 @@ only; none of them touches the model.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from transformers.generation.streamers import BaseStreamer
 
-from medgemma_deploy.errors import ModelLoadError
-from medgemma_deploy.operators.report_inputs import GenerationSettings
+from medgemma_deploy.errors import InputError, ModelLoadError
+from medgemma_deploy.operators.report_inputs import GenerationSettings, ReportRequest
 
-__all__ = ["FinishReason", "IncrementalTextStreamer", "ReportResult", "dtype_name", "eos_ids"]
+__all__ = [
+    "SAMPLING_OPTIONS",
+    "FinishReason",
+    "IncrementalTextStreamer",
+    "ReportResult",
+    "chat_inputs",
+    "dtype_name",
+    "eos_ids",
+    "fill_sampling_defaults",
+    "fit_token_budget",
+]
+
+#: Sampling options a checkpoint's generation_config may set; applied only when sampling.
+SAMPLING_OPTIONS = ("temperature", "top_p", "top_k")
 
 #: Why a generation ended: a stop token (``"stop"``) or ``max_new_tokens`` (``"length"``).
 FinishReason = Literal["stop", "length"]
@@ -130,3 +144,69 @@ def eos_ids(configured: int | list[int] | None, tokenizer: Any) -> tuple[int, ..
     if not ids and tokenizer.eos_token_id is not None:
         ids = [tokenizer.eos_token_id]
     return tuple(int(token) for token in ids)
+
+
+# The rules every MedGemma engine applies the same way (transformers in process, llama.cpp at low
+# bit): one definition, so the engines cannot drift apart.
+
+
+def chat_inputs(processor: Any, request: ReportRequest, return_tensors: str) -> Any:
+    """The processor's inputs (token ids, normalised pixels) for ``request``.
+
+    Raises
+    ------
+    InputError
+        The processor refuses the messages (e.g. an image it cannot read); ``source`` is
+        ``request.source``.
+    """
+    try:
+        return processor.apply_chat_template(
+            request.messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors=return_tensors,
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InputError(
+            request.source, f"the MedGemma processor cannot build the prompt ({request.prompt_id}): {exc}"
+        ) from exc
+
+
+def fit_token_budget(request: ReportRequest, n_prompt: int, context: int, warnings: list[str]) -> int:
+    """New tokens ``request`` may generate: its max_new_tokens, shrunk (with a warning) to fit the
+    ``context``; the worker's scheduler applies the same rule.
+
+    Raises
+    ------
+    InputError
+        The prompt alone fills the context.
+    """
+    wanted = request.settings.max_new_tokens
+    if n_prompt >= context:
+        raise InputError(
+            request.source,
+            f"the prompt is {n_prompt} tokens ({request.n_images} images plus text, prompt "
+            f"{request.prompt_id}) and MedGemma's context is {context} tokens: send fewer images "
+            "(max_images in prompts.yaml) or a shorter prompt",
+        )
+    if n_prompt + wanted > context:
+        budget = context - n_prompt
+        warnings.append(
+            f"max_new_tokens reduced from {wanted} to {budget}: the {n_prompt}-token prompt leaves "
+            f"only that much of the {context}-token context"
+        )
+        return budget
+    return wanted
+
+
+def fill_sampling_defaults(settings: GenerationSettings, defaults: dict[str, Any]) -> GenerationSettings:
+    """``settings`` with the checkpoint's sampling ``defaults`` filled in, so results record them."""
+    if not settings.do_sample:
+        return settings
+    filled = {
+        name: defaults[name]
+        for name in SAMPLING_OPTIONS
+        if getattr(settings, name) is None and defaults.get(name) is not None
+    }
+    return replace(settings, **filled) if filled else settings

@@ -32,7 +32,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,15 @@ from medgemma_deploy.errors import InputError, ModelLoadError
 from medgemma_deploy.model_dir import model_identity, resolve_model_dir
 from medgemma_deploy.operators.domain import ModelIdentity
 from medgemma_deploy.operators.gguf_weights import GgufWeights, gguf_weights, require_lowbit
-from medgemma_deploy.operators.medgemma_generation import FinishReason, ReportResult, eos_ids
+from medgemma_deploy.operators.medgemma_generation import (
+    SAMPLING_OPTIONS,
+    FinishReason,
+    ReportResult,
+    chat_inputs,
+    eos_ids,
+    fill_sampling_defaults,
+    fit_token_budget,
+)
 from medgemma_deploy.operators.report_inputs import GenerationSettings, ReportRequest
 
 __all__ = ["PRECISION_WEIGHT_TYPES", "GgufMedGemmaRunner"]
@@ -53,7 +61,6 @@ logger = logging.getLogger(__name__)
 #: The GGUF weight type of each precision this runner offers (``f32`` is for parity tests).
 PRECISION_WEIGHT_TYPES = {"int4": "q4_0", "int8": "q8_0", "fp32": "f32"}
 
-_SAMPLING_OPTIONS = ("temperature", "top_p", "top_k")
 #: ggml's type ids for a KV cache at full precision (parity) and at 16 bits (default).
 _GGML_F32, _GGML_F16 = 0, 1
 _IMAGE_CHUNK = 1  # MTMD_INPUT_CHUNK_TYPE_IMAGE
@@ -252,7 +259,7 @@ class GgufMedGemmaRunner:
         self.weights = weights
         self.context_length = min(n_ctx_seq, train_context)
         self.eos_token_ids = eos_ids(generation.eos_token_id, processor.tokenizer)
-        self._sampling_defaults = {name: getattr(generation, name, None) for name in _SAMPLING_OPTIONS}
+        self._sampling_defaults = {name: getattr(generation, name, None) for name in SAMPLING_OPTIONS}
         # As transformers' generate: ids the checkpoint's generation_config.json suppresses.
         self._suppressed = np.asarray(generation.suppress_tokens or [], dtype=np.int64)
         logger.info(
@@ -294,33 +301,15 @@ class GgufMedGemmaRunner:
     def prepare_inputs(self, request: ReportRequest) -> Any:
         """The processor's inputs (token ids, normalised pixels) for ``request``, as numpy arrays."""
         self._require_loaded()
-        try:
-            return self._processor.apply_chat_template(
-                request.messages,
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="np",
-            )
-        except (ValueError, TypeError, KeyError) as exc:
-            raise InputError(
-                request.source, f"the MedGemma processor cannot build the prompt ({request.prompt_id}): {exc}"
-            ) from exc
+        return chat_inputs(self._processor, request, "np")
 
     def token_budget(self, request: ReportRequest, n_prompt: int, warnings: list[str]) -> int:
-        from medgemma_deploy.operators.medgemma import MedGemmaRunner
-
-        return MedGemmaRunner.token_budget(self, request, n_prompt, warnings)  # type: ignore[arg-type]
+        """New tokens this request may generate (:func:`fit_token_budget` on this model's context)."""
+        return fit_token_budget(request, n_prompt, self.context_length or 0, warnings)
 
     def effective_settings(self, settings: GenerationSettings) -> GenerationSettings:
-        if not settings.do_sample:
-            return settings
-        filled = {
-            name: self._sampling_defaults[name]
-            for name in _SAMPLING_OPTIONS
-            if getattr(settings, name) is None and self._sampling_defaults.get(name) is not None
-        }
-        return replace(settings, **filled) if filled else settings
+        """``settings`` with the checkpoint's sampling defaults filled in, so results record them."""
+        return fill_sampling_defaults(settings, self._sampling_defaults)
 
     # -- run ---------------------------------------------------------------------------------
 
