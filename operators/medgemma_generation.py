@@ -4,9 +4,9 @@
 :class:`IncrementalTextStreamer` hands decoded text to ``on_token`` while ``generate`` runs;
 :func:`eos_ids` finds the tokens that end a report and :func:`dtype_name` checks the ``dtype``
 argument; :func:`chat_inputs`, :func:`fit_token_budget` and :func:`fill_sampling_defaults` are the
-rules every MedGemma engine (transformers, llama.cpp) applies alike. They are separate from :mod:`~medgemma_deploy.operators.medgemma`, which re-exports
-:class:`ReportResult`, so that the runner module holds the model's lifecycle and the generate call
-only; none of them touches the model.
+rules every MedGemma engine (transformers, llama.cpp) applies alike. They are separate from
+:mod:`~medgemma_deploy.operators.medgemma` so that the runner modules hold a model's lifecycle and
+its generate call only; none of them touches the model.
 """
 
 from __future__ import annotations
