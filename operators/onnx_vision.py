@@ -40,7 +40,7 @@ import torch
 
 from medgemma_deploy.errors import ModelLoadError
 
-__all__ = ["INT8_EXTRA", "OnnxVisionTower", "require_onnxruntime"]
+__all__ = ["INT8_EXTRA", "OnnxVisionTower", "VisionTowerGraph", "require_onnxruntime"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def require_onnxruntime() -> None:
         )
 
 
-class _Tower(torch.nn.Module):
+class VisionTowerGraph(torch.nn.Module):
     """What is exported: pixel values → (pooled embedding, patch tokens), both before normalisation."""
 
     def __init__(self, vision_model: torch.nn.Module) -> None:
@@ -190,7 +190,7 @@ def _build(model: torch.nn.Module, model_dir: Path, path: Path, manifest: Path, 
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as work:
             float_path = Path(work) / "vision-fp32.onnx"
             example = torch.zeros((1, 3, size, size), dtype=torch.float32)
-            tower = _Tower(model.vision_model).eval()
+            tower = VisionTowerGraph(model.vision_model).eval()
             with warnings.catch_warnings(), torch.inference_mode():
                 # The TorchScript exporter: it needs no onnxscript, and it warns about itself.
                 warnings.simplefilter("ignore")

@@ -26,17 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medgemma_deploy.operators.onnx_vision import VisionTowerGraph
+
 __all__ = ["main"]
-
-
-class _Tower(torch.nn.Module):
-    def __init__(self, vision_model: torch.nn.Module) -> None:
-        super().__init__()
-        self.vision_model = vision_model
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        output = self.vision_model(pixel_values=pixel_values)
-        return output.pooler_output, output.last_hidden_state
 
 
 def _cosine(a: object, b: object) -> float:
@@ -55,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.manual_seed(0)
     model = SiglipModel.from_pretrained(args.model, dtype=torch.float32).eval()
-    tower = _Tower(model.vision_model).eval()
+    tower = VisionTowerGraph(model.vision_model).eval()
     size = int(model.config.vision_config.image_size)
     inputs = [torch.rand(1, 3, size, size) * 2 - 1 for _ in range(3)]
     with torch.inference_mode():
@@ -88,14 +80,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _backend(
-    name: str, model_dir: Path, tower: _Tower, example: torch.Tensor, float_onnx: Path, int8_onnx: Path
+    name: str,
+    model_dir: Path,
+    tower: VisionTowerGraph,
+    example: torch.Tensor,
+    float_onnx: Path,
+    int8_onnx: Path,
 ) -> Callable[[torch.Tensor], tuple]:
     if name == "fp32":
         return lambda x: _no_grad(tower, x)
     if name == "bf16":
         from transformers import SiglipModel
 
-        half = _Tower(SiglipModel.from_pretrained(model_dir, dtype=torch.bfloat16).eval().vision_model)
+        half = VisionTowerGraph(
+            SiglipModel.from_pretrained(model_dir, dtype=torch.bfloat16).eval().vision_model
+        )
         return lambda x: _no_grad(half, x.bfloat16())
     if name == "bf16-autocast":
 
