@@ -18,9 +18,15 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
-__all__ = ["DEMO_PATIENT_ID", "DEMO_PATIENT_NAME", "write_bad_inputs", "write_demo_study"]
+__all__ = [
+    "DEMO_PATIENT_ID",
+    "DEMO_PATIENT_NAME",
+    "write_bad_inputs",
+    "write_ct_studies",
+    "write_demo_study",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +70,57 @@ def write_demo_study(out_dir: Path, *, seed: int = 0) -> list[Path]:
     for ct in _chest_ct(study, seed, rng):
         paths.append(_write(ct, out_dir / f"CT_{int(ct.InstanceNumber):04d}.dcm"))
     logger.info("wrote synthetic demo study %s (%d files) to %s", study.StudyInstanceUID, len(paths), out_dir)
+    return paths
+
+
+def write_ct_studies(
+    out_dir: Path,
+    n_studies: int,
+    slices_per_study: int,
+    *,
+    size: int = 16,
+    seed: int = 0,
+    patient: tuple[str, str, str] = (DEMO_PATIENT_NAME, DEMO_PATIENT_ID, ""),
+) -> list[Path]:
+    """``n_studies`` CT studies of ``slices_per_study`` random-noise slices, each instance with its
+    own UIDs (the same for the same ``seed``), for load: the listener's tests and benchmarks.
+
+    ``patient`` is (name, ID, birth date): tests that check no identifier leaks pass their own.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for study_index in range(n_studies):
+        # One entropy string per UID: generate_uid joins its sources without a separator.
+        study_uid = generate_uid(entropy_srcs=[f"small/{seed}/{study_index}"])
+        series_uid = generate_uid(entropy_srcs=[f"small/{seed}/{study_index}/series"])
+        frame_uid = generate_uid(entropy_srcs=[f"small/{seed}/{study_index}/frame"])
+        for slice_index in range(slices_per_study):
+            ds = Dataset()
+            sop_uid = generate_uid(entropy_srcs=[f"small/{seed}/{study_index}/{slice_index}"])
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+            ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
+            ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient
+            ds.PatientSex = ""
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20250101", "120000", "1", ""
+            ds.ReferringPhysicianName = ""
+            ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, slice_index + 1
+            ds.FrameOfReferenceUID = frame_uid
+            ds.ImagePositionPatient = [0, 0, float(slice_index)]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 1.0
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.Rows = ds.Columns = size
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+            ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+            ds.PixelData = rng.integers(-1000, 1000, (size, size), dtype=np.int16).tobytes()
+            path = out_dir / f"s{study_index:03d}_{slice_index:04d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
     return paths
 
 

@@ -56,10 +56,10 @@ MARKER = "tests.listener_support:make_marker_pipeline"
 
 def write_instances(out_dir: Path, n_instances: int, per_study: int) -> list[Path]:
     """Tiny CT instances, named ``<SOP Instance UID>.dcm`` so senders never need to read them."""
-    from tests.listener_support import write_small_studies
+    from medgemma_deploy.synthetic import write_ct_studies
 
     n_studies = -(-n_instances // per_study)
-    files = write_small_studies(out_dir / "raw", n_studies, per_study, seed=42, size=16)[:n_instances]
+    files = write_ct_studies(out_dir / "raw", n_studies, per_study, seed=42, size=16)[:n_instances]
     named = []
     for path in files:
         uid = str(
@@ -268,10 +268,10 @@ def write_ct_instances(out_dir: Path, n_instances: int, per_study: int) -> list[
     One data set is built and only its UIDs change per file, so writing a few thousand takes
     seconds; the pixels are noise (nothing compresses or de-duplicates them).
     """
-    from tests.listener_support import write_small_studies
+    from medgemma_deploy.synthetic import write_ct_studies
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    template = pydicom.dcmread(write_small_studies(out_dir / "template", 1, 1, seed=7, size=512)[0])
+    template = pydicom.dcmread(write_ct_studies(out_dir / "template", 1, 1, seed=7, size=512)[0])
     shutil.rmtree(out_dir / "template")
     paths = []
     for index in range(n_instances):

@@ -33,10 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 __all__ = ["BenchResult", "main", "run_mode", "write_triage_label_sets"]
 
@@ -64,53 +62,6 @@ def write_triage_label_sets(folder: Path, *, threshold: float = 0.001) -> list[P
     paths = [folder / "chest_xray.yaml", folder / "ct.yaml"]
     for path, document in zip(paths, (chest, ct), strict=True):
         path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    return paths
-
-
-def write_ct_studies(
-    folder: Path, n_studies: int, slices: int, *, size: int = 32, seed: int = 0
-) -> list[Path]:
-    """``n_studies`` small synthetic CT studies (no patient data: a fixed demo name)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for study in range(n_studies):
-        study_uid = generate_uid(entropy_srcs=[f"triage-bench/{seed}/{study}"])
-        series_uid = generate_uid(entropy_srcs=[f"triage-bench/{seed}/{study}/series"])
-        frame_uid = generate_uid(entropy_srcs=[f"triage-bench/{seed}/{study}/frame"])
-        for index in range(slices):
-            sop_uid = generate_uid(entropy_srcs=[f"triage-bench/{seed}/{study}/{index}"])
-            ds = Dataset()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-            ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
-            ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
-                "BENCH^ROUTINE",
-                "BENCH",
-                "",
-                "",
-            )
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
-                study_uid,
-                series_uid,
-                frame_uid,
-            )
-            ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20250101", "120000", "1", ""
-            ds.ReferringPhysicianName = ""
-            ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, index + 1
-            ds.ImagePositionPatient = [0, 0, float(index)]
-            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-            ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 1.0
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.Rows = ds.Columns = size
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-            ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-            ds.PixelData = rng.integers(-1000, 1000, (size, size), dtype=np.int16).tobytes()
-            path = folder / f"ct{study:04d}_{index:03d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            paths.append(path)
     return paths
 
 
@@ -347,10 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             models = root / "models"
             make_test_models(models)
-        labels = write_triage_label_sets(root / "labels")
-        routine = write_ct_studies(root / "routine", args.routine, args.slices)
-        from medgemma_deploy.synthetic import write_demo_study
+        from medgemma_deploy.synthetic import write_ct_studies, write_demo_study
 
+        labels = write_triage_label_sets(root / "labels")
+        routine = write_ct_studies(
+            root / "routine", args.routine, args.slices, size=32, patient=("BENCH^ROUTINE", "BENCH", "")
+        )
         urgent = write_demo_study(root / "urgent", seed=7)[:1]  # its chest CR
         results = []
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
