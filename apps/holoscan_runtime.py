@@ -25,9 +25,9 @@ from monai.deploy.core import Application
 
 from medgemma_deploy.engine import EngineOptions, PipelineEngine, check_input_path
 from medgemma_deploy.errors import UsageError
-from medgemma_deploy.operators.classify_pipeline import ClassifyOptions
-from medgemma_deploy.operators.results import EXIT_USAGE, RunResults
+from medgemma_deploy.results import EXIT_USAGE, RunResults
 from medgemma_deploy.settings import RunSettings, resolve_settings
+from medgemma_deploy.steps.classify import ClassifyOptions
 
 __all__ = [
     "HOLOSCAN_STACK_BYTES",
@@ -71,11 +71,11 @@ class ModelApplication(Application):
     def final_results(self) -> RunResults | None:
         return getattr(self.final_writer, "last_results", None)
 
-    def open_models(self, *, classify: bool, report: bool) -> tuple[PipelineEngine, Path, Path]:
+    def open_models(self, pipeline: str) -> tuple[PipelineEngine, Path, Path]:
         """Resolve the app context (flags or HOLOSCAN_*), check the input, load the models once."""
         app_context = Application.init_app_context(self.argv)
         input_path, output_dir = input_and_output(app_context)
-        self.engine = open_engine(self.settings, app_context.model_path, classify=classify, report=report)
+        self.engine = open_engine(self.settings, app_context.model_path, pipeline)
         return self.engine, input_path, output_dir
 
 
@@ -111,13 +111,9 @@ def _our_arguments() -> argparse.ArgumentParser:
     return parser
 
 
-def open_engine(
-    settings: RunSettings, model_path: str | Path, *, classify: bool, report: bool
-) -> PipelineEngine:
+def open_engine(settings: RunSettings, model_path: str | Path, pipeline: str) -> PipelineEngine:
     """Load the models an app needs, once (raises UsageError with one line on any problem)."""
-    options = EngineOptions.from_settings(settings)
-    engine = PipelineEngine(Path(model_path), classify=classify, report=report, **options.as_kwargs())
-    return engine.open()
+    return PipelineEngine.from_settings(pipeline, Path(model_path), settings).open()
 
 
 def classify_options(settings: RunSettings) -> ClassifyOptions:

@@ -2,6 +2,6 @@
 
 import sys
 
-from medgemma_deploy.cli import main
+from medgemma_deploy.cli.main import main
 
 sys.exit(main())

@@ -1,12 +1,14 @@
-"""Pipeline engines: load the models once, then turn one input path after another into results.
+"""The engine: load the models once, then turn one input path after another into results.
 
-Triton-style lifecycle (``open`` → ``process`` many → ``close``), used by the CLI, the combined
-study app and the DICOM listener. One engine class runs any mix of the two pipelines:
+Triton-style lifecycle (``open`` → ``process`` many → ``close``). The CLI, the MONAI Deploy apps,
+the DICOM listener and the demo all build it the same way, ``PipelineEngine.from_settings(pipeline,
+models_path, settings)``, and its models come from one :class:`~medgemma_deploy.backends.local.Backend`
+(in this process or on a shared worker). It runs one of three pipelines (:data:`PIPELINES`):
 
 - classify: MedSigLIP findings → relevance SEG + TID 1500 SR;
 - report: MedGemma draft → UNVERIFIED TID 2000 report SR, optionally grounded on MedSigLIP's
-  findings for the same series (then MedSigLIP runs too, but its SR/SEG are only written when the
-  classify pipeline is on).
+  findings for the same series (then MedSigLIP runs too, but its SR/SEG are not written);
+- study: both.
 """
 
 from __future__ import annotations
@@ -14,15 +16,29 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
+from medgemma_deploy.backends.local import Backend, make_backend
+from medgemma_deploy.domain import (
+    GenerationSettings,
+    ImageModel,
+    LabelSet,
+    ReportModel,
+    Series,
+    SeriesClassification,
+)
 from medgemma_deploy.errors import UsageError
-from medgemma_deploy.model_dir import resolve_model_dir
-from medgemma_deploy.operators.classify_pipeline import (
+from medgemma_deploy.operators.dicom_input.pixels import MemoryBudget
+from medgemma_deploy.operators.dicom_input.reader import load_study_input
+from medgemma_deploy.operators.medgemma.prompts import PromptBook
+from medgemma_deploy.operators.medsiglip.labels import load_label_sets
+from medgemma_deploy.operators.writers.common import AI_DISCLAIMER
+from medgemma_deploy.results import RunResults
+from medgemma_deploy.settings import RunSettings
+from medgemma_deploy.steps.classify import (
     ClassifyOptions,
     classify_study_input,
     record_input,
@@ -30,23 +46,16 @@ from medgemma_deploy.operators.classify_pipeline import (
     write_parametric_maps,
     write_segmentations,
 )
-from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER
-from medgemma_deploy.operators.dicom_input import load_study_input
-from medgemma_deploy.operators.domain import LabelSet, Series, SeriesClassification
-from medgemma_deploy.operators.labels import load_label_sets
-from medgemma_deploy.operators.pixels import MemoryBudget
-from medgemma_deploy.operators.report_inputs import GenerationSettings, PromptBook
-from medgemma_deploy.operators.report_pipeline import (
+from medgemma_deploy.steps.report import (
     ReportOptions,
     TokenSink,
     generate_reports,
     write_report_srs,
 )
-from medgemma_deploy.operators.results import RunResults
-from medgemma_deploy.operators.triage import StudyTriage, triage_by_study, triage_study
-from medgemma_deploy.settings import RunSettings
+from medgemma_deploy.triage import StudyTriage, triage_by_study, triage_study
 
 __all__ = [
+    "PIPELINES",
     "EngineOptions",
     "PipelineEngine",
     "StudyFindings",
@@ -55,6 +64,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The pipelines an engine runs, by name: (writes findings, writes reports). The names are the CLI's
+#: commands, the listener's ``--pipeline`` values and ``results.json``'s ``command``.
+PIPELINES: dict[str, tuple[bool, bool]] = {
+    "classify": (True, False),
+    "report": (False, True),
+    "study": (True, True),
+}
 
 
 def check_device(device: str | None) -> str | None:
@@ -83,9 +100,9 @@ class EngineOptions:
     """The keyword arguments every engine takes, made from the run settings in one place.
 
     The CLI, the MONAI Deploy apps, the listener's pipelines and the demo all build their engines
-    with ``Engine(models_path, **EngineOptions.from_settings(settings).as_kwargs())``, so a setting
-    added to :class:`~medgemma_deploy.settings.RunSettings` and mapped here reaches every one of
-    them (a test sets each setting by environment variable and sees it through the listener).
+    with :meth:`PipelineEngine.from_settings`, which maps the settings here, so a setting added to
+    :class:`~medgemma_deploy.settings.RunSettings` and mapped here reaches every one of them (a test
+    sets each setting by environment variable and sees it through the listener).
     """
 
     backend: str = "local"
@@ -130,9 +147,6 @@ class EngineOptions:
             report_options=ReportOptions(settings=generation, with_findings=settings.with_findings),
         )
 
-    def as_kwargs(self) -> dict[str, Any]:
-        """The engines' keyword arguments (every engine class accepts all of them)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclass(frozen=True)
@@ -151,112 +165,92 @@ class PipelineEngine:
 
     Parameters
     ----------
+    pipeline:
+        ``classify``, ``report`` or ``study`` (:data:`PIPELINES`).
     models_path:
-        A model directory or a models root holding ``medsiglip/`` and ``medgemma/``.
-    classify, report:
-        Which pipelines write outputs.
-    backend:
-        ``local`` (models in this process, from ``models_path``) or ``grpc://HOST:PORT`` /
-        ``grpcs://HOST:PORT`` (a shared GPU worker; ``models_path`` is not used).
-    precision:
-        ``auto``, ``fp32``, ``bf16``, ``int8`` or ``int4`` for the local models (the worker has its own).
-    cache_dir:
-        The ``cache_dir`` setting: where MedSigLIP keeps label sets' prompt embeddings.
+        A model directory or a models root holding ``medsiglip/`` and ``medgemma/``; not used with
+        a remote backend.
+    options:
+        The resolved settings (:meth:`EngineOptions.from_settings`); default: every default.
     medsiglip_path:
         The MedSigLIP directory when ``models_path`` is the MedGemma directory itself.
     """
 
-    command = "run"
-
     def __init__(
         self,
+        pipeline: str,
         models_path: Path | None,
+        options: EngineOptions | None = None,
         *,
-        classify: bool,
-        report: bool,
-        backend: str = "local",
-        label_files: Sequence[Path] | None = None,
-        prompts_file: Path | None = None,
-        device: str | None = None,
-        precision: str = "auto",
-        cache_dir: Path | None = None,
-        classify_options: ClassifyOptions | None = None,
-        report_options: ReportOptions | None = None,
         medsiglip_path: Path | None = None,
     ) -> None:
-        if not (classify or report):
-            raise ValueError("an engine must run the classify or the report pipeline, or both")
-        self.backend = (backend or "local").strip()
+        if pipeline not in PIPELINES:
+            raise ValueError(f"unknown pipeline {pipeline!r}: one of {', '.join(PIPELINES)}")
+        options = options or EngineOptions()
+        self.command = pipeline
+        self.options = options
+        self.backend = (options.backend or "local").strip()
         if self.backend == "local" and models_path is None:
             raise UsageError("the local backend needs the models path (-m/--models or HOLOSCAN_MODEL_PATH)")
         self.models_path = Path(models_path) if models_path is not None else None
         self.medsiglip_path = Path(medsiglip_path) if medsiglip_path else self.models_path
-        self.write_findings = classify
-        self.report = report
-        self.classify_options = classify_options or ClassifyOptions()
-        self.report_options = report_options or ReportOptions()
-        self.needs_medsiglip = classify or (report and self.report_options.with_findings)
-        self.label_files = list(label_files) if label_files else None
-        self.prompts_file = prompts_file
-        self.device = device
-        self.precision = precision
-        self.cache_dir = cache_dir
+        self.write_findings, self.report = PIPELINES[pipeline]
+        self.classify_options = options.classify_options
+        self.report_options = options.report_options
+        self.needs_medsiglip = self.write_findings or (self.report and self.report_options.with_findings)
         self.label_sets: list[LabelSet] = []
         self.prompts: PromptBook | None = None
-        self.medsiglip = None
-        self.medgemma = None
-        self._remote = None
+        self.medsiglip: ImageModel | None = None
+        self.medgemma: ReportModel | None = None
+        self._backend: Backend | None = None
         #: Called with each run's classifications and results before results.json is written
         #: (the search index hooks in here); the frames' embeddings are kept for it.
         self.on_classified: Callable[[list[SeriesClassification], RunResults], object] | None = None
 
+    @classmethod
+    def from_settings(
+        cls,
+        pipeline: str,
+        models_path: Path | None,
+        settings: RunSettings,
+        *,
+        medsiglip_path: Path | None = None,
+    ) -> PipelineEngine:
+        """The engine every entry point builds: ``settings`` resolved once (flag > env > YAML > default)."""
+        return cls(pipeline, models_path, EngineOptions.from_settings(settings), medsiglip_path=medsiglip_path)
+
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> PipelineEngine:
-        """Read the configuration and load each model once (raises UsageError on any problem)."""
-        device = check_device(self.device)
+        """Read the configuration and load each model once (raises UsageError on any problem).
+
+        The models come from the backend (:func:`~medgemma_deploy.backends.local.make_backend`, the
+        one place runners are built): in this process, or a shared worker over gRPC that retries
+        while it starts.
+        """
+        options = self.options
+        device = check_device(options.device)
         try:
             if self.needs_medsiglip:
-                self.label_sets = load_label_sets(self.label_files)
+                self.label_sets = load_label_sets(list(options.label_files) or None)
             if self.report:
-                self.prompts = PromptBook.load(self.prompts_file)
+                self.prompts = PromptBook.load(options.prompts_file)
         except (OSError, ValueError) as exc:
             raise UsageError(f"configuration: {exc}") from exc
-        if self.backend != "local":
-            return self._open_remote()
+        local = self.backend == "local"
+        self._backend = make_backend(
+            self.backend,
+            self.models_path if local else None,
+            device if local else None,
+            precision=options.precision,
+            cache_dir=options.cache_dir,
+            medsiglip_path=self.medsiglip_path if local else None,
+        )
         try:
             if self.needs_medsiglip:
-                from medgemma_deploy.operators.medsiglip import make_medsiglip_runner
-
-                self.medsiglip = make_medsiglip_runner(
-                    resolve_model_dir(self.medsiglip_path, "medsiglip"),
-                    device=device,
-                    precision=self.precision,
-                    cache_dir=self.cache_dir,
-                )
+                self.medsiglip = self._backend.medsiglip
                 self.medsiglip.load()
             if self.report:
-                from medgemma_deploy.operators.medgemma_runners import make_medgemma_runner
-
-                self.medgemma = make_medgemma_runner(
-                    resolve_model_dir(self.models_path, "medgemma"), device=device, precision=self.precision
-                )
-                self.medgemma.load()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def _open_remote(self) -> PipelineEngine:
-        """Models on a shared worker: the same calls, over gRPC (retrying while it starts)."""
-        from medgemma_deploy.operators.backends import make_backend
-
-        self._remote = make_backend(self.backend, None, None)
-        try:
-            if self.needs_medsiglip:
-                self.medsiglip = self._remote.medsiglip
-                self.medsiglip.load()
-            if self.report:
-                self.medgemma = self._remote.medgemma
+                self.medgemma = self._backend.medgemma
                 self.medgemma.load()
         except BaseException:
             self.close()
@@ -264,13 +258,11 @@ class PipelineEngine:
         return self
 
     def close(self) -> None:
-        for runner in (self.medsiglip, self.medgemma):
-            if runner is not None:
-                runner.close()
+        """Unload the models (or close the worker channel); the engine can be opened again."""
         self.medsiglip = self.medgemma = None
-        if self._remote is not None:
-            self._remote.close()
-            self._remote = None
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
 
     def __enter__(self) -> PipelineEngine:
         return self.open()
@@ -296,7 +288,7 @@ class PipelineEngine:
         full run rejects it with its reason).
         """
         if self.medsiglip is None:
-            raise RuntimeError(f"{type(self).__name__}.triage needs MedSigLIP (classify or with_findings)")
+            raise RuntimeError(f"the {self.command} engine\'s triage needs MedSigLIP (classify or with_findings)")
         input_path = check_input_path(input_path)
         # Scores only: the maps are made (and written) by the full run.
         options = dataclasses.replace(self.classify_options, relevance_maps=False, keep_embeddings=False)
@@ -325,7 +317,7 @@ class PipelineEngine:
         results never collides with the previous one while a retry reproduces the same UIDs.
         """
         if (self.needs_medsiglip and self.medsiglip is None) or (self.report and self.medgemma is None):
-            raise RuntimeError(f"{type(self).__name__}.process called before open()")
+            raise RuntimeError(f"the {self.command} engine\'s process() was called before open()")
         input_path, output_dir = check_input_path(input_path), Path(output_dir)
         classify_options, report_options = self.classify_options, self.report_options
         if result_version is not None:

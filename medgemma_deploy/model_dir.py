@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from medgemma_deploy.domain import ModelIdentity
 from medgemma_deploy.errors import ModelLoadError
-from medgemma_deploy.operators.domain import ModelIdentity
 
 __all__ = ["MODEL_MARKER", "ModelKind", "model_identity", "resolve_model_dir"]
 

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from medgemma_deploy.errors import UsageError
-from medgemma_deploy.operators.precision import PRECISIONS
+from medgemma_deploy.precision import PRECISIONS
 
 __all__ = ["SETTINGS_TABLE", "RunSettings", "resolve_settings"]
 
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 SETTINGS_TABLE: dict[str, tuple[str, Any]] = {
     "backend": ("MEDGEMMA_DEPLOY_BACKEND", "local"),
     "device": ("MEDGEMMA_DEPLOY_DEVICE", None),
-    # Numeric precision of both models (operators/precision.py); each runner maps it to its device.
+    # Numeric precision of both models (medgemma_deploy/precision.py); each runner maps it to its device.
     "precision": ("MEDGEMMA_DEPLOY_PRECISION", "auto"),
     "labels": ("MEDGEMMA_DEPLOY_LABELS", ()),
     "relevance_top_k": ("MEDGEMMA_DEPLOY_RELEVANCE_TOP_K", 3),
@@ -39,11 +39,11 @@ SETTINGS_TABLE: dict[str, tuple[str, Any]] = {
     "with_findings": ("MEDGEMMA_DEPLOY_WITH_FINDINGS", False),
     "index": ("MEDGEMMA_DEPLOY_INDEX", False),
     "store": ("MEDGEMMA_DEPLOY_STORE", "sqlite:///medgemma-index.db"),
-    # The memory budget (operators/pixels.py MemoryBudget), checked from headers before any decode.
+    # The memory budget (operators/dicom_input/pixels.py MemoryBudget), checked from headers before any decode.
     "max_frame_megapixels": ("MEDGEMMA_DEPLOY_MAX_FRAME_MEGAPIXELS", 20),
     "max_series_frames": ("MEDGEMMA_DEPLOY_MAX_SERIES_FRAMES", 2000),
     "max_series_decoded_mib": ("MEDGEMMA_DEPLOY_MAX_SERIES_DECODED_MIB", 176),
-    # Label sets' prompt embeddings persist here between processes (operators/text_cache.py);
+    # Label sets' prompt embeddings persist here between processes (operators/medsiglip/text_cache.py);
     # None: $XDG_CACHE_HOME/medgemma-deploy, else ~/.cache/medgemma-deploy.
     "cache_dir": ("MEDGEMMA_DEPLOY_CACHE_DIR", None),
 }

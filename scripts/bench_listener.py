@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 import pydicom  # noqa: E402
 
-from medgemma_deploy.network.jobstore import JobStore  # noqa: E402
+from medgemma_deploy.listener.jobstore import JobStore  # noqa: E402
 from tests.listener_support import ListenerProcess, all_finished, no_delay, wait_until  # noqa: E402
 from tests.orthanc import free_port, orthanc_available, running_orthanc  # noqa: E402
 
@@ -56,7 +56,7 @@ MARKER = "tests.listener_support:make_marker_pipeline"
 
 def write_instances(out_dir: Path, n_instances: int, per_study: int) -> list[Path]:
     """Tiny CT instances, named ``<SOP Instance UID>.dcm`` so senders never need to read them."""
-    from medgemma_deploy.synthetic import write_ct_studies
+    from medgemma_deploy.dev.synthetic import write_ct_studies
 
     n_studies = -(-n_instances // per_study)
     files = write_ct_studies(out_dir / "raw", n_studies, per_study, seed=42, size=16)[:n_instances]
@@ -268,7 +268,7 @@ def write_ct_instances(out_dir: Path, n_instances: int, per_study: int) -> list[
     One data set is built and only its UIDs change per file, so writing a few thousand takes
     seconds; the pixels are noise (nothing compresses or de-duplicates them).
     """
-    from medgemma_deploy.synthetic import write_ct_studies
+    from medgemma_deploy.dev.synthetic import write_ct_studies
 
     out_dir.mkdir(parents=True, exist_ok=True)
     template = pydicom.dcmread(write_ct_studies(out_dir / "template", 1, 1, seed=7, size=512)[0])

@@ -1,6 +1,6 @@
 """Test helper: the flags a ``medgemma-deploy`` subcommand accepts, read from the real parser."""
 
-from medgemma_deploy.cli import build_parser
+from medgemma_deploy.cli.main import build_parser
 
 
 def cli_options(subcommand: str) -> set[str]:

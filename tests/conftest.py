@@ -19,7 +19,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from medgemma_deploy.operators.domain import (
+from medgemma_deploy.domain import (
     AlgorithmInfo,
     Code,
     FindingDefinition,
@@ -211,7 +211,7 @@ def make_classification(medsiglip_identity) -> Callable[..., SeriesClassificatio
 @pytest.fixture(scope="session")
 def tiny_medsiglip_dir(tmp_path_factory) -> Path:
     """The tiny random MedSigLIP (real ``SiglipModel`` class), built once per test session."""
-    from medgemma_deploy.testmodels.siglip import make_test_medsiglip
+    from medgemma_deploy.dev.testmodels.siglip import make_test_medsiglip
 
     return make_test_medsiglip(tmp_path_factory.mktemp("models") / "medsiglip", seed=0)
 
@@ -219,7 +219,7 @@ def tiny_medsiglip_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models_root(tmp_path_factory) -> Path:
     """A models root (``medsiglip/`` + ``medgemma/``) as ``-m`` and MAPs take it, built once."""
-    from medgemma_deploy.testmodels import make_test_models
+    from medgemma_deploy.dev.testmodels import make_test_models
 
     root = tmp_path_factory.mktemp("models-root")
     make_test_models(root)

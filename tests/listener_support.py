@@ -25,9 +25,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from medgemma_deploy.network.jobstore import Job, JobStore
-from medgemma_deploy.network.pipelines import PipelineOptions, PipelineOutput, PipelineRun
-from medgemma_deploy.synthetic import write_ct_studies
+from medgemma_deploy.dev.synthetic import write_ct_studies
+from medgemma_deploy.listener.jobmodel import Job
+from medgemma_deploy.listener.jobstore import JobStore
+from medgemma_deploy.listener.pipelines import PipelineOptions, PipelineOutput, PipelineRun
 
 REPO = Path(__file__).resolve().parents[1]
 PATIENT_NAME = "DEMO^SYNTHETIC"
@@ -132,7 +133,7 @@ def _marker_sr(source: Dataset, sop_instance_uid: str, n_inputs: int) -> Dataset
 def write_small_studies(
     out_dir: Path, n_studies: int, per_study: int, *, seed: int = 0, size: int = 16
 ) -> list[Path]:
-    """:func:`~medgemma_deploy.synthetic.write_ct_studies` carrying this module's test patient, whose
+    """:func:`~medgemma_deploy.dev.synthetic.write_ct_studies` carrying this module's test patient, whose
     name and ID the leak checks grep for in logs, audit and job store."""
     return write_ct_studies(
         out_dir, n_studies, per_study, size=size, seed=seed, patient=(PATIENT_NAME, PATIENT_ID, "19700101")

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from pydicom.uid import generate_uid
 
-from medgemma_deploy.cli import main
+from medgemma_deploy.cli.main import main
 from tests.conftest import read_testdata
 from tests.dciodvfy import requires_dciodvfy, run_dciodvfy
 from tests.pixelmed import assert_pixelmed_clean, requires_pixelmed

@@ -23,11 +23,11 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
-from medgemma_deploy.classify_run import ClassifyEngine
-from medgemma_deploy.operators import pixels
-from medgemma_deploy.operators.dicom_input import load_study_input
-from medgemma_deploy.operators.domain import Series
-from medgemma_deploy.operators.results import series_rejection
+from medgemma_deploy.domain import Series
+from medgemma_deploy.engine import EngineOptions, PipelineEngine
+from medgemma_deploy.operators.dicom_input import pixels
+from medgemma_deploy.operators.dicom_input.reader import load_study_input
+from medgemma_deploy.results import series_rejection
 from tests.conftest import read_testdata
 from tests.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
 
@@ -61,11 +61,11 @@ def ct() -> pydicom.Dataset:
 
 @pytest.fixture(scope="module")
 def engine(tiny_models_root):
-    with ClassifyEngine(tiny_models_root, device="cpu") as loaded:
+    with PipelineEngine("classify", tiny_models_root, EngineOptions(device="cpu")) as loaded:
         yield loaded
 
 
-def _run(engine: ClassifyEngine, bad: Path, ct: pydicom.Dataset, tmp_path: Path) -> dict:
+def _run(engine: PipelineEngine, bad: Path, ct: pydicom.Dataset, tmp_path: Path) -> dict:
     """Classify ``bad`` next to a good CT slice; returns results.json, having checked the good one."""
     folder = bad.parent
     _save(_fresh(ct, "good neighbour"), folder / "good.dcm")
@@ -276,8 +276,8 @@ def test_non_finite_or_absurd_rescale_is_rejected(ct, tmp_path, keyword, value):
 
 # Finding 11: SEG-stage rejections named a SOP Instance UID; warnings went raw to stderr.
 def test_series_rejection_names_the_file_of_the_instance_an_error_names(ct, tmp_path):
+    from medgemma_deploy.domain import ImageFrame
     from medgemma_deploy.errors import InputError
-    from medgemma_deploy.operators.domain import ImageFrame
 
     path = tmp_path / "slice.dcm"
     frame = ImageFrame(path, ct, 1, np.zeros((2, 2), np.float32), np.zeros((2, 2), np.float32), "test")
@@ -318,9 +318,9 @@ def test_cli_stderr_has_only_log_lines_for_hostile_inputs(ct, tiny_models_root, 
 
 # Finding 2 (isolation): any exception in one series' step rejects that series; a worker outage stops.
 def test_a_failing_step_rejects_its_series_only_and_a_service_error_propagates(ct, tmp_path):
+    from medgemma_deploy.domain import ImageFrame
     from medgemma_deploy.errors import ServiceError
-    from medgemma_deploy.operators.domain import ImageFrame
-    from medgemma_deploy.operators.results import RunResults
+    from medgemma_deploy.results import RunResults
 
     path = tmp_path / "slice.dcm"
     frame = ImageFrame(path, ct, 1, np.zeros((2, 2), np.float32), np.zeros((2, 2), np.float32), "test")
@@ -345,7 +345,7 @@ def test_a_failing_step_rejects_its_series_only_and_a_service_error_propagates(c
 
 # Finding 8 (sanitising): the derivation copy holds no control characters and no invalid Type 2 value.
 def test_derivation_copies_drop_control_characters_and_invalid_inherited_values(ct):
-    from medgemma_deploy.operators.dicom_common import prepare_sources
+    from medgemma_deploy.operators.writers.common import prepare_sources
 
     source = copy.deepcopy(ct)
     source.PatientName = "AB\x00CD^E\x07F"

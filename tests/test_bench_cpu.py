@@ -1,4 +1,4 @@
-"""The CPU benchmark's study and the precision comparison (medgemma_deploy/bench/cpu.py, precision.py).
+"""The CPU benchmark's study and the precision comparison (medgemma_deploy/dev/bench/cpu.py, precision.py).
 
 Not timed: the figures live in docs/performance.md. These check what the tables stand on: the
 copies are distinct series of the same pixels, and the comparison measures the precisions it names
@@ -13,8 +13,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from medgemma_deploy.bench.cpu import SOURCE_CR, make_study
-from medgemma_deploy.bench.precision import compare_precisions
+from medgemma_deploy.dev.bench.cpu import SOURCE_CR, make_study
+from medgemma_deploy.dev.bench.precision import compare_precisions
 from tests.real_size import write_real_cr
 
 

@@ -9,17 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medgemma_deploy.operators.classification import ImageScorer, ImageScores, classify_series, relevance_keys
-from medgemma_deploy.operators.domain import (
+from medgemma_deploy.domain import (
     Code,
     FindingDefinition,
     ImageFrame,
+    ImageModel,
+    ImageScores,
     LabelSet,
     ModelIdentity,
     Series,
 )
-from medgemma_deploy.operators.labels import load_label_sets
-from medgemma_deploy.operators.medsiglip import MedSigLIPRunner
+from medgemma_deploy.operators.medsiglip.classification import classify_series, relevance_keys
+from medgemma_deploy.operators.medsiglip.labels import load_label_sets
+from medgemma_deploy.operators.medsiglip.runner import MedSigLIPRunner
 
 MODEL = ModelIdentity(name="fake", version="1", path=Path("/models/fake"))
 
@@ -200,8 +202,8 @@ def test_bad_arguments():
 
 
 def test_fake_and_runner_satisfy_the_protocol(tiny_medsiglip_dir):
-    assert isinstance(FakeScorer(PROBABILITIES), ImageScorer)
-    assert isinstance(MedSigLIPRunner(tiny_medsiglip_dir), ImageScorer)
+    assert isinstance(FakeScorer(PROBABILITIES), ImageModel)
+    assert isinstance(MedSigLIPRunner(tiny_medsiglip_dir), ImageModel)
 
 
 def test_with_the_tiny_model_end_to_end(tiny_medsiglip_dir):

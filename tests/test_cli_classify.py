@@ -8,8 +8,8 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from medgemma_deploy.cli import main
-from medgemma_deploy.synthetic import write_bad_inputs, write_demo_study
+from medgemma_deploy.cli.main import main
+from medgemma_deploy.dev.synthetic import write_bad_inputs, write_demo_study
 from tests.dciodvfy import run_dciodvfy
 from tests.real_size import write_multislice_ct, write_real_cr
 from tests.sr_text import sr_texts
@@ -168,8 +168,8 @@ def test_a_worker_that_stops_answering_mid_run_ends_in_one_line_and_exit_4(
     demo_study, tiny_medsiglip_dir, tmp_path, monkeypatch, capsys
 ):
     import medgemma_deploy.engine as engine_module
-    from medgemma_deploy.serving.config import WorkerConfig
-    from medgemma_deploy.serving.server import WorkerServer
+    from medgemma_deploy.worker.config import WorkerConfig
+    from medgemma_deploy.worker.edge.server import WorkerServer
 
     folder, _ = demo_study
     config = WorkerConfig(

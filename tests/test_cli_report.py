@@ -6,8 +6,8 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from medgemma_deploy.cli import main
-from medgemma_deploy.synthetic import write_demo_study
+from medgemma_deploy.cli.main import main
+from medgemma_deploy.dev.synthetic import write_demo_study
 from tests.dciodvfy import run_dciodvfy
 from tests.sr_text import sr_texts
 

@@ -170,15 +170,15 @@ def test_the_dockerfiles_are_found():
 @pytest.mark.parametrize(
     ("path", "excluded"),
     [
-        ("medgemma_deploy/cli.py", False),
-        ("operators/domain.py", False),
+        ("medgemma_deploy/cli/main.py", False),
+        ("medgemma_deploy/domain.py", False),
         ("pyproject.toml", False),
         ("deploy/docker/healthcheck.py", False),
         (".venv/bin/python", True),
         (".git/config", True),
         ("tests/conftest.py", True),
         ("models/medgemma/model-00001-of-00002.safetensors", True),
-        ("medgemma_deploy/testmodels/weights.safetensors", True),
+        ("medgemma_deploy/dev/testmodels/weights.safetensors", True),
         ("medgemma_deploy/__pycache__/cli.cpython-312.pyc", True),
         ("deploy/.env", True),
         ("deploy/k8s/overlays/multi-gpu/tls/worker.key", True),
@@ -279,7 +279,7 @@ def test_every_copy_source_is_in_the_build_context(dockerfile, dockerignore):
 def test_the_package_files_reach_the_build(dockerignore):
     # What pip needs to build the wheel inside the image.
     sent = _included_files(ROOT / "medgemma_deploy", dockerignore)
-    assert "medgemma_deploy/cli.py" in sent
+    assert "medgemma_deploy/cli/main.py" in sent
     assert not any(name.endswith((".safetensors", ".pyc")) for name in sent)
 
 
@@ -517,7 +517,7 @@ def test_grpc_probe_takes_tls_from_the_client_environment(certificates):
 
 def test_probe_and_client_read_the_same_tls_variables():
     tls = pytest.importorskip(
-        "medgemma_deploy.serving.tls", reason="the worker's TLS module is not importable"
+        "medgemma_deploy.backends.tls", reason="the worker's TLS module is not importable"
     )
     spec = importlib.util.spec_from_file_location("healthcheck", HEALTHCHECK)
     healthcheck = importlib.util.module_from_spec(spec)
@@ -569,7 +569,7 @@ def test_worker_without_a_gpu_exits_with_a_clear_message(tmp_path, request):
     try:  # the suite's session-wide tiny models, when conftest provides them
         models_root = Path(request.getfixturevalue("tiny_models_root"))
     except pytest.FixtureLookupError:
-        from medgemma_deploy.testmodels import make_test_models
+        from medgemma_deploy.dev.testmodels import make_test_models
 
         models_root = tmp_path / "models"
         make_test_models(models_root)

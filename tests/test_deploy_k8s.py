@@ -466,7 +466,7 @@ def _variables_the_package_reads() -> set[str]:
             known |= set(re.findall(r"[\"'](MEDGEMMA_DEPLOY_[A-Z0-9_]+)[\"']", path.read_text()))
     import argparse
 
-    from medgemma_deploy.commands.listen import ENV_PREFIX, add_arguments
+    from medgemma_deploy.cli.listen import ENV_PREFIX, add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -488,7 +488,7 @@ def test_project_variables_in_the_manifests_are_ones_the_package_reads(overlay):
 
 
 def test_label_sets_in_the_config_map_load(overlay, tmp_path):
-    from medgemma_deploy.operators.labels import load_label_sets
+    from medgemma_deploy.operators.medsiglip.labels import load_label_sets
 
     docs = overlay[1]
     listener = one(docs, "StatefulSet", "medgemma-listener")
@@ -502,7 +502,7 @@ def test_label_sets_in_the_config_map_load(overlay, tmp_path):
 
 
 def test_prompts_in_the_config_map_load(overlay, tmp_path):
-    from medgemma_deploy.operators.report_prompts import PromptBook
+    from medgemma_deploy.operators.medgemma.prompts import PromptBook
 
     docs = overlay[1]
     listener = one(docs, "StatefulSet", "medgemma-listener")

@@ -1,4 +1,4 @@
-"""operators/dicom_input.py: files and folders → studies, series, rejected and skipped inputs."""
+"""operators/dicom_input/reader.py: files and folders → studies, series, rejected and skipped inputs."""
 
 import logging
 import shutil
@@ -9,9 +9,9 @@ import pytest
 from pydicom import data as pydicom_data
 from pydicom.uid import generate_uid
 
+from medgemma_deploy.dev.synthetic import write_bad_inputs, write_demo_study
 from medgemma_deploy.errors import UsageError
-from medgemma_deploy.operators.dicom_input import is_image_sop_class, load_study_input
-from medgemma_deploy.synthetic import write_bad_inputs, write_demo_study
+from medgemma_deploy.operators.dicom_input.reader import is_image_sop_class, load_study_input
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_each_bad_input_is_reported_once_by_name_and_the_good_files_still_load(d
     _copy(files, tmp_path)
     bad = write_bad_inputs(tmp_path / "bad", tmp_path / "CT_0003.dcm")
     assert set(bad) == set(EXPECTED_BAD)
-    with caplog.at_level(logging.WARNING, logger="medgemma_deploy.operators.dicom_input"):
+    with caplog.at_level(logging.WARNING, logger="medgemma_deploy.operators.dicom_input.reader"):
         study_input = load_study_input(tmp_path)
     reported = study_input.rejected + study_input.skipped
     assert len(reported) == len(bad)

@@ -13,11 +13,10 @@ import json
 import numpy as np
 import pytest
 
-from medgemma_deploy.bench.full_size import GEMMA_SHAPES, MEDSIGLIP_448_SHAPE, make_full_size_models
-from medgemma_deploy.classify_run import ClassifyEngine
-from medgemma_deploy.operators.report_inputs import GenerationSettings
-from medgemma_deploy.operators.report_pipeline import ReportOptions
-from medgemma_deploy.report_run import ReportEngine
+from medgemma_deploy.dev.bench.full_size import GEMMA_SHAPES, MEDSIGLIP_448_SHAPE, make_full_size_models
+from medgemma_deploy.domain import GenerationSettings
+from medgemma_deploy.engine import EngineOptions, PipelineEngine
+from medgemma_deploy.steps.report import ReportOptions
 from tests.real_size import write_real_cr
 
 pytestmark = pytest.mark.slow
@@ -30,7 +29,7 @@ def test_full_size_medsiglip_classifies_a_real_cr_on_cpu(tmp_path):
     assert config["text_config"]["projection_size"] == config["vision_config"]["hidden_size"] == width
     assert config["vision_config"]["num_hidden_layers"] == MEDSIGLIP_448_SHAPE["num_hidden_layers"]
     write_real_cr(tmp_path / "input")
-    with ClassifyEngine(tmp_path / "models", device="cpu") as engine:
+    with PipelineEngine("classify", tmp_path / "models", EngineOptions(device="cpu")) as engine:
         results = engine.process(tmp_path / "input", tmp_path / "out")
     assert results.exit_code == 0, results.rejected
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -52,7 +51,8 @@ def test_full_size_medgemma_with_two_layers_drafts_a_report_on_a_real_cr(tmp_pat
     # draft. A seeded sample at temperature 20 draws from the whole 262,208-id vocabulary.
     sampled = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=20.0, seed=0)
     options = ReportOptions(settings=sampled)
-    with ReportEngine(tmp_path / "models", device="cpu", report_options=options) as engine:
+    engine_options = EngineOptions(device="cpu", report_options=options)
+    with PipelineEngine("report", tmp_path / "models", engine_options) as engine:
         tokenizer = engine.medgemma.processor.tokenizer
         # Every id of the real-size vocabulary decodes to text (the widened tokenizer).
         assert len(tokenizer) == 262208

@@ -14,10 +14,10 @@ from hl7apy.mllp import MLLPServer
 from hl7apy.parser import parse_message
 from pydicom.dataset import Dataset
 
-from medgemma_deploy.network.hl7 import Hl7Identity, build_oru, message_control_id
-from medgemma_deploy.network.mllp import Hl7DeliveryError, Hl7Endpoint, send_message
-from medgemma_deploy.operators.domain import TriagePriority
-from medgemma_deploy.operators.triage import triage_study
+from medgemma_deploy.domain import TriagePriority
+from medgemma_deploy.listener.hl7 import Hl7Identity, build_oru, message_control_id
+from medgemma_deploy.listener.mllp import Hl7DeliveryError, Hl7Endpoint, send_message
+from medgemma_deploy.triage import triage_study
 from tests.triage_support import classification, running_mllp_receiver
 
 CREATED = datetime(2026, 12, 3, 10, 0, 0)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medgemma_deploy.operators.domain import Code, FindingDefinition, LabelSet
-from medgemma_deploy.operators.labels import (
+from medgemma_deploy.domain import Code, FindingDefinition, LabelSet
+from medgemma_deploy.operators.medsiglip.labels import (
     CODING_SCHEMES,
     LabelSetError,
     NoLabelSetError,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_deploy.network.jobstore import JobStore
+from medgemma_deploy.listener.jobstore import JobStore
 from tests.listener_support import (
     BASIC_TEXT_SR,
     ListenerProcess,

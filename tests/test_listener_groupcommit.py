@@ -1,4 +1,4 @@
-"""Group commit (medgemma_deploy.network.groupcommit): concurrent stores share fsyncs and commits,
+"""Group commit (medgemma_deploy.listener.groupcommit): concurrent stores share fsyncs and commits,
 each store still answers Success only for its own durable instance, and a failed batch fails all."""
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import pydicom
 import pytest
 from pynetdicom.dsutils import encode, encode_file_meta
 
-from medgemma_deploy.network import spool as spool_module
-from medgemma_deploy.network.audit import AuditLog
-from medgemma_deploy.network.groupcommit import GroupCommitter
-from medgemma_deploy.network.jobstore import JobStore, NewInstance, RecordOutcome
-from medgemma_deploy.network.receiver import InstanceReceiver, StoreRequest, StoreStatus
-from medgemma_deploy.network.spool import PendingFile, Spool
+from medgemma_deploy.listener import spool as spool_module
+from medgemma_deploy.listener.audit import AuditLog
+from medgemma_deploy.listener.groupcommit import GroupCommitter
+from medgemma_deploy.listener.jobmodel import NewInstance, RecordOutcome
+from medgemma_deploy.listener.jobstore import JobStore
+from medgemma_deploy.listener.receiver import InstanceReceiver, StoreRequest, StoreStatus
+from medgemma_deploy.listener.spool import PendingFile, Spool
 from tests.listener_support import wait_until, write_small_studies
 
 N_STORES = 6
@@ -59,7 +60,7 @@ class CountingStore(JobStore):
 
 
 class BatchSizes:
-    """A :class:`~medgemma_deploy.network.groupcommit.CommitObserver` that keeps every batch size."""
+    """A :class:`~medgemma_deploy.listener.groupcommit.CommitObserver` that keeps every batch size."""
 
     def __init__(self) -> None:
         self.sizes: list[int] = []

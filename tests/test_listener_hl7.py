@@ -18,10 +18,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from medgemma_deploy.bench.triage_bench import write_triage_label_sets
-from medgemma_deploy.network.hl7 import message_control_id
-from medgemma_deploy.network.jobstore import JobStore
-from medgemma_deploy.synthetic import write_demo_study
+from medgemma_deploy.dev.bench.triage_bench import write_triage_label_sets
+from medgemma_deploy.dev.synthetic import write_demo_study
+from medgemma_deploy.listener.hl7 import message_control_id
+from medgemma_deploy.listener.jobstore import JobStore
 from tests.listener_support import REPO, ListenerProcess, all_finished, wait_until
 from tests.orthanc import free_port, running_orthanc
 from tests.system_tools import require

@@ -18,8 +18,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from medgemma_deploy.network.jobstore import JobStore
-from medgemma_deploy.synthetic import write_bad_inputs, write_demo_study
+from medgemma_deploy.dev.synthetic import write_bad_inputs, write_demo_study
+from medgemma_deploy.listener.jobstore import JobStore
 from tests.listener_support import REPO, ListenerProcess, all_finished, jobs, send_as_is, wait_until
 from tests.orthanc import free_port, running_orthanc
 from tests.system_tools import require
@@ -204,7 +204,7 @@ def test_no_patient_data_in_any_log(pacs, first_study):
     stored = next((spool / "studies").rglob("*.dcm")).read_bytes()
     assert str(demo.PatientID).encode() in stored  # the search below would find them if they leaked
     jobs_json = subprocess.run(
-        [sys.executable, "-m", "medgemma_deploy.commands.jobs", "--spool", str(spool), "--json"],
+        [sys.executable, "-m", "medgemma_deploy.cli.jobs", "--spool", str(spool), "--json"],
         capture_output=True, text=True, cwd=REPO, timeout=60,
     ).stdout  # fmt: skip
     logs = {

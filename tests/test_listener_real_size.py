@@ -15,13 +15,14 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
-from medgemma_deploy.network.delivery import DeliveryItem
-from medgemma_deploy.network.jobstore import JobState
-from medgemma_deploy.network.pipelines import PipelineOptions, make_pipeline
-from medgemma_deploy.network.service import Listener, ListenerConfig
-from medgemma_deploy.network.worker_loop import RetryPolicy
-from medgemma_deploy.serving import WorkerConfig, WorkerServer
+from medgemma_deploy.listener.delivery import DeliveryItem
+from medgemma_deploy.listener.jobmodel import JobState
+from medgemma_deploy.listener.pipelines import PipelineOptions, make_pipeline
+from medgemma_deploy.listener.service import Listener, ListenerConfig
+from medgemma_deploy.listener.worker_loop import RetryPolicy
 from medgemma_deploy.settings import RunSettings
+from medgemma_deploy.worker.config import WorkerConfig
+from medgemma_deploy.worker.edge.server import WorkerServer
 from tests.listener_support import wait_until
 from tests.real_size import write_multislice_ct, write_real_cr
 

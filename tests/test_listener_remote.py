@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_deploy.synthetic import write_demo_study
+from medgemma_deploy.dev.synthetic import write_demo_study
 from tests.listener_support import REPO, ListenerProcess, all_finished, jobs, wait_until
 from tests.orthanc import free_port, running_orthanc
 from tests.system_tools import require

@@ -23,21 +23,22 @@ import pytest
 from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import _config
 
-from medgemma_deploy.network.audit import AuditLog
-from medgemma_deploy.network.delivery import (
+from medgemma_deploy.dev.synthetic import write_bad_inputs, write_demo_study
+from medgemma_deploy.listener.audit import AuditLog
+from medgemma_deploy.listener.delivery import (
     DeliveryItem,
     PermanentDeliveryError,
     StowDestination,
     TransientDeliveryError,
 )
-from medgemma_deploy.network.jobstore import JobState, JobStore
-from medgemma_deploy.network.receiver import InstanceReceiver, StoreStatus
-from medgemma_deploy.network.scp import StorageSCP
-from medgemma_deploy.network.service import Listener, ListenerConfig, server_ssl_context
-from medgemma_deploy.network.spool import Spool
-from medgemma_deploy.network.worker_loop import RetryPolicy
+from medgemma_deploy.listener.jobmodel import JobState
+from medgemma_deploy.listener.jobstore import JobStore
+from medgemma_deploy.listener.receiver import InstanceReceiver, StoreStatus
+from medgemma_deploy.listener.scp import StorageSCP
+from medgemma_deploy.listener.service import Listener, ListenerConfig, server_ssl_context
+from medgemma_deploy.listener.spool import Spool
+from medgemma_deploy.listener.worker_loop import RetryPolicy
 from medgemma_deploy.settings import RunSettings
-from medgemma_deploy.synthetic import write_bad_inputs, write_demo_study
 from tests.listener_support import MarkerPipeline, echo, send_as_is, send_files, wait_until
 
 pytestmark = pytest.mark.network
@@ -167,7 +168,7 @@ def test_connections_from_addresses_off_the_allow_list_are_closed(tmp_path):
 
 
 def _allow(entries):
-    from medgemma_deploy.network.allowlist import AllowList
+    from medgemma_deploy.listener.allowlist import AllowList
 
     return AllowList(entries)
 
@@ -341,8 +342,8 @@ def test_three_good_slices_are_delivered_although_a_neighbour_has_an_empty_numbe
     """Issue 12: one malformed instance used to fail its whole study's job (12 acknowledged lost)."""
     from pydicom.data import get_testdata_file
 
-    from medgemma_deploy.commands.jobs import describe_status
-    from medgemma_deploy.network.pipelines import PipelineOptions, make_pipeline
+    from medgemma_deploy.cli.jobs import describe_status
+    from medgemma_deploy.listener.pipelines import PipelineOptions, make_pipeline
 
     source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     folder = tmp_path / "study"

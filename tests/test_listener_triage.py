@@ -17,19 +17,19 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from medgemma_deploy.commands import jobs as jobs_command
-from medgemma_deploy.network.audit import AuditLog
-from medgemma_deploy.network.delivery import DeliveryItem
-from medgemma_deploy.network.hl7 import Hl7Identity, message_control_id
-from medgemma_deploy.network.jobmodel import SCHEMA, NotificationState
-from medgemma_deploy.network.jobstore import JobState, JobStore, NewInstance
-from medgemma_deploy.network.mllp import Hl7Endpoint
-from medgemma_deploy.network.notify import Hl7Outbox, Hl7Settings
-from medgemma_deploy.network.pipelines import PipelineOutput, PipelineRun, PipelineTriage
-from medgemma_deploy.network.spool import Spool
-from medgemma_deploy.network.worker_loop import RetryPolicy, WorkerLoop
-from medgemma_deploy.operators.domain import ImageFrame, Series, TriagePriority
-from medgemma_deploy.operators.triage import triage_study
+from medgemma_deploy.cli import jobs as jobs_command
+from medgemma_deploy.domain import ImageFrame, Series, TriagePriority
+from medgemma_deploy.listener.audit import AuditLog
+from medgemma_deploy.listener.delivery import DeliveryItem
+from medgemma_deploy.listener.hl7 import Hl7Identity, message_control_id
+from medgemma_deploy.listener.jobmodel import SCHEMA, JobState, NewInstance, NotificationState
+from medgemma_deploy.listener.jobstore import JobStore
+from medgemma_deploy.listener.mllp import Hl7Endpoint
+from medgemma_deploy.listener.notify import Hl7Outbox, Hl7Settings
+from medgemma_deploy.listener.pipelines import PipelineOutput, PipelineRun, PipelineTriage
+from medgemma_deploy.listener.spool import Spool
+from medgemma_deploy.listener.worker_loop import RetryPolicy, WorkerLoop
+from medgemma_deploy.triage import triage_study
 from tests.listener_support import PATIENT_ID, PATIENT_NAME, wait_until, write_small_studies
 from tests.triage_support import classification, running_mllp_receiver
 
@@ -408,15 +408,16 @@ def test_an_unreachable_interface_engine_never_holds_up_dicom_delivery(tmp_path,
 
 
 def test_the_triage_stage_classifies_without_maps_or_files(tmp_path, tiny_medsiglip_dir):
-    from medgemma_deploy.bench.triage_bench import write_triage_label_sets
-    from medgemma_deploy.classify_run import ClassifyEngine
-    from medgemma_deploy.synthetic import write_demo_study
+    from medgemma_deploy.dev.bench.triage_bench import write_triage_label_sets
+    from medgemma_deploy.dev.synthetic import write_demo_study
+    from medgemma_deploy.engine import EngineOptions, PipelineEngine
 
     study = tmp_path / "study"
     write_demo_study(study, seed=1)
     before = sorted(study.rglob("*"))
     labels = write_triage_label_sets(tmp_path / "labels")
-    with ClassifyEngine(tiny_medsiglip_dir, label_files=labels, device="cpu") as engine:
+    options = EngineOptions(label_files=tuple(labels), device="cpu")
+    with PipelineEngine("classify", tiny_medsiglip_dir, options) as engine:
         assert not engine.classifies_first  # classification is the whole job: nothing to stage
         findings = engine.triage(study)
     assert findings.triage is not None and findings.triage.priority is TriagePriority.STAT

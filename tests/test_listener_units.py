@@ -10,17 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_deploy.commands import jobs as jobs_command
-from medgemma_deploy.commands import listen as listen_command
+from medgemma_deploy.cli import jobs as jobs_command
+from medgemma_deploy.cli import listen as listen_command
 from medgemma_deploy.errors import InputError, UsageError
-from medgemma_deploy.network.allowlist import AllowList
-from medgemma_deploy.network.audit import AuditLog
-from medgemma_deploy.network.completion import StudyCompletion, purge_finished_studies
-from medgemma_deploy.network.delivery import DicomNode, PermanentDeliveryError, TransientDeliveryError
-from medgemma_deploy.network.jobstore import JobState, JobStore, NewInstance, OutputRecord
-from medgemma_deploy.network.pipelines import PipelineOptions, make_pipeline, register_pipeline
-from medgemma_deploy.network.spool import Spool, SpoolFullError, SpoolLockedError, safe_uid_name
-from medgemma_deploy.network.worker_loop import RetryPolicy, is_transient
+from medgemma_deploy.listener.allowlist import AllowList
+from medgemma_deploy.listener.audit import AuditLog
+from medgemma_deploy.listener.completion import StudyCompletion, purge_finished_studies
+from medgemma_deploy.listener.delivery import DicomNode, PermanentDeliveryError, TransientDeliveryError
+from medgemma_deploy.listener.jobmodel import JobState, NewInstance, OutputRecord
+from medgemma_deploy.listener.jobstore import JobStore
+from medgemma_deploy.listener.pipelines import PipelineOptions, make_pipeline, register_pipeline
+from medgemma_deploy.listener.spool import Spool, SpoolFullError, SpoolLockedError, safe_uid_name
+from medgemma_deploy.listener.worker_loop import RetryPolicy, is_transient
 from medgemma_deploy.settings import RunSettings
 
 STUDY = "1.2.3.4"
@@ -295,11 +296,12 @@ def test_pipeline_registry_names_what_is_missing():
     assert make_pipeline("unit-test", remote) == ("built", "grpc://127.0.0.1:1")
 
 
-@pytest.mark.parametrize(("name", "engine"), [("report", "ReportEngine"), ("study", "StudyEngine")])
-def test_report_pipelines_build_their_engine_with_the_backend(name, engine):
+@pytest.mark.parametrize("name", ["report", "study"])
+def test_report_pipelines_build_their_engine_with_the_backend(name):
     options = PipelineOptions(models_path=Path("/models"), settings=RunSettings(relevance_top_k=2))
     pipeline = make_pipeline(name, options)
-    assert pipeline.name == name and type(pipeline.engine).__name__ == engine  # built, not loaded
+    assert pipeline.name == name and pipeline.engine.command == name  # built, not loaded
+    assert pipeline.engine.medgemma is None
     assert pipeline.engine.classify_options.relevance_top_k == 2
     remote_settings = RunSettings(backend="grpc://127.0.0.1:1")
     remote = make_pipeline(name, PipelineOptions(models_path=None, settings=remote_settings))
@@ -307,7 +309,7 @@ def test_report_pipelines_build_their_engine_with_the_backend(name, engine):
 
 
 def test_an_engine_without_a_backend_option_refuses_a_remote_backend():
-    from medgemma_deploy.network.pipelines import _engine_kwargs
+    from medgemma_deploy.listener.pipelines import _engine_kwargs
 
     class InProcessOnly:
         def __init__(self, models_path: Path, *, device: str | None = None) -> None: ...
@@ -319,12 +321,10 @@ def test_an_engine_without_a_backend_option_refuses_a_remote_backend():
         _engine_kwargs(InProcessOnly, remote, "x")
 
 
-def test_a_pipeline_whose_engine_is_not_installed_fails_with_one_line():
-    from medgemma_deploy.network.pipelines import _medgemma_factory
-
-    factory = _medgemma_factory("report", "medgemma_deploy.no_such_engine", "ReportEngine")
-    with pytest.raises(UsageError, match="--pipeline report: not available in this installation"):
-        factory(PipelineOptions(models_path=Path("/models")))
+@pytest.mark.parametrize("name", ["classify", "report", "study"])
+def test_a_local_pipeline_without_models_fails_with_one_line(name):
+    with pytest.raises(UsageError, match=f"--pipeline {name}: --models is required with --backend local"):
+        make_pipeline(name, PipelineOptions(models_path=None))
 
 
 def _listen_args(*argv: str) -> argparse.Namespace:
@@ -383,7 +383,7 @@ def test_listen_refuses_to_start_with_an_unusable_pipeline(tmp_path, capsys):
 
 
 def test_jobs_tells_rejected_input_apart_from_failed_will_retry(tmp_path):
-    from medgemma_deploy.network.jobmodel import Job, RejectedInput
+    from medgemma_deploy.listener.jobmodel import Job, RejectedInput
 
     def job(**changes) -> Job:
         base = dict(

@@ -12,14 +12,15 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from medgemma_deploy.domain import Rejection
 from medgemma_deploy.errors import InputError
-from medgemma_deploy.network.audit import AuditLog
-from medgemma_deploy.network.delivery import DeliveryItem, TransientDeliveryError
-from medgemma_deploy.network.jobstore import JobState, JobStore, NewInstance
-from medgemma_deploy.network.pipelines import PipelineOutput, PipelineRun
-from medgemma_deploy.network.spool import Spool
-from medgemma_deploy.network.worker_loop import RetryPolicy, WorkerLoop
-from medgemma_deploy.operators.domain import Rejection
+from medgemma_deploy.listener.audit import AuditLog
+from medgemma_deploy.listener.delivery import DeliveryItem, TransientDeliveryError
+from medgemma_deploy.listener.jobmodel import JobState, NewInstance
+from medgemma_deploy.listener.jobstore import JobStore
+from medgemma_deploy.listener.pipelines import PipelineOutput, PipelineRun
+from medgemma_deploy.listener.spool import Spool
+from medgemma_deploy.listener.worker_loop import RetryPolicy, WorkerLoop
 from tests.listener_support import wait_until, write_small_studies
 
 STUDY = "1.2.3"

@@ -170,7 +170,7 @@ def test_workflow_manager_example_runs_the_map_as_packaged():
 
 @pytest.fixture(scope="module")
 def demo_study(tmp_path_factory) -> list[Path]:
-    from medgemma_deploy.synthetic import write_demo_study
+    from medgemma_deploy.dev.synthetic import write_demo_study
 
     return write_demo_study(tmp_path_factory.mktemp("study"))
 
@@ -264,7 +264,7 @@ def models_root(request, tmp_path_factory) -> Path:
     try:
         return Path(request.getfixturevalue("tiny_models_root"))
     except pytest.FixtureLookupError:
-        from medgemma_deploy.testmodels import make_test_models
+        from medgemma_deploy.dev.testmodels import make_test_models
 
         root = tmp_path_factory.mktemp("models")
         make_test_models(root)
@@ -347,7 +347,7 @@ def _free_port() -> int:
 
 
 def _worker_available() -> None:
-    from medgemma_deploy.cli import build_parser
+    from medgemma_deploy.cli.main import build_parser
 
     choices = build_parser()._subparsers._group_actions[0].choices
     if "worker" not in choices:

@@ -15,20 +15,16 @@ import pytest
 import torch
 from transformers import AutoProcessor, Gemma3ForConditionalGeneration, Gemma3Processor
 
+from medgemma_deploy.dev.testmodels.gemma import TINY_MEDGEMMA_NAME, make_test_medgemma
+from medgemma_deploy.domain import AlgorithmInfo, GenerationSettings, ReportRequest, ReportResult
 from medgemma_deploy.errors import InputError, ModelLoadError
 from medgemma_deploy.model_dir import model_identity
-from medgemma_deploy.operators.dicom_common import RANDOM_WEIGHTS_WARNING
-from medgemma_deploy.operators.domain import AlgorithmInfo
-from medgemma_deploy.operators.medgemma import MedGemmaRunner, ReportResult
-from medgemma_deploy.operators.report_inputs import (
-    GenerationSettings,
-    PromptBook,
-    ReportRequest,
-    build_report_request,
-)
-from medgemma_deploy.operators.report_sr_writer import build_report_sr
-from medgemma_deploy.operators.report_text import split_report
-from medgemma_deploy.testmodels.gemma import TINY_MEDGEMMA_NAME, make_test_medgemma
+from medgemma_deploy.operators.medgemma.prompts import PromptBook
+from medgemma_deploy.operators.medgemma.request import build_report_request
+from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
+from medgemma_deploy.operators.medgemma.text import split_report
+from medgemma_deploy.operators.writers.common import RANDOM_WEIGHTS_WARNING
+from medgemma_deploy.operators.writers.report_sr import build_report_sr
 from tests.dciodvfy import requires_dciodvfy, run_dciodvfy
 from tests.test_report_inputs import make_cr_series, make_ct_series
 

@@ -20,14 +20,15 @@ import pytest
 import torch
 from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
+from medgemma_deploy.dev.testmodels.gemma import make_test_medgemma
+from medgemma_deploy.domain import AlgorithmInfo, GenerationSettings
 from medgemma_deploy.errors import ModelLoadError
-from medgemma_deploy.operators.domain import AlgorithmInfo
-from medgemma_deploy.operators.gguf_weights import converter_dir, gguf_weights
-from medgemma_deploy.operators.medgemma import MedGemmaRunner
-from medgemma_deploy.operators.medgemma_runners import make_medgemma_runner
-from medgemma_deploy.operators.report_inputs import GenerationSettings, PromptBook, build_report_request
-from medgemma_deploy.operators.report_sr_writer import build_report_sr
-from medgemma_deploy.testmodels.gemma import make_test_medgemma
+from medgemma_deploy.operators.medgemma.gguf_weights import converter_dir, gguf_weights
+from medgemma_deploy.operators.medgemma.prompts import PromptBook
+from medgemma_deploy.operators.medgemma.request import build_report_request
+from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
+from medgemma_deploy.operators.medgemma.runners import make_medgemma_runner
+from medgemma_deploy.operators.writers.report_sr import build_report_sr
 from tests.sr_text import sr_texts
 from tests.test_report_inputs import make_cr_series, make_ct_series
 
@@ -60,7 +61,7 @@ def prompts() -> PromptBook:
 
 @pytest.fixture(scope="module")
 def full_precision(medgemma_dir):
-    from medgemma_deploy.operators.medgemma_gguf import GgufMedGemmaRunner
+    from medgemma_deploy.operators.medgemma.gguf_runner import GgufMedGemmaRunner
 
     with GgufMedGemmaRunner(medgemma_dir, precision="fp32", n_threads=1) as runner:
         yield runner
@@ -229,8 +230,8 @@ def test_auto_fp32_and_bf16_stay_on_torch(tmp_path):
 
 
 def test_cli_int4_without_the_extra_is_one_line_naming_it(monkeypatch, tmp_path, capsys):
-    from medgemma_deploy.cli import main
-    from medgemma_deploy.synthetic import write_demo_study
+    from medgemma_deploy.cli.main import main
+    from medgemma_deploy.dev.synthetic import write_demo_study
 
     model_dir = make_test_medgemma(tmp_path / "medgemma", seed=0)
     write_demo_study(tmp_path / "study")
@@ -251,8 +252,8 @@ def test_cli_int4_without_the_extra_is_one_line_naming_it(monkeypatch, tmp_path,
 def test_cli_report_at_int4_writes_srs_that_name_llama_cpp(medgemma_dir, tmp_path, capsys):
     import pydicom
 
-    from medgemma_deploy.cli import main
-    from medgemma_deploy.synthetic import write_demo_study
+    from medgemma_deploy.cli.main import main
+    from medgemma_deploy.dev.synthetic import write_demo_study
 
     write_demo_study(tmp_path / "study")
     arguments = [
@@ -287,7 +288,7 @@ def test_suppressed_tokens_are_never_generated_as_in_transformers(medgemma_dir, 
     config = json.loads(config_file.read_text())
     config["suppress_tokens"] = sorted(set(free))
     config_file.write_text(json.dumps(config))
-    from medgemma_deploy.operators.medgemma_gguf import GgufMedGemmaRunner
+    from medgemma_deploy.operators.medgemma.gguf_runner import GgufMedGemmaRunner
 
     with GgufMedGemmaRunner(model_dir, precision="fp32", n_threads=1) as runner:
         result = runner.generate(request)
@@ -296,8 +297,8 @@ def test_suppressed_tokens_are_never_generated_as_in_transformers(medgemma_dir, 
 
 @needs_lowbit
 def test_compare_precisions_prints_how_each_precision_differs(medgemma_dir, tmp_path, capsys):
-    from medgemma_deploy.bench.compare_precisions import _first_difference, main
-    from medgemma_deploy.synthetic import write_demo_study
+    from medgemma_deploy.dev.bench.compare_precisions import _first_difference, main
+    from medgemma_deploy.dev.synthetic import write_demo_study
 
     assert _first_difference([1, 2, 3], [1, 2, 3]) is None
     assert _first_difference([1, 2, 3], [1, 5, 3]) == 1

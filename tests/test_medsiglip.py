@@ -25,13 +25,14 @@ import pytest
 import torch
 from transformers import AutoProcessor, AutoTokenizer, SiglipModel
 
+from medgemma_deploy.dev.testmodels.siglip import TEST_MEDSIGLIP_NAME, make_test_medsiglip
+from medgemma_deploy.domain import ImageModel
 from medgemma_deploy.errors import ModelLoadError
 from medgemma_deploy.model_dir import MODEL_MARKER
-from medgemma_deploy.operators.classification import ImageScorer
-from medgemma_deploy.operators.labels import load_label_sets
-from medgemma_deploy.operators.medsiglip import MedSigLIPRunner, RunnerNotLoadedError, patch_embeddings
-from medgemma_deploy.operators.preprocess import PadGeometry
-from medgemma_deploy.testmodels.siglip import TEST_MEDSIGLIP_NAME, make_test_medsiglip
+from medgemma_deploy.operators.medsiglip.labels import load_label_sets
+from medgemma_deploy.operators.medsiglip.preprocess import PadGeometry
+from medgemma_deploy.operators.medsiglip.relevance import patch_embeddings
+from medgemma_deploy.operators.medsiglip.runner import MedSigLIPRunner, RunnerNotLoadedError
 
 SAME_PIXELS_TOLERANCE = 1e-5
 END_TO_END_TOLERANCE = 5e-3
@@ -283,7 +284,7 @@ def test_identity_and_protocol(runner, tiny_medsiglip_dir):
     assert identity.version == json.loads((tiny_medsiglip_dir / MODEL_MARKER).read_text())["version"]
     assert identity.random_weights is True
     assert runner.image_size == (64, 64)
-    assert isinstance(runner, ImageScorer)
+    assert isinstance(runner, ImageModel)
 
 
 def test_use_before_load_and_after_close(tiny_medsiglip_dir, chest):

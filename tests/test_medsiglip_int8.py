@@ -1,4 +1,4 @@
-"""``--precision int8`` for MedSigLIP (operators/onnx_vision.py) on the tiny model of the real classes.
+"""``--precision int8`` for MedSigLIP (operators/medsiglip/onnx_vision.py) on the tiny model of the real classes.
 
 Parity with plain transformers in float32: every probability within 0.02 and every image embedding
 at cosine ≥ 0.99 (the targets of issue 17); the quantised tower is built once and reused by a later
@@ -17,9 +17,9 @@ import torch
 from transformers import SiglipModel
 
 from medgemma_deploy.errors import ModelLoadError
-from medgemma_deploy.operators import onnx_vision
-from medgemma_deploy.operators.labels import load_label_sets
-from medgemma_deploy.operators.medsiglip import MedSigLIPRunner, make_medsiglip_runner
+from medgemma_deploy.operators.medsiglip import onnx_vision
+from medgemma_deploy.operators.medsiglip.labels import load_label_sets
+from medgemma_deploy.operators.medsiglip.runner import MedSigLIPRunner, make_medsiglip_runner
 
 requires_onnxruntime = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
@@ -132,7 +132,7 @@ def test_a_later_runner_reuses_the_build_and_a_damaged_one_is_rebuilt(
     data[len(data) // 2] ^= 0xFF
     built.write_bytes(bytes(data))
     with (
-        caplog.at_level(logging.WARNING, logger="medgemma_deploy.operators.onnx_vision"),
+        caplog.at_level(logging.WARNING, logger="medgemma_deploy.operators.medsiglip.onnx_vision"),
         MedSigLIPRunner(
             tiny_medsiglip_dir, device="cpu", precision="int8", int8_cache_dir=int8_cache
         ) as rebuilt,
@@ -173,7 +173,7 @@ def test_int8_on_a_gpu_and_int4_are_refused_in_one_line(tiny_medsiglip_dir):
 
 
 def test_the_factory_runs_medsiglip_at_int8_when_int4_is_asked_for_medgemma(tiny_medsiglip_dir, tmp_path):
-    from medgemma_deploy.operators.medsiglip import make_medsiglip_runner
+    from medgemma_deploy.operators.medsiglip.runner import make_medsiglip_runner
 
     runner = make_medsiglip_runner(tiny_medsiglip_dir, device="cpu", precision="int4", cache_dir=tmp_path)
     assert runner.precision == "int8"

@@ -8,7 +8,7 @@ import sys
 import pydicom
 import pytest
 
-from medgemma_deploy.synthetic import write_demo_study
+from medgemma_deploy.dev.synthetic import write_demo_study
 from tests.dciodvfy import run_dciodvfy
 from tests.real_size import write_multislice_ct, write_real_cr
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 import medgemma_deploy.config
-from medgemma_deploy.commands import listen as listen_command
-from medgemma_deploy.network.pipelines import make_pipeline
+from medgemma_deploy.cli import listen as listen_command
+from medgemma_deploy.dev.synthetic import write_demo_study
+from medgemma_deploy.listener.pipelines import make_pipeline
 from medgemma_deploy.settings import SETTINGS_TABLE
-from medgemma_deploy.synthetic import write_demo_study
 
 CONFIG_DIR = Path(medgemma_deploy.config.__file__).parent
 LABELS = CONFIG_DIR / "labels" / "chest_xray.yaml"

@@ -1,4 +1,4 @@
-"""operators/pixels.py: decoding every transfer syntax, the Modality/VOI LUT, windowing, bad pixel data."""
+"""operators/dicom_input/pixels.py: decoding every transfer syntax, the Modality/VOI LUT, windowing, bad pixel data."""
 
 import copy
 from pathlib import Path
@@ -11,14 +11,9 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from medgemma_deploy.errors import InputError
-from medgemma_deploy.operators import pixels
-from medgemma_deploy.operators.pixels import (
-    CT_DEFAULT_WINDOWS,
-    apply_window,
-    check_pixel_module,
-    ct_default_window,
-    render_frames,
-)
+from medgemma_deploy.operators.dicom_input import pixels
+from medgemma_deploy.operators.dicom_input.pixels import check_pixel_module, render_frames
+from medgemma_deploy.operators.dicom_input.voi import CT_DEFAULT_WINDOWS, apply_window, ct_default_window
 
 
 def _testdata(name: str) -> Path:

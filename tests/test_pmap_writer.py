@@ -11,19 +11,19 @@ import pytest
 from highdicom.pm import ParametricMap
 
 from medgemma_deploy.errors import InputError
-from medgemma_deploy.operators.classify_pipeline import (
-    ClassifyOptions,
-    write_parametric_maps,
-    write_segmentations,
-)
-from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER, RANDOM_WEIGHTS_WARNING
-from medgemma_deploy.operators.pmap_writer import (
+from medgemma_deploy.operators.writers.common import AI_DISCLAIMER, RANDOM_WEIGHTS_WARNING
+from medgemma_deploy.operators.writers.findings_sr import RELEVANCE_MAP_REFERENCE, build_findings_sr
+from medgemma_deploy.operators.writers.pmap import (
     RELEVANCE_LUT_LABEL,
     NoPatientGeometryError,
     build_relevance_parametric_maps,
 )
-from medgemma_deploy.operators.results import RunResults
-from medgemma_deploy.operators.sr_writer import RELEVANCE_MAP_REFERENCE, build_findings_sr
+from medgemma_deploy.results import RunResults
+from medgemma_deploy.steps.classify import (
+    ClassifyOptions,
+    write_parametric_maps,
+    write_segmentations,
+)
 from tests.conftest import ALGORITHM, read_testdata, series_from
 from tests.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
 from tests.pixelmed import assert_pixelmed_clean, requires_pixelmed
@@ -210,7 +210,7 @@ def test_pipeline_names_the_projection_image_without_parametric_map(
     options = ClassifyOptions(relevance_format=relevance_format)
     results = RunResults(command="classify", disclaimer=AI_DISCLAIMER)
     write_segmentations([classification], tmp_path, options, results)
-    with caplog.at_level(logging.INFO, logger="medgemma_deploy.operators.results"):
+    with caplog.at_level(logging.INFO, logger="medgemma_deploy.results"):
         maps = write_parametric_maps([classification], tmp_path, options, results)
     skip_levels = [r.levelname for r in caplog.records if r.getMessage().startswith("skipped:")]
     assert skip_levels == ["INFO"] * len(skipped)

@@ -23,7 +23,7 @@ import torch
 from transformers import SiglipImageProcessor
 
 from medgemma_deploy.errors import ModelLoadError
-from medgemma_deploy.operators.preprocess import MedSigLIPPreprocessor, PadGeometry
+from medgemma_deploy.operators.medsiglip.preprocess import MedSigLIPPreprocessor, PadGeometry
 
 MEAN = STD = [0.5, 0.5, 0.5]
 QUANTISED_BOUND = 2 / 255 + 1e-3
@@ -222,7 +222,7 @@ def test_bad_settings_are_refused(kwargs, message):
 
 def test_a_one_by_100000_image_never_builds_its_full_size_square(monkeypatch):
     """Issue 12: 1 × N images were zero-padded to N × N at full resolution (1 × 100000: 40 GB)."""
-    from medgemma_deploy.operators import preprocess as module
+    from medgemma_deploy.operators.medsiglip import preprocess as module
 
     widest = []
     real_pad = module.F.pad
@@ -241,7 +241,7 @@ def test_a_one_by_100000_image_never_builds_its_full_size_square(monkeypatch):
 
 
 def test_shrinking_before_padding_stays_close_to_the_exact_recipe():
-    from medgemma_deploy.operators import preprocess as module
+    from medgemma_deploy.operators.medsiglip import preprocess as module
 
     ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32)[:, None]  # smooth, so halving loses nothing
     image = np.repeat(ramp, module.MAX_PADDED_SIDE + 2000, axis=1)

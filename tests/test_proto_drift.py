@@ -4,7 +4,7 @@ Two checks, from strict to robust:
 
 * the wire contract: the FileDescriptorProto compiled now from the .proto equals the one embedded
   in the checked-in ``worker_pb2`` (independent of the grpcio-tools version);
-* the files: regenerating with ``medgemma_deploy.protos_build`` into a temp dir gives the checked-in
+* the files: regenerating with ``medgemma_deploy.dev.protos_build`` into a temp dir gives the checked-in
   bytes (when the installed grpcio-tools is the one that generated them; else that check is skipped
   with the two versions named, and the descriptor check above still guards the contract).
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_deploy import protos_build
+from medgemma_deploy.dev import protos_build
 
 pytest.importorskip("grpc_tools", reason="grpcio-tools (the dev extra) builds the stubs")
 
@@ -54,7 +54,7 @@ def test_checked_in_descriptor_matches_the_proto(tmp_path):
     _strip_json_names(fresh.message_type)  # protoc adds them to descriptor sets, not to gencode
     checked_in = descriptor_pb2.FileDescriptorProto.FromString(worker_pb2.DESCRIPTOR.serialized_pb)
     assert checked_in.name == "medgemma_deploy/v1/worker.proto"
-    assert checked_in == fresh, "medgemma_deploy/_proto is stale: run python -m medgemma_deploy.protos_build"
+    assert checked_in == fresh, "medgemma_deploy/_proto is stale: run python -m medgemma_deploy.dev.protos_build"
 
 
 def _strip_json_names(messages) -> None:
@@ -73,7 +73,7 @@ def test_regenerated_stubs_equal_the_checked_in_ones(tmp_path):
     for name in STUB_FILES:
         fresh = (tmp_path / name).read_text()
         assert fresh == (protos_build.GENERATED_DIR / name).read_text(), (
-            f"{name} drifted from protos/: run python -m medgemma_deploy.protos_build"
+            f"{name} drifted from protos/: run python -m medgemma_deploy.dev.protos_build"
         )
     assert protos_build.check() == []
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from medgemma_deploy.operators.preprocess import PadGeometry
-from medgemma_deploy.operators.relevance import grid_to_source
+from medgemma_deploy.operators.medsiglip.preprocess import PadGeometry
+from medgemma_deploy.operators.medsiglip.relevance import grid_to_source
 
 
 @pytest.mark.parametrize("shape", [(120, 90), (90, 120), (64, 64), (7, 300), (1955, 1841)])

@@ -18,12 +18,11 @@ import yaml
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from medgemma_deploy.domain import GenerationSettings, ImageFrame, Series
 from medgemma_deploy.errors import UsageError
-from medgemma_deploy.operators.domain import ImageFrame, Series
-from medgemma_deploy.operators.report_inputs import (
+from medgemma_deploy.operators.medgemma.prompts import PromptBook
+from medgemma_deploy.operators.medgemma.request import (
     CT_WINDOWS,
-    GenerationSettings,
-    PromptBook,
     build_report_request,
     render_ct_three_window,
     sample_evenly,

@@ -18,12 +18,19 @@ import yaml
 from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 
-from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER, RANDOM_WEIGHTS_WARNING
-from medgemma_deploy.operators.domain import AlgorithmInfo, ImageFrame, ModelIdentity, Series
-from medgemma_deploy.operators.medgemma import ReportResult
-from medgemma_deploy.operators.report_inputs import GenerationSettings, PromptBook, build_report_request
-from medgemma_deploy.operators.report_sr_writer import DRAFT_REVIEW_NOTE, build_report_sr
-from medgemma_deploy.operators.report_text import clean_report_text, split_report
+from medgemma_deploy.domain import (
+    AlgorithmInfo,
+    GenerationSettings,
+    ImageFrame,
+    ModelIdentity,
+    ReportResult,
+    Series,
+)
+from medgemma_deploy.operators.medgemma.prompts import PromptBook
+from medgemma_deploy.operators.medgemma.request import build_report_request
+from medgemma_deploy.operators.medgemma.text import clean_report_text, split_report
+from medgemma_deploy.operators.writers.common import AI_DISCLAIMER, RANDOM_WEIGHTS_WARNING
+from medgemma_deploy.operators.writers.report_sr import DRAFT_REVIEW_NOTE, build_report_sr
 from tests.dciodvfy import requires_dciodvfy, run_dciodvfy
 from tests.pixelmed import assert_pixelmed_clean, requires_pixelmed
 from tests.test_report_inputs import PACKAGED_PROMPTS, make_cr_series, make_ct_series

@@ -14,10 +14,11 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medgemma_deploy.cli import main
+from medgemma_deploy.cli.main import main
+from medgemma_deploy.dev.synthetic import DEMO_PATIENT_ID, DEMO_PATIENT_NAME, write_demo_study
 from medgemma_deploy.model_dir import model_identity
-from medgemma_deploy.search import IndexRecord, open_store
-from medgemma_deploy.synthetic import DEMO_PATIENT_ID, DEMO_PATIENT_NAME, write_demo_study
+from medgemma_deploy.search.records import IndexRecord
+from medgemma_deploy.search.store import open_store
 from tests.search_support import fresh_database, running_postgres
 
 QUERY = "a chest x-ray with a right pneumothorax"
@@ -86,7 +87,7 @@ def test_search_like_an_indexed_image_returns_it_first(
 
 def test_text_search_returns_the_planted_neighbour_first(indexed, tiny_models_root, capsys, tmp_path):
     db = indexed[2]
-    from medgemma_deploy.operators.medsiglip import MedSigLIPRunner
+    from medgemma_deploy.operators.medsiglip.runner import MedSigLIPRunner
 
     copy = tmp_path / "planted.db"
     shutil.copy(db, copy)
@@ -194,7 +195,7 @@ def test_an_index_of_another_model_version_is_refused_naming_both(
     indexed, tiny_models_root, tmp_path, capsys
 ):
     _, url, _, _ = indexed
-    from medgemma_deploy.testmodels.siglip import make_test_medsiglip
+    from medgemma_deploy.dev.testmodels.siglip import make_test_medsiglip
 
     other = make_test_medsiglip(tmp_path / "other", seed=1)
     loaded, indexed_version = (

@@ -11,8 +11,8 @@ import subprocess
 import pydicom
 import pytest
 
-from medgemma_deploy.search import open_store
-from medgemma_deploy.synthetic import DEMO_PATIENT_ID, DEMO_PATIENT_NAME, write_demo_study
+from medgemma_deploy.dev.synthetic import DEMO_PATIENT_ID, DEMO_PATIENT_NAME, write_demo_study
+from medgemma_deploy.search.store import open_store
 from tests.listener_support import ListenerProcess, wait_until
 from tests.orthanc import free_port
 

@@ -10,9 +10,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from medgemma_deploy.cli import main
-from medgemma_deploy.serving import WorkerConfig, WorkerServer
-from medgemma_deploy.synthetic import write_demo_study
+from medgemma_deploy.cli.main import main
+from medgemma_deploy.dev.synthetic import write_demo_study
+from medgemma_deploy.worker.config import WorkerConfig
+from medgemma_deploy.worker.edge.server import WorkerServer
 
 pytestmark = pytest.mark.network
 
@@ -75,7 +76,7 @@ def test_text_search_through_the_worker_matches_the_local_backend(worker, indexe
 
 
 def test_worker_text_embeddings_equal_the_in_process_ones(worker, tiny_models_root):
-    from medgemma_deploy.operators.backends import make_backend
+    from medgemma_deploy.backends.local import make_backend
 
     texts = ["a chest x-ray showing a pneumothorax", "Пневмоторакс", "normal study"]
     with (

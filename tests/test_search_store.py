@@ -10,15 +10,8 @@ started for the session (``pgserver``, unix socket).
 import numpy as np
 import pytest
 
-from medgemma_deploy.search import (
-    FindingFilter,
-    IndexRecord,
-    ModelMismatchError,
-    SearchFilters,
-    StoreError,
-    open_store,
-    parse_finding_filter,
-)
+from medgemma_deploy.search.records import FindingFilter, IndexRecord, SearchFilters, parse_finding_filter
+from medgemma_deploy.search.store import ModelMismatchError, StoreError, open_store
 from tests.search_support import database_url, fresh_database, running_postgres
 
 DIM = 64

@@ -19,11 +19,12 @@ import pydicom
 import pytest
 from PIL import Image
 
-from medgemma_deploy.cli import main
-from medgemma_deploy.operators.medsiglip import MedSigLIPRunner
-from medgemma_deploy.search import SearchService, open_store
+from medgemma_deploy.cli.main import main
+from medgemma_deploy.dev.synthetic import write_demo_study
+from medgemma_deploy.operators.medsiglip.runner import MedSigLIPRunner
+from medgemma_deploy.search.service import SearchService
+from medgemma_deploy.search.store import open_store
 from medgemma_deploy.search.web import SearchServer
-from medgemma_deploy.synthetic import write_demo_study
 
 QUERY = "a chest x-ray with a right pneumothorax"
 WADO_ROOT = "https://pacs.example.org/dicom-web"

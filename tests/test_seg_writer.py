@@ -1,6 +1,6 @@
 """FRACTIONAL relevance SEGs: validator-clean, round-trip, geometry, determinism, validation.
 
-Also covers the shared helpers of ``operators/dicom_common.py`` they are built with.
+Also covers the shared helpers of ``operators/writers/common.py`` they are built with.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
+from medgemma_deploy.domain import ImageFrame
 from medgemma_deploy.errors import InputError
-from medgemma_deploy.operators.dicom_common import (
+from medgemma_deploy.operators.writers.common import (
     AI_DISCLAIMER,
     RANDOM_WEIGHTS_WARNING,
     derived_uid,
     prepare_sources,
 )
-from medgemma_deploy.operators.domain import ImageFrame
-from medgemma_deploy.operators.seg_writer import (
+from medgemma_deploy.operators.writers.seg import (
     SEGMENT_DESCRIPTION,
     build_relevance_segmentations,
     finding_tracking_uid,
@@ -322,7 +322,7 @@ def test_frame_number_outside_the_instance_is_an_input_error(enhanced_ct_series,
         build_relevance_segmentations(make_classification(enhanced_ct_series), ALGORITHM)
 
 
-# --- shared helpers (operators/dicom_common.py) ------------------------------------------------
+# --- shared helpers (operators/writers/common.py) ------------------------------------------------
 
 
 def test_derived_uid_is_deterministic_valid_and_unambiguous():
@@ -371,7 +371,7 @@ def test_highdicom_refusal_becomes_an_input_error_naming_the_source(
     def refuse(*args, **kwargs):
         raise ValueError("Source images must all be part of the same series")
 
-    monkeypatch.setattr("medgemma_deploy.operators.seg_writer.Segmentation", refuse)
+    monkeypatch.setattr("medgemma_deploy.operators.writers.seg.Segmentation", refuse)
     with pytest.raises(InputError, match="same series") as raised:
         build_relevance_segmentations(make_classification(ct_series), ALGORITHM)
     assert raised.value.source == ct_series.frames[0].sop_instance_uid

@@ -12,10 +12,10 @@ from highdicom.sr.utils import find_content_items
 from pydicom.sr.codedict import codes
 
 from medgemma_deploy.errors import InputError
-from medgemma_deploy.operators.dicom_common import AI_DISCLAIMER, RANDOM_WEIGHTS_WARNING, derived_uid
-from medgemma_deploy.operators.pmap_writer import build_relevance_parametric_maps
-from medgemma_deploy.operators.seg_writer import build_relevance_segmentations, finding_tracking_uid
-from medgemma_deploy.operators.sr_writer import RELEVANCE_MAP_REFERENCE, build_findings_sr
+from medgemma_deploy.operators.writers.common import AI_DISCLAIMER, RANDOM_WEIGHTS_WARNING, derived_uid
+from medgemma_deploy.operators.writers.findings_sr import RELEVANCE_MAP_REFERENCE, build_findings_sr
+from medgemma_deploy.operators.writers.pmap import build_relevance_parametric_maps
+from medgemma_deploy.operators.writers.seg import build_relevance_segmentations, finding_tracking_uid
 from tests.conftest import ALGORITHM, read_testdata, series_from
 from tests.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
 from tests.pixelmed import assert_pixelmed_clean, requires_pixelmed
@@ -353,8 +353,8 @@ def test_highdicom_refusal_becomes_an_input_error_naming_the_source(
 
 
 def test_private_finding_codes_declare_their_coding_scheme(cr_series, make_classification):
-    from medgemma_deploy.operators.dicom_common import declare_private_schemes
-    from medgemma_deploy.operators.domain import Code
+    from medgemma_deploy.domain import Code
+    from medgemma_deploy.operators.writers.common import declare_private_schemes
 
     classification = make_classification(cr_series)
     ds = build_findings_sr(classification, ALGORITHM)
@@ -476,8 +476,8 @@ def test_tracking_uids_are_kept_by_a_rerun_with_another_model_version(
 @requires_dciodvfy
 @requires_pixelmed
 def test_triage_is_a_coded_item_with_its_reason(cr_series, make_classification, tmp_path):
-    from medgemma_deploy.operators.domain import TriagePriority
-    from medgemma_deploy.operators.triage import (
+    from medgemma_deploy.domain import TriagePriority
+    from medgemma_deploy.triage import (
         TRIAGE_PRIORITY_CODES,
         TRIAGE_PRIORITY_CONCEPT,
         TRIAGE_REASON_CONCEPT,
@@ -512,6 +512,6 @@ def test_triage_is_a_coded_item_with_its_reason(cr_series, make_classification, 
 
 
 def _concept(code):
-    from medgemma_deploy.operators.dicom_common import to_coded_concept
+    from medgemma_deploy.operators.writers.common import to_coded_concept
 
     return to_coded_concept(code)

@@ -1,4 +1,4 @@
-"""medgemma_deploy/synthetic.py: a valid, deterministic, patient-free demo study and the bad-input set."""
+"""medgemma_deploy/dev/synthetic.py: a valid, deterministic, patient-free demo study and the bad-input set."""
 
 from pathlib import Path
 
@@ -6,8 +6,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from medgemma_deploy.operators.dicom_input import load_study_input
-from medgemma_deploy.synthetic import DEMO_PATIENT_ID, DEMO_PATIENT_NAME, write_bad_inputs, write_demo_study
+from medgemma_deploy.dev.synthetic import (
+    DEMO_PATIENT_ID,
+    DEMO_PATIENT_NAME,
+    write_bad_inputs,
+    write_demo_study,
+)
+from medgemma_deploy.operators.dicom_input.reader import load_study_input
 from tests.dciodvfy import requires_dciodvfy, run_dciodvfy
 
 

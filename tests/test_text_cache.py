@@ -1,4 +1,4 @@
-"""The persistent text-embedding cache (operators/text_cache.py) through the real runner and tiny model.
+"""The persistent text-embedding cache (operators/medsiglip/text_cache.py) through the real runner and tiny model.
 
 A fresh runner must read what an earlier one wrote without running the text tower, and get the
 same probabilities; anything wrong with an entry (corrupt bytes, altered arrays, another key, other
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medgemma_deploy.operators.labels import load_label_sets
-from medgemma_deploy.operators.medsiglip import MedSigLIPRunner, make_medsiglip_runner
-from medgemma_deploy.operators.text_cache import TextEmbeddingCache, label_set_digest
+from medgemma_deploy.operators.medsiglip.labels import load_label_sets
+from medgemma_deploy.operators.medsiglip.runner import MedSigLIPRunner, make_medsiglip_runner
+from medgemma_deploy.operators.medsiglip.text_cache import TextEmbeddingCache, label_set_digest
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_a_damaged_entry_is_detected_logged_and_rebuilt(
 
     runner = _runner(tiny_medsiglip_dir, cache)
     calls = _count_text_passes(runner, monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="medgemma_deploy.operators.text_cache"):
+    with caplog.at_level(logging.WARNING, logger="medgemma_deploy.operators.medsiglip.text_cache"):
         rebuilt = runner.text_embeddings(chest)
     assert calls, "a damaged entry was trusted"
     assert any(reason in r.getMessage() and str(entry) in r.getMessage() for r in caplog.records)
@@ -149,7 +149,7 @@ def test_a_damaged_entry_is_detected_logged_and_rebuilt(
 
 def test_other_weights_under_the_same_version_fail_the_probe(tmp_path, chest, monkeypatch, caplog):
     """Two tiny models that claim the same name, version and config: only the probe tells them apart."""
-    from medgemma_deploy.testmodels.siglip import make_test_medsiglip
+    from medgemma_deploy.dev.testmodels.siglip import make_test_medsiglip
 
     first_dir = make_test_medsiglip(tmp_path / "a", seed=0)
     second_dir = make_test_medsiglip(tmp_path / "b", seed=1)
@@ -161,7 +161,7 @@ def test_other_weights_under_the_same_version_fail_the_probe(tmp_path, chest, mo
 
     second = _runner(second_dir, cache)
     calls = _count_text_passes(second, monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="medgemma_deploy.operators.text_cache"):
+    with caplog.at_level(logging.WARNING, logger="medgemma_deploy.operators.medsiglip.text_cache"):
         embeddings = second.text_embeddings(chest)
     assert calls, "embeddings of other weights were served from the cache"
     assert any("probe" in r.getMessage() for r in caplog.records)
@@ -193,7 +193,7 @@ def test_an_unwritable_directory_is_reported_once_and_the_run_goes_on(
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the cache directory should be")
     with (
-        caplog.at_level(logging.WARNING, logger="medgemma_deploy.operators.text_cache"),
+        caplog.at_level(logging.WARNING, logger="medgemma_deploy.operators.medsiglip.text_cache"),
         _runner(tiny_medsiglip_dir, blocker / "cache") as runner,
     ):
         runner.score(images, chest)

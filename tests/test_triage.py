@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medgemma_deploy.operators.domain import (
+from medgemma_deploy.domain import (
     LabelSet,
     TriagePriority,
     TriageRule,
 )
-from medgemma_deploy.operators.labels import LabelSetError, load_label_set, load_label_sets
-from medgemma_deploy.operators.triage import triage_study
+from medgemma_deploy.operators.medsiglip.labels import LabelSetError, load_label_set, load_label_sets
+from medgemma_deploy.triage import triage_study
 from tests.triage_support import FINDINGS, RULES, classification
 
 SET_WITH_RULES = {

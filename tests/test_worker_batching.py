@@ -16,15 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
-from medgemma_deploy.operators.report_inputs import GenerationSettings, ReportRequest
-from medgemma_deploy.serving.batcher import MicroBatcher
-from medgemma_deploy.serving.errors import (
+from medgemma_deploy.domain import GenerationSettings, ReportRequest
+from medgemma_deploy.worker.engine.batcher import MicroBatcher
+from medgemma_deploy.worker.engine.errors import (
     DeadlineExpiredError,
     NotReadyError,
     QueueFullError,
     RequestCancelledError,
 )
-from medgemma_deploy.serving.report_events import Admitted, Finished, Tokens
+from medgemma_deploy.worker.engine.events import Admitted, Finished, Tokens
 
 # -- dynamic batcher ----------------------------------------------------------------------------
 
@@ -174,7 +174,7 @@ def test_stop_drains_the_queue_then_refuses_new_work():
 
 @pytest.fixture(scope="module")
 def medgemma(tiny_models_root):
-    from medgemma_deploy.operators.medgemma import MedGemmaRunner
+    from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
 
     runner = MedGemmaRunner(tiny_models_root / "medgemma").load()
     yield runner
@@ -224,7 +224,7 @@ def _collect(stream) -> tuple[list[int], Finished, Admitted]:
 
 
 def _service(runner, **kwargs):
-    from medgemma_deploy.serving.report_service import ReportService
+    from medgemma_deploy.worker.engine.report_service import ReportService
 
     service = ReportService(
         runner, **({"max_running": 3, "max_waiting": 16, "max_prefills_per_step": 1} | kwargs)
@@ -292,7 +292,7 @@ def test_an_idle_scheduler_waits_for_reports_still_being_prepared(medgemma):
 
 
 def test_prompts_prefilled_together_decode_like_single_streams(medgemma):
-    from medgemma_deploy.serving.decode_batch import DecodeBatch
+    from medgemma_deploy.worker.engine.decode import DecodeBatch
 
     settings = GenerationSettings(max_new_tokens=12)
     chats = [_chat(seed, n_images=n, words=w) for seed, n, w in ((11, 1, 2), (12, 2, 9), (13, 0, 25))]
@@ -370,7 +370,7 @@ def test_sampling_is_reproducible_with_a_seed_and_deadlines_are_enforced(medgemm
 
 
 def test_a_failing_prefill_fails_only_its_own_request(medgemma):
-    from medgemma_deploy.serving.decode_batch import PreparedPrompt
+    from medgemma_deploy.worker.engine.decode import PreparedPrompt
 
     service = _service(medgemma)
     try:

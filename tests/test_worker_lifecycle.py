@@ -24,10 +24,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from medgemma_deploy._proto import worker_pb2 as pb
 from medgemma_deploy._proto import worker_pb2_grpc
+from medgemma_deploy.backends import wire
+from medgemma_deploy.backends.grpc_client import RetryPolicy, WorkerClient, WorkerUnavailableError
+from medgemma_deploy.backends.local import make_backend
+from medgemma_deploy.backends.tls import ClientTLS, ServerTLS
 from medgemma_deploy.errors import ModelLoadError, UsageError
-from medgemma_deploy.operators.backends import make_backend
-from medgemma_deploy.serving import ClientTLS, ServerTLS, WorkerConfig, WorkerServer, convert
-from medgemma_deploy.serving.client import RetryPolicy, WorkerClient, WorkerUnavailableError
+from medgemma_deploy.worker.config import WorkerConfig
+from medgemma_deploy.worker.edge.server import WorkerServer
 
 pytestmark = pytest.mark.network
 
@@ -49,7 +52,7 @@ def _config(root: Path, **overrides) -> WorkerConfig:
 
 def _classify_request() -> pb.ClassifyRequest:
     image = np.random.default_rng(0).random((32, 32), dtype=np.float32)
-    return pb.ClassifyRequest(label_set_name="chest-xray", images=[convert.image_to_proto(image)])
+    return pb.ClassifyRequest(label_set_name="chest-xray", images=[wire.image_to_proto(image)])
 
 
 def _long_report(max_new_tokens: int) -> pb.GenerateReportRequest:
@@ -127,7 +130,7 @@ def test_clients_retry_while_the_worker_loads(tiny_models_root, caplog):
         )
         answer: list[pb.ClassifyResponse] = []
         caller = threading.Thread(target=lambda: answer.append(client.call("Classify", _classify_request())))
-        with caplog.at_level(logging.WARNING, logger="medgemma_deploy.serving.client"):
+        with caplog.at_level(logging.WARNING, logger="medgemma_deploy.backends.grpc_client"):
             caller.start()
             assert _eventually(lambda: "UNAVAILABLE" in caplog.text)  # refused while loading, retrying
             server.load()
@@ -268,7 +271,7 @@ def test_mutual_tls_admits_certified_clients_only(tiny_models_root, certificates
         client_tls = ClientTLS(certificates["ca.pem"], certificates["client.pem"], certificates["client.key"])
         backend = make_backend(f"grpcs://{server.address}", None, None, tls=client_tls)
         image = np.random.default_rng(1).random((24, 24), dtype=np.float32)
-        from medgemma_deploy.operators.labels import load_label_sets
+        from medgemma_deploy.operators.medsiglip.labels import load_label_sets
 
         scores = backend.medsiglip.load().score([image], load_label_sets()[0])
         assert scores.probabilities.shape[0] == 1

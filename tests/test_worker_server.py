@@ -19,12 +19,16 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from medgemma_deploy._proto import worker_pb2 as pb
 from medgemma_deploy._proto import worker_pb2_grpc
+from medgemma_deploy.backends import wire
+from medgemma_deploy.backends.local import make_backend
+from medgemma_deploy.domain import GenerationSettings
 from medgemma_deploy.errors import InputError
-from medgemma_deploy.operators.backends import make_backend
-from medgemma_deploy.operators.classification import classify_series
-from medgemma_deploy.operators.labels import load_label_sets, select_label_set
-from medgemma_deploy.operators.report_inputs import GenerationSettings, PromptBook, build_report_request
-from medgemma_deploy.serving import WorkerConfig, WorkerServer, convert
+from medgemma_deploy.operators.medgemma.prompts import PromptBook
+from medgemma_deploy.operators.medgemma.request import build_report_request
+from medgemma_deploy.operators.medsiglip.classification import classify_series
+from medgemma_deploy.operators.medsiglip.labels import load_label_sets, select_label_set
+from medgemma_deploy.worker.config import WorkerConfig
+from medgemma_deploy.worker.edge.server import WorkerServer
 from tests.real_size import write_large_radiograph, write_multislice_ct, write_real_cr
 
 pytestmark = pytest.mark.network
@@ -69,8 +73,8 @@ def backends(worker, tiny_models_root):
 
 @pytest.fixture(scope="module")
 def demo_series(tmp_path_factory):
-    from medgemma_deploy.operators.dicom_input import load_study_input
-    from medgemma_deploy.synthetic import write_demo_study
+    from medgemma_deploy.dev.synthetic import write_demo_study
+    from medgemma_deploy.operators.dicom_input.reader import load_study_input
 
     folder = tmp_path_factory.mktemp("demo-study")
     write_demo_study(folder)
@@ -182,7 +186,7 @@ def test_report_parity_greedy_tokens_text_and_stream(backends, demo_series):
 @pytest.fixture(scope="module")
 def real_size_series(tmp_path_factory):
     """The real CR (1,955 x 1,841, JPEG 2000), a 3,000 x 3,000 CR, a 4,280 x 3,520 DX, an 85-slice CT."""
-    from medgemma_deploy.operators.dicom_input import load_study_input
+    from medgemma_deploy.operators.dicom_input.reader import load_study_input
 
     folder = tmp_path_factory.mktemp("real-size")
     write_real_cr(folder)
@@ -354,7 +358,7 @@ def test_concurrent_reports_are_decoded_together_with_single_stream_tokens(worke
 
 
 def _classify(**fields) -> pb.ClassifyRequest:
-    request = pb.ClassifyRequest(label_set_name="chest-xray", images=[convert.image_to_proto(_image(0))])
+    request = pb.ClassifyRequest(label_set_name="chest-xray", images=[wire.image_to_proto(_image(0))])
     for name, value in fields.items():
         if name == "images":
             del request.images[:]
@@ -369,20 +373,20 @@ def _classify(**fields) -> pb.ClassifyRequest:
 
 
 def _label_set_without_prompts() -> pb.LabelSet:
-    definition = convert.label_set_to_proto(_label_set())
+    definition = wire.label_set_to_proto(_label_set())
     del definition.findings[0].positive_prompts[:]
     return definition
 
 
 def _label_set_with_prompt(prompt: str) -> pb.LabelSet:
-    definition = convert.label_set_to_proto(_label_set())
+    definition = wire.label_set_to_proto(_label_set())
     definition.version = "huge prompt"
     definition.findings[0].positive_prompts.append(prompt)
     return definition
 
 
 def _other_definition_same_version() -> pb.LabelSet:
-    definition = convert.label_set_to_proto(_label_set())
+    definition = wire.label_set_to_proto(_label_set())
     definition.findings[0].positive_prompts.append("a changed prompt")
     return definition
 
@@ -396,9 +400,9 @@ BAD_CLASSIFY = [
         "images[0].data: 10 bytes",
     ),
     ("zero-dimension", {"images": [pb.Array(shape=[0, 4], dtype=pb.DTYPE_FLOAT32)]}, "images[0].shape"),
-    ("four-channels", {"images": [convert.array_to_proto(np.zeros((4, 4, 4), np.float32))]}, "not an image"),
-    ("not-windowed", {"images": [convert.array_to_proto(np.full((4, 4), 1000.0, np.float32))]}, "windowed"),
-    ("nan", {"images": [convert.array_to_proto(np.full((4, 4), np.nan, np.float32))]}, "NaN"),
+    ("four-channels", {"images": [wire.array_to_proto(np.zeros((4, 4, 4), np.float32))]}, "not an image"),
+    ("not-windowed", {"images": [wire.array_to_proto(np.full((4, 4), 1000.0, np.float32))]}, "windowed"),
+    ("nan", {"images": [wire.array_to_proto(np.full((4, 4), np.nan, np.float32))]}, "NaN"),
     ("unknown-label-set", {"label_set_name": "no-such-set"}, "'no-such-set' is not known"),
     ("unknown-finding", {"relevance_finding_keys": ["no_such_finding"]}, "relevance_finding_keys[0]"),
     ("label-set-without-prompts", {"label_set": _label_set_without_prompts()}, "positive_prompts: is empty"),
@@ -406,7 +410,7 @@ BAD_CLASSIFY = [
     # Issue 12: a 1 × 100000 image was INTERNAL ("tried to allocate 40000000000 bytes") after padding.
     (
         "one-by-100000",
-        {"images": [convert.array_to_proto(np.zeros((1, 100_000), np.float32))]},
+        {"images": [wire.array_to_proto(np.zeros((1, 100_000), np.float32))]},
         "padded to a 100000 × 100000 square",
     ),
     # Issue 12: a 10 MB label prompt was accepted and logged as one 10.5 MB line.
@@ -425,7 +429,7 @@ BAD_CLASSIFY = [
 def test_bad_classify_requests_get_invalid_argument(stub, fields, message):
     if "label_set" in fields and "new version" in message:
         stub.Classify(
-            _classify(label_set=convert.label_set_to_proto(_label_set())), timeout=30
+            _classify(label_set=wire.label_set_to_proto(_label_set())), timeout=30
         )  # registers it
     with pytest.raises(grpc.RpcError) as caught:
         stub.Classify(_classify(**fields), timeout=30)
@@ -440,7 +444,7 @@ def test_bad_classify_requests_get_invalid_argument(stub, fields, message):
         ([], "texts: is empty"),
         (["a pneumothorax", "   "], "texts[1]: is blank"),
         (["x" * 2049], "texts[0]: 2049 characters exceed the limit of 2048"),
-        (["q"] * (convert.MAX_TEXTS_PER_REQUEST + 1), "texts exceed the limit of"),
+        (["q"] * (wire.MAX_TEXTS_PER_REQUEST + 1), "texts exceed the limit of"),
     ],
     ids=["none", "blank", "too-long", "too-many"],
 )
@@ -450,7 +454,7 @@ def test_bad_embed_text_requests_get_invalid_argument(stub, texts, message):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in caught.value.details()
     served = stub.EmbedText(pb.EmbedTextRequest(texts=["a chest x-ray"]), timeout=30)
-    assert convert.array_from_proto(served.embeddings, "embeddings").shape[0] == 1  # still serving
+    assert wire.array_from_proto(served.embeddings, "embeddings").shape[0] == 1  # still serving
 
 
 def _report(**settings) -> pb.GenerateReportRequest:
@@ -513,7 +517,7 @@ BAD_REPORTS = [
                 pb.ChatMessage(
                     role="user",
                     content=[
-                        pb.ContentPart(image=convert.array_to_proto(np.zeros((8, 8), np.uint16))),
+                        pb.ContentPart(image=wire.array_to_proto(np.zeros((8, 8), np.uint16))),
                         pb.ContentPart(text="Describe"),
                     ],
                 )
@@ -537,7 +541,7 @@ def test_bad_report_requests_get_invalid_argument(stub, request_message, message
 
 
 def test_an_oversized_message_is_refused_by_size_and_the_worker_keeps_serving(stub):
-    big = convert.array_to_proto(np.zeros((1024, 1024), np.float32))  # 4 MiB > the 2 MiB limit
+    big = wire.array_to_proto(np.zeros((1024, 1024), np.float32))  # 4 MiB > the 2 MiB limit
     with pytest.raises(grpc.RpcError) as caught:
         stub.Classify(_classify(images=[big]), timeout=30)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -588,8 +592,8 @@ def test_metrics_endpoint(worker, stub):
 
 
 def test_status_messages_are_cut_to_a_bounded_length():
-    from medgemma_deploy.serving.errors import BadRequestError
-    from medgemma_deploy.serving.servicer import MAX_STATUS_MESSAGE_CHARS, status_for
+    from medgemma_deploy.worker.edge.servicer import MAX_STATUS_MESSAGE_CHARS, status_for
+    from medgemma_deploy.worker.engine.errors import BadRequestError
 
     code, message = status_for(BadRequestError("label_set_name", "x" * 1_000_000))
     assert code == grpc.StatusCode.INVALID_ARGUMENT

@@ -14,8 +14,7 @@ from hl7apy.core import Message
 from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
 
-from medgemma_deploy.network.mllp import frame
-from medgemma_deploy.operators.domain import (
+from medgemma_deploy.domain import (
     Code,
     FindingDefinition,
     FindingScore,
@@ -26,6 +25,7 @@ from medgemma_deploy.operators.domain import (
     TriagePriority,
     TriageRule,
 )
+from medgemma_deploy.listener.mllp import frame
 
 FINDINGS = (
     FindingDefinition(

@@ -19,10 +19,10 @@ from medgemma_deploy.apps.holoscan_runtime import (
     classify_options,
     run_app,
 )
-from medgemma_deploy.operators.medsiglip_operator import MedSigLIPClassifierOperator
-from medgemma_deploy.operators.seg_writer_operator import RelevanceSegWriterOperator
-from medgemma_deploy.operators.sr_writer_operator import FindingsSRWriterOperator
-from medgemma_deploy.operators.study_loader_operator import DicomStudyLoaderOperator
+from medgemma_deploy.operators.dicom_input.operator import DicomStudyLoaderOperator
+from medgemma_deploy.operators.medsiglip.operator import MedSigLIPClassifierOperator
+from medgemma_deploy.operators.writers.seg_operator import RelevanceSegWriterOperator
+from medgemma_deploy.operators.writers.sr_operator import FindingsSRWriterOperator
 
 __all__ = ["ClassifyApp", "main"]
 
@@ -31,7 +31,7 @@ class ClassifyApp(ModelApplication):
     """Loader → MedSigLIP → SEG writer → SR writer; the model is loaded once, in ``compose``."""
 
     def compose(self) -> None:
-        engine, input_path, output_dir = self.open_models(classify=True, report=False)
+        engine, input_path, output_dir = self.open_models("classify")
         options = classify_options(self.settings)
 
         loader = DicomStudyLoaderOperator(self, CountCondition(self, 1), input_path=input_path, name="loader")

@@ -2,6 +2,6 @@
 
 import sys
 
-from medgemma_deploy.commands.listen import main
+from medgemma_deploy.cli.listen import main
 
 sys.exit(main())

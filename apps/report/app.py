@@ -19,9 +19,9 @@ from medgemma_deploy.apps.holoscan_runtime import (
     classify_options,
     run_app,
 )
-from medgemma_deploy.operators.medgemma_operator import MedGemmaReportOperator, ReportSRWriterOperator
-from medgemma_deploy.operators.medsiglip_operator import MedSigLIPClassifierOperator
-from medgemma_deploy.operators.study_loader_operator import DicomStudyLoaderOperator
+from medgemma_deploy.operators.dicom_input.operator import DicomStudyLoaderOperator
+from medgemma_deploy.operators.medgemma.operator import MedGemmaReportOperator, ReportSRWriterOperator
+from medgemma_deploy.operators.medsiglip.operator import MedSigLIPClassifierOperator
 
 __all__ = ["ReportApp", "main"]
 
@@ -32,7 +32,7 @@ class ReportApp(ModelApplication):
     command = "report"
 
     def compose(self) -> None:
-        engine, input_path, output_dir = self.open_models(classify=False, report=True)
+        engine, input_path, output_dir = self.open_models("report")
 
         loader = DicomStudyLoaderOperator(self, CountCondition(self, 1), input_path=input_path, name="loader")
         reporter = MedGemmaReportOperator(

@@ -18,11 +18,11 @@ from medgemma_deploy.apps.holoscan_runtime import (
     classify_options,
     run_app,
 )
-from medgemma_deploy.operators.medgemma_operator import MedGemmaReportOperator, ReportSRWriterOperator
-from medgemma_deploy.operators.medsiglip_operator import MedSigLIPClassifierOperator
-from medgemma_deploy.operators.seg_writer_operator import RelevanceSegWriterOperator
-from medgemma_deploy.operators.sr_writer_operator import FindingsSRWriterOperator
-from medgemma_deploy.operators.study_loader_operator import DicomStudyLoaderOperator
+from medgemma_deploy.operators.dicom_input.operator import DicomStudyLoaderOperator
+from medgemma_deploy.operators.medgemma.operator import MedGemmaReportOperator, ReportSRWriterOperator
+from medgemma_deploy.operators.medsiglip.operator import MedSigLIPClassifierOperator
+from medgemma_deploy.operators.writers.seg_operator import RelevanceSegWriterOperator
+from medgemma_deploy.operators.writers.sr_operator import FindingsSRWriterOperator
 
 __all__ = ["StudyApp", "main"]
 
@@ -33,7 +33,7 @@ class StudyApp(ModelApplication):
     command = "study"
 
     def compose(self) -> None:
-        engine, input_path, output_dir = self.open_models(classify=True, report=True)
+        engine, input_path, output_dir = self.open_models("study")
         options = classify_options(self.settings)
 
         loader = DicomStudyLoaderOperator(self, CountCondition(self, 1), input_path=input_path, name="loader")

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from medgemma_deploy.commands.worker import add_arguments, run
+from medgemma_deploy.cli.worker import add_arguments, run
 from medgemma_deploy.errors import UsageError
 
 

@@ -35,7 +35,7 @@ __all__ = ["check_dicom_echo", "check_grpc_health", "main"]
 logger = logging.getLogger(__name__)
 
 #: grpc.health.v1.HealthCheckResponse.ServingStatus (grpc/health/v1/health.proto).
-#: The variables a ``grpcs://`` client of the worker reads (medgemma_deploy.serving.tls), reused here
+#: The variables a ``grpcs://`` client of the worker reads (medgemma_deploy.backends.tls), reused here
 #: so the probe and the clients share one TLS configuration. Copied, not imported: the probe must
 #: run without the package.
 TLS_ENV = {

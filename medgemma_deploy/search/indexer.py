@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from medgemma_deploy.operators.domain import SeriesClassification
-from medgemma_deploy.operators.results import RunResults
+from medgemma_deploy.domain import SeriesClassification
+from medgemma_deploy.results import RunResults
 from medgemma_deploy.search.records import IndexRecord
 from medgemma_deploy.search.store import VectorStore, redact_url
 

@@ -81,7 +81,7 @@ def like_embedding(model: Any, path: Path) -> np.ndarray:
     A multi-frame instance uses its first frame. Raises UsageError naming the file and the reason
     when it is not a usable image.
     """
-    from medgemma_deploy.operators.dicom_input import load_study_input
+    from medgemma_deploy.operators.dicom_input.reader import load_study_input
 
     path = Path(path)
     if not path.is_file():

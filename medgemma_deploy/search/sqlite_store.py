@@ -8,7 +8,7 @@ cores that scan took about 0.25 s per query at 100,000 rows of 1152 dimensions; 
 table was barely faster (about 0.19 s), twenty times slower to fill (15 s against 0.7 s), and cannot
 filter on a findings column of varying keys. A long-running server opens the store with
 ``cache_vectors=True`` instead: each model's embeddings stay in memory as one matrix and a query is
-one matrix product, still exact (figures: ``medgemma_deploy/bench/search_bench.py``).
+one matrix product, still exact (figures: ``medgemma_deploy/dev/bench/search_dev/bench.py``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,195 @@
+"""Where the models run: in this process (``local``) or on a shared GPU worker (``grpc://``).
+
+One interface, two transports (vLLM's ``make_client``): :func:`make_backend` returns a
+:class:`Backend` whose ``medsiglip`` and ``medgemma`` are either the in-process runners
+(``MedSigLIPRunner``, ``MedGemmaRunner``) or their gRPC twins (``RemoteMedSigLIP``,
+``RemoteMedGemma``). Both pairs have ``load()``, ``close()``, ``identity`` and the same calls, so
+operators, the CLI and the apps take ``--backend local|grpc://HOST:PORT|grpcs://HOST:PORT`` and
+never branch on it. The models are created on first use: a classify run never needs MedGemma.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from medgemma_deploy.domain import ImageModel, ReportModel
+from medgemma_deploy.errors import UsageError
+
+__all__ = ["BACKEND_HELP", "Backend", "make_backend"]
+
+logger = logging.getLogger(__name__)
+
+#: The ``--backend`` help text shared by every command and app.
+BACKEND_HELP = (
+    "where the models run: local (default; needs -m MODELS) or a shared GPU worker, grpc://HOST:PORT "
+    "or grpcs://HOST:PORT (TLS; certificates from MEDGEMMA_DEPLOY_TLS_CA/_CERT/_KEY)"
+)
+
+
+class Backend:
+    """The models of one run, created on first use and closed together.
+
+    Use :func:`make_backend` to build one.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        models_path: Path | None,
+        device: str | None,
+        precision: str = "auto",
+        cache_dir: Path | None = None,
+        medsiglip_path: Path | None = None,
+        target: str | None = None,
+        tls: Any = None,
+        timeout: float = 600.0,
+    ) -> None:
+        self.spec = spec
+        self.models_path = models_path
+        self.device = device
+        self.precision = precision
+        self.cache_dir = cache_dir
+        self.medsiglip_path = medsiglip_path
+        self.target = target
+        self.tls = tls
+        self.timeout = timeout
+        self._client: Any = None
+        self._medsiglip: ImageModel | None = None
+        self._medgemma: ReportModel | None = None
+
+    def __repr__(self) -> str:
+        return f"Backend({self.spec!r})"
+
+    @property
+    def is_remote(self) -> bool:
+        return self.target is not None
+
+    @property
+    def medsiglip(self) -> ImageModel:
+        """MedSigLIP (not yet loaded: call ``load()``)."""
+        if self._medsiglip is None:
+            if self.is_remote:
+                from medgemma_deploy.backends.remote import RemoteMedSigLIP
+
+                self._medsiglip = RemoteMedSigLIP(self._worker_client())
+            else:
+                from medgemma_deploy.model_dir import resolve_model_dir
+                from medgemma_deploy.operators.medsiglip.runner import make_medsiglip_runner
+
+                self._medsiglip = make_medsiglip_runner(
+                    resolve_model_dir(self.medsiglip_path or self._models_path(), "medsiglip"),
+                    device=self.device,
+                    precision=self.precision,
+                    cache_dir=self.cache_dir,
+                )
+        return self._medsiglip
+
+    @property
+    def medgemma(self) -> ReportModel:
+        """MedGemma (not yet loaded: call ``load()``)."""
+        if self._medgemma is None:
+            if self.is_remote:
+                from medgemma_deploy.backends.remote import RemoteMedGemma
+
+                self._medgemma = RemoteMedGemma(self._worker_client())
+            else:
+                from medgemma_deploy.model_dir import resolve_model_dir
+                from medgemma_deploy.operators.medgemma.runners import make_medgemma_runner
+
+                self._medgemma = make_medgemma_runner(
+                    resolve_model_dir(self._models_path(), "medgemma"),
+                    device=self.device,
+                    precision=self.precision,
+                )
+        return self._medgemma
+
+    def close(self) -> None:
+        """Close whatever was created (unloads local models, closes the worker channel)."""
+        for model in (self._medsiglip, self._medgemma):
+            if model is not None:
+                model.close()
+        self._medsiglip = self._medgemma = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _models_path(self) -> Path:
+        if self.models_path is None:
+            raise UsageError("the local backend needs the models path (-m/--models, or HOLOSCAN_MODEL_PATH)")
+        return self.models_path
+
+    def _worker_client(self) -> Any:
+        if self._client is None:
+            from medgemma_deploy.backends.grpc_client import WorkerClient
+
+            self._client = WorkerClient(self.target, tls=self.tls, timeout=self.timeout)  # type: ignore[arg-type]
+        return self._client
+
+
+def make_backend(
+    spec: str,
+    models_path: Path | None,
+    device: str | None,
+    *,
+    precision: str = "auto",
+    cache_dir: Path | None = None,
+    medsiglip_path: Path | None = None,
+    tls: Any = None,
+    timeout: float = 600.0,
+) -> Backend:
+    """A backend from ``--backend``: ``local``, ``grpc://HOST:PORT`` or ``grpcs://HOST:PORT``.
+
+    Parameters
+    ----------
+    spec:
+        The ``--backend`` value.
+    models_path:
+        The model directory or models root (local backend only).
+    device:
+        ``cpu``/``cuda`` for the local backend (the worker chooses its own).
+    precision:
+        ``--precision`` for the local backend (medgemma_deploy/precision.py; the worker chooses its own).
+    cache_dir:
+        The ``cache_dir`` setting for the local backend (MedSigLIP's persisted prompt embeddings).
+    medsiglip_path:
+        The MedSigLIP directory when ``models_path`` is the MedGemma directory itself (local only).
+    tls:
+        A ``ClientTLS`` for ``grpcs://``; default: from the ``MEDGEMMA_DEPLOY_TLS_*`` variables.
+    timeout:
+        Seconds per worker call, retries included.
+
+    Raises
+    ------
+    UsageError
+        An unknown scheme, a target without a port, or ``grpc://`` given TLS settings.
+    """
+    spec = (spec or "local").strip()
+    if spec == "local":
+        return Backend(
+            "local",
+            models_path=models_path,
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir,
+            medsiglip_path=medsiglip_path,
+        )
+    from medgemma_deploy.backends.grpc_client import parse_target
+    from medgemma_deploy.backends.tls import ClientTLS
+
+    target, secure = parse_target(spec)
+    if secure:
+        tls = tls or ClientTLS.from_env()
+    elif tls is not None:
+        raise UsageError(f"backend {spec}: TLS settings given for a plaintext grpc:// backend; use grpcs://")
+    if models_path is not None or device is not None:
+        logger.info("backend %s: the worker uses its own models and device; ignoring -m/--device", spec)
+    return Backend(spec, models_path=models_path, device=device, target=target, tls=tls, timeout=timeout)

@@ -1,1 +1,0 @@
-"""Benchmarks (not tests): ``python -m medgemma_deploy.bench.worker_bench``."""

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): ``python -m medgemma_deploy.dev.bench.worker_bench``."""

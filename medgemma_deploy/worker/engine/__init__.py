@@ -1,0 +1,51 @@
+"""The worker's engine core, with no gRPC: what many clients share.
+
+:mod:`.batcher` (dynamic batching of images), :mod:`.image_service` (MedSigLIP behind it),
+:mod:`.decode` (the running sequences as one left-padded KV cache), :mod:`.scheduler` (continuous
+batching) with :mod:`.sampling` and :mod:`.events`, :mod:`.report_service` (MedGemma behind it),
+:mod:`.errors` (what a request can fail with).
+"""
+
+from medgemma_deploy.exports import public_names
+
+#: public name → the module that defines it
+_HOMES = {
+    "BatchObserver": "batcher",
+    "BatchedRequest": "batcher",
+    "MicroBatcher": "batcher",
+    "ClassifyOutcome": "image_service",
+    "ClassifyWork": "image_service",
+    "EmbedWork": "image_service",
+    "ImageRunner": "image_service",
+    "ImageService": "image_service",
+    "TextEmbedWork": "image_service",
+    "DecodeBatch": "decode",
+    "Prefilled": "decode",
+    "PreparedPrompt": "decode",
+    "ReportScheduler": "scheduler",
+    "apply_repetition_penalty": "sampling",
+    "choose_tokens": "sampling",
+    "sample_token": "sampling",
+    "STREAM_MISMATCH_WARNING": "events",
+    "Admitted": "events",
+    "Event": "events",
+    "Failed": "events",
+    "Finished": "events",
+    "ReportStream": "events",
+    "SamplingSettings": "events",
+    "SchedulerObserver": "events",
+    "Tokens": "events",
+    "IncrementalDetokenizer": "report_service",
+    "PreparedReport": "report_service",
+    "ReportService": "report_service",
+    "BadRequestError": "errors",
+    "DeadlineExpiredError": "errors",
+    "ModelNotAvailableError": "errors",
+    "NotReadyError": "errors",
+    "QueueFullError": "errors",
+    "RequestCancelledError": "errors",
+    "ServingError": "errors",
+}
+
+__all__ = sorted(_HOMES)
+__getattr__, __dir__ = public_names(__name__, _HOMES)

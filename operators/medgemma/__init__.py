@@ -1,0 +1,45 @@
+"""MedGemma: draft reports from a series' images.
+
+:mod:`.prompts` (the prompt book), :mod:`.request` (images and prompt of one series), :mod:`.runner`
+(transformers), :mod:`.gguf_runner` with :mod:`.gguf_weights` and :mod:`.gguf_convert` (llama.cpp at
+8 and 4 bits), :mod:`.runners` (the runner factory), :mod:`.generation` (prompt inputs, token budget
+and sampling rules every engine shares), :mod:`.text` (report sections), :mod:`.operator` (MONAI
+Deploy).
+"""
+
+from medgemma_deploy.exports import public_names
+
+#: public name → the module that defines it
+_HOMES = {
+    "PromptBook": "prompts",
+    "PromptSpec": "prompts",
+    "Rendering": "prompts",
+    "CT_WINDOWS": "request",
+    "build_report_request": "request",
+    "render_ct_three_window": "request",
+    "sample_evenly": "request",
+    "MedGemmaRunner": "runner",
+    "PRECISION_WEIGHT_TYPES": "gguf_runner",
+    "GgufMedGemmaRunner": "gguf_runner",
+    "LOWBIT_HINT": "gguf_weights",
+    "WEIGHT_TYPES": "gguf_weights",
+    "GgufWeights": "gguf_weights",
+    "converter_dir": "gguf_weights",
+    "gguf_weights": "gguf_weights",
+    "require_lowbit": "gguf_weights",
+    "LOW_BIT": "runners",
+    "make_medgemma_runner": "runners",
+    "SAMPLING_OPTIONS": "generation",
+    "IncrementalTextStreamer": "generation",
+    "chat_inputs": "generation",
+    "dtype_name": "generation",
+    "eos_ids": "generation",
+    "fill_sampling_defaults": "generation",
+    "fit_token_budget": "generation",
+    "ReportSections": "text",
+    "clean_report_text": "text",
+    "split_report": "text",
+}
+
+__all__ = sorted(_HOMES)
+__getattr__, __dir__ = public_names(__name__, _HOMES)

@@ -1,0 +1,296 @@
+"""MedSigLIP relevance maps as FRACTIONAL (PROBABILITY) DICOM Segmentations (PS3.3 A.51).
+
+One segment per finding: the map says where the model looked when it scored that finding, not
+where the finding is, and each segment's description says so. Values are the maps' [0, 1]
+relevance scaled to 0…255 (Maximum Fractional Value 255).
+
+How a series becomes SEG instances (highdicom takes either several single-frame images sharing
+one geometry, or exactly one multi-frame image, or a single frame without a frame of reference):
+
+* single-frame images in patient coordinates (CT, MR…: Frame of Reference, Image Position and
+  Orientation, Pixel Spacing) go into **one SEG per geometry** (frame of reference, matrix size,
+  orientation; normally one per series), with plane positions copied from the source slices;
+* projection images (CR/DX without a frame of reference) get **one SEG per source image**: highdicom
+  cannot put several projection images in one SEG, and they share no geometry anyway. A zero or
+  missing Pixel Spacing is left out, never invented (``prepare_sources``);
+* a multi-frame image gets **one SEG for that instance**; it needs a frame of reference;
+* a cross-sectional image (CT, MR, PT, NM) without a Frame of Reference UID is refused with an
+  :class:`InputError` naming its SOP Instance UID: its IOD requires one, and inventing a frame of
+  reference would claim a spatial relationship that nobody measured. The caller reports the
+  series as rejected for SEG; its SR is still written, without segment references.
+
+Every SEG says what it is: Series Description "AI relevance maps (UNVERIFIED)" (plus "RANDOM
+WEIGHTS" for a random-weights model), Content Qualification RESEARCH, and the AI disclaimer in
+Image Comments. UIDs are derived (``derived_uid``) from the source SOP Instance UIDs, the model
+name and version, the label set, the finding keys and ``result_version``, so a re-run replaces
+its own result. Contributing Equipment names the model as Processing Equipment (``equipment``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import highdicom
+import numpy as np
+from highdicom.seg import Segmentation, SegmentDescription
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from medgemma_deploy.domain import AlgorithmInfo, FindingDefinition, SeriesClassification
+from medgemma_deploy.errors import InputError
+from medgemma_deploy.operators.writers.common import (
+    AI_DISCLAIMER,
+    MANUFACTURER,
+    RANDOM_WEIGHTS_WARNING,
+    SPECIFIC_CHARACTER_SET,
+    declare_private_schemes,
+    derived_uid,
+    manufacturer_attributes,
+    to_coded_concept,
+    to_lo,
+)
+from medgemma_deploy.operators.writers.equipment import contributing_equipment
+from medgemma_deploy.operators.writers.relevance_objects import (
+    FrameGroup,
+    check_relevance_request,
+    group_frames,
+)
+
+__all__ = [
+    "SEGMENT_DESCRIPTION",
+    "SEGMENT_PROPERTY_CATEGORY",
+    "build_relevance_segmentations",
+    "finding_tracking_uid",
+    "segment_label",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Segment Description (LO) of every relevance segment.
+SEGMENT_DESCRIPTION = "AI relevance map (where the model looked), not a delineation"
+
+#: Segmented Property Category (CID 7150) of every relevance segment; the type is the finding's code.
+SEGMENT_PROPERTY_CATEGORY = codes.cid7150.MorphologicallyAbnormalStructure
+
+
+def finding_tracking_uid(series_instance_uid: str, label_set_name: str, finding_key: str) -> str:
+    """Tracking UID of one finding in one series (SEG Tracking UID = SR TID 4108 Tracking UID).
+
+    The same finding of the same series always gets the same UID, whatever model version scored
+    it, so viewers can follow it across results and link a SEG segment to its SR measurement group.
+    """
+    return derived_uid("tracking", series_instance_uid, label_set_name, finding_key)
+
+
+def segment_label(finding: FindingDefinition) -> str:
+    """Segment Label (LO, at most 64 characters) of a finding's relevance segment."""
+    return to_lo(f"{finding.display_name} relevance")
+
+
+def build_relevance_segmentations(
+    classification: SeriesClassification,
+    algorithm: AlgorithmInfo,
+    *,
+    finding_keys: Sequence[str] | None = None,
+    series_number: int = 9901,
+    result_version: int = 1,
+) -> list[Segmentation]:
+    """Build the FRACTIONAL SEG instance(s) holding a series' relevance maps.
+
+    Parameters
+    ----------
+    classification:
+        MedSigLIP's result for one series; ``relevance_maps[key]`` is float32 in [0, 1] with shape
+        (n_frames, rows, columns), one map per frame of ``classification.series``.
+    algorithm:
+        TID 4019 identification of the model run (written as each segment's algorithm).
+    finding_keys:
+        Findings to write, one segment each, in this order; default: every finding that has a
+        map, in label-set order.
+    series_number:
+        Series Number of the SEG series (all SEGs of one source series share one SEG series).
+    result_version:
+        Bump it to write a new result for the same inputs and model instead of replacing the old.
+
+    Returns
+    -------
+    list[highdicom.seg.Segmentation]
+        One SEG per geometry group (see the module docstring), each with the same segments.
+
+    Raises
+    ------
+    TypeError
+        ``classification`` or ``algorithm`` has the wrong type.
+    ValueError
+        An argument is invalid: unknown or duplicate finding key, a map whose shape does not match
+        the series' frames or whose values are outside [0, 1], a bad series number or version.
+    InputError
+        A source image cannot carry a SEG: cross-sectional without Frame of Reference UID,
+        multi-frame without one, or in patient coordinates without a usable Pixel Spacing, Slice
+        Thickness or Image Orientation; or highdicom refuses the sources for another reason
+        (its message is in the reason). ``source`` is the (first) source's SOP Instance UID.
+    """
+    keys, findings = check_relevance_request(
+        classification, algorithm, finding_keys, series_number, result_version, "SEG"
+    )
+    series = classification.series
+    model = classification.model
+    groups = group_frames(series.frames, "SEG")
+    series_uid = derived_uid(
+        "seg series", series.series_instance_uid, model.name, model.version, str(result_version)
+    )
+    segmentations = [
+        _build_one(
+            classification,
+            algorithm,
+            group,
+            keys,
+            findings,
+            series_uid=series_uid,
+            series_number=series_number,
+            instance_number=number,
+            result_version=result_version,
+        )
+        for number, group in enumerate(groups, start=1)
+    ]
+    for segmentation in segmentations:
+        declare_private_schemes(segmentation, [findings[key].code for key in keys])
+    logger.info(
+        "series %s: %d relevance SEG(s), %d segment(s) each",
+        series.series_instance_uid,
+        len(segmentations),
+        len(keys),
+    )
+    return segmentations
+
+
+def _build_one(
+    classification: SeriesClassification,
+    algorithm: AlgorithmInfo,
+    group: FrameGroup,
+    keys: Sequence[str],
+    findings: dict[str, FindingDefinition],
+    *,
+    series_uid: str,
+    series_number: int,
+    instance_number: int,
+    result_version: int,
+) -> Segmentation:
+    model = classification.model
+    label_set = classification.label_set
+    # Built per SEG: highdicom puts the descriptions' datasets into the SEG as they are.
+    segment_descriptions = [
+        _segment_description(number, findings[key], classification, algorithm)
+        for number, key in enumerate(keys, start=1)
+    ]
+    first = group.sources[0]
+    pixel_array = np.zeros((group.n_planes, first.Rows, first.Columns, len(keys)), dtype=np.float32)
+    for frame_index, plane in group.frames:
+        for segment_index, key in enumerate(keys):
+            pixel_array[plane, :, :, segment_index] = classification.relevance_maps[key][frame_index]
+    source_uids = [str(source.SOPInstanceUID) for source in group.sources]
+    sop_instance_uid = derived_uid(
+        *source_uids,
+        model.name,
+        model.version,
+        label_set.name,
+        label_set.version,
+        *keys,
+        "seg",
+        str(result_version),
+    )
+    equipment = contributing_equipment(model, algorithm)
+    try:
+        segmentation = Segmentation(
+            source_images=group.sources,
+            pixel_array=pixel_array,
+            segmentation_type=highdicom.seg.SegmentationTypeValues.FRACTIONAL,
+            fractional_type=highdicom.seg.SegmentationFractionalTypeValues.PROBABILITY,
+            max_fractional_value=255,
+            segment_descriptions=segment_descriptions,
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=instance_number,
+            series_description=_series_description(model.random_weights),
+            content_label="RELEVANCE",
+            content_description=_content_description(model.random_weights),
+            content_qualification=highdicom.ContentQualificationValues.RESEARCH,
+            specific_character_set=SPECIFIC_CHARACTER_SET,
+            contributing_equipment=[equipment],
+            **manufacturer_attributes(),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        # The arguments were validated above, so what highdicom refuses is in the sources;
+        # report it against them so the rest of the study goes on.
+        raise InputError(
+            source_uids[0],
+            f"highdicom cannot derive a SEG from {len(source_uids)} source image(s) starting with "
+            f"this one: {type(exc).__name__}: {exc}",
+        ) from exc
+    _finish(segmentation, group, model.random_weights)
+    return segmentation
+
+
+def _segment_description(
+    number: int, finding: FindingDefinition, classification: SeriesClassification, algorithm: AlgorithmInfo
+) -> SegmentDescription:
+    parameters = {key: value for key, value in algorithm.parameters}
+    parameters["software"] = f"{algorithm.software} {algorithm.software_version}"
+    description = SegmentDescription(
+        segment_number=number,
+        segment_label=segment_label(finding),
+        segmented_property_category=SEGMENT_PROPERTY_CATEGORY,
+        segmented_property_type=to_coded_concept(finding.code),
+        algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=highdicom.AlgorithmIdentificationSequence(
+            name=algorithm.name,
+            family=codes.cid7162.ArtificialIntelligence,
+            version=algorithm.version,
+            source=MANUFACTURER,
+            parameters=parameters,
+        ),
+        tracking_uid=finding_tracking_uid(
+            classification.series.series_instance_uid, classification.label_set.name, finding.key
+        ),
+        tracking_id=to_lo(finding.display_name),
+    )
+    # (0062,0006) Segment Description: highdicom has no argument for it.
+    description.SegmentDescription = SEGMENT_DESCRIPTION
+    return description
+
+
+def _finish(segmentation: Segmentation, group: FrameGroup, random_weights: bool) -> None:
+    """Disclaimer, and the post-construction fixes of docs/dicom-conformance.md (section 12)."""
+    segmentation.ImageComments = (
+        f"{RANDOM_WEIGHTS_WARNING} {AI_DISCLAIMER}" if random_weights else AI_DISCLAIMER
+    )
+    if not group.has_coordinates:
+        # General Image Type 2C: required (may be empty) without plane orientation; highdicom
+        # omits it, and the source's value trips a multiplicity rule in PixelMed.
+        segmentation.PatientOrientation = ""
+    # The validators disagree on Laterality; ImageLaterality alone satisfies both.
+    if "Laterality" in segmentation:
+        del segmentation.Laterality
+    segmentation.ImageLaterality = _image_laterality(group.sources[0])
+
+
+def _image_laterality(source: Dataset) -> str:
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(source.get(keyword, "") or "").upper()
+        if value in {"L", "R", "B", "U"}:
+            return value
+    return "U"
+
+
+def _series_description(random_weights: bool) -> str:
+    if random_weights:
+        return "AI relevance maps (UNVERIFIED, RANDOM WEIGHTS)"
+    return "AI relevance maps (UNVERIFIED)"
+
+
+def _content_description(random_weights: bool) -> str:
+    if random_weights:
+        return "RANDOM WEIGHTS (test/demo model): these maps are meaningless"
+    return "Research model output, not a device; unverified by a clinician"

@@ -1,0 +1,48 @@
+"""MONAI Deploy operator: relevance maps of a ``ClassificationOutcome`` → SEG and/or Parametric Map files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from medgemma_deploy.operators.ports import receive_typed
+from medgemma_deploy.steps.classify import (
+    ClassificationOutcome,
+    ClassifyOptions,
+    write_parametric_maps,
+    write_segmentations,
+)
+
+__all__ = ["RelevanceSegWriterOperator"]
+
+
+class RelevanceSegWriterOperator(Operator):
+    """Receives and emits a ``ClassificationOutcome``; fills in the SEGs and Parametric Maps it wrote.
+
+    Which of the two it writes is ``options.relevance_format`` (seg, pmap or both).
+    """
+
+    INPUT_NAME = "classifications"
+    OUTPUT_NAME = "segmented"
+
+    def __init__(
+        self, fragment: Fragment, *args: object, output_dir: Path, options: ClassifyOptions, **kwargs: object
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.options = options
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input(self.INPUT_NAME)
+        spec.output(self.OUTPUT_NAME)
+
+    def compute(self, op_input: object, op_output: object, context: object) -> None:
+        outcome = receive_typed(op_input, self.INPUT_NAME, ClassificationOutcome)
+        outcome.segmentations = write_segmentations(
+            outcome.classifications, self.output_dir, self.options, outcome.results
+        )
+        outcome.parametric_maps = write_parametric_maps(
+            outcome.classifications, self.output_dir, self.options, outcome.results
+        )
+        op_output.emit(outcome, self.OUTPUT_NAME)
