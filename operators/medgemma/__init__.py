@@ -25,7 +25,6 @@ _HOMES = {
     "WEIGHT_TYPES": "gguf_weights",
     "GgufWeights": "gguf_weights",
     "converter_dir": "gguf_weights",
-    "gguf_weights": "gguf_weights",
     "require_lowbit": "gguf_weights",
     "LOW_BIT": "runners",
     "make_medgemma_runner": "runners",
