@@ -120,10 +120,10 @@ class RemoteMedSigLIP:
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         self._loaded()
-        wire = self._wire_images(images)
+        arrays = self._wire_images(images)
         rows = []
-        for run in self.client.chunks([len(w.data) for w in wire]):
-            request = pb.EmbedRequest(images=wire[run], images_at_model_input=self._resize is not None)
+        for run in self.client.chunks([len(w.data) for w in arrays]):
+            request = pb.EmbedRequest(images=arrays[run], images_at_model_input=self._resize is not None)
             response = self.client.call("Embed", request)
             rows.append(wire.array_from_proto(response.embeddings, "embeddings"))
         return np.concatenate(rows) if rows else np.zeros((0, self.embedding_dim), np.float32)
@@ -154,7 +154,7 @@ class RemoteMedSigLIP:
         keys: Sequence[str] = (),
     ) -> Iterator[pb.ClassifyResponse]:
         self._loaded()
-        wire = self._wire_images(images)
+        arrays = self._wire_images(images)
         definition = wire.label_set_to_proto(label_set)
         # A request must fit, and so must its answer: full-size maps are float32 per pixel and key,
         # grids (images at the model input) are float32 per patch and key.
@@ -163,11 +163,11 @@ class RemoteMedSigLIP:
             grid * grid if self._resize is not None else int(np.prod(np.shape(i)[:2])) for i in images
         ]
         sizes = [
-            max(len(w.data), pixels * 4 * len(keys)) for w, pixels in zip(wire, answer_pixels, strict=True)
+            max(len(w.data), pixels * 4 * len(keys)) for w, pixels in zip(arrays, answer_pixels, strict=True)
         ]
         for run in self.client.chunks(sizes):
             request = pb.ClassifyRequest(
-                images=wire[run],
+                images=arrays[run],
                 label_set=definition,
                 return_embeddings=return_embeddings,
                 relevance_finding_keys=list(keys),
@@ -228,7 +228,7 @@ class RemoteMedGemma:
         if not isinstance(request, ReportRequest):
             raise TypeError(f"request must be a ReportRequest, got {type(request).__name__}")
         self.identity  # noqa: B018  # checks the worker serves MedGemma
-        wire = pb.GenerateReportRequest(
+        message = pb.GenerateReportRequest(
             messages=chat_wire.chat_to_proto(request.messages),
             settings=chat_wire.settings_to_proto(request.settings),
             prompt_id=request.prompt_id,
@@ -237,8 +237,8 @@ class RemoteMedGemma:
         try:
             # Prompt images are the 8-bit renderings the local processor gets: a 4,280 x 3,520 DX is
             # 45 MB, under the default 64 MiB; a bigger prompt is refused here in one line.
-            self.client.check_fits(wire.ByteSize(), "the report prompt (its images)")
-            for event in self.client.stream_report(wire):
+            self.client.check_fits(message.ByteSize(), "the report prompt (its images)")
+            for event in self.client.stream_report(message):
                 kind = event.WhichOneof("event")
                 if kind == "delta" and event.delta.text and on_token is not None:
                     on_token(event.delta.text)
