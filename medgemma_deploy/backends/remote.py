@@ -1,9 +1,10 @@
 """The gRPC client of the shared GPU worker: MedSigLIP and MedGemma as if they were local runners.
 
 :class:`RemoteMedSigLIP` implements the ``ImageScorer`` protocol (``score``, ``relevance_maps``)
-plus ``embed_images``; :class:`RemoteMedGemma` has ``MedGemmaRunner.generate``'s signature,
-``on_token`` streaming included. Both have the runners' ``load``/``close``/``identity``, so the
-pipeline cannot tell them from in-process runners, and both share one :class:`WorkerClient`:
+plus ``embed_images``; :class:`RemoteMedGemma` implements the ``ReportModel`` protocol as
+``InprocMedGemma`` does (the same decode core, in the worker), ``on_token`` streaming included.
+Both have the runners' ``load``/``close``/``identity``, so the pipeline cannot tell them from
+in-process models, and both share one :class:`WorkerClient`:
 
 The transport (:mod:`medgemma_deploy.backends.grpc_client`):
 
@@ -14,7 +15,7 @@ The transport (:mod:`medgemma_deploy.backends.grpc_client`):
   full) is retried after the pushback; a report stream is retried only before its first event;
 * requests are split to fit the worker's message-size and image-count limits (from ModelInfo);
 * statuses become the exceptions a local runner raises: a bad request is a ``ValueError``
-  (:class:`WorkerRequestError`; for reports an ``InputError``, as ``MedGemmaRunner`` raises),
+  (:class:`WorkerRequestError`; for reports an ``InputError``, as ``InprocMedGemma`` raises),
   anything else a ``RuntimeError`` (:class:`WorkerError`).
 
 What travels (sizes: protos/README.md): when the worker publishes its model's input size, images
@@ -184,7 +185,7 @@ class RemoteMedSigLIP:
 
 
 class RemoteMedGemma:
-    """MedGemma on a worker, with ``MedGemmaRunner.generate``'s signature and results."""
+    """MedGemma on a worker: the ``ReportModel`` protocol, with ``InprocMedGemma``'s results."""
 
     def __init__(self, client: WorkerClient) -> None:
         self.client = client
@@ -253,7 +254,7 @@ class RemoteMedGemma:
     def _result(self, request: ReportRequest, final: pb.ReportFinal, streamed: bool) -> ReportResult:
         warnings = [*request.warnings, *final.warnings]
         if not streamed:
-            # The worker always streams; MedGemmaRunner warns about a stream only when there is one.
+            # The worker always streams; a report warns about its stream only when there is one.
             warnings = [w for w in warnings if w != STREAM_MISMATCH_WARNING]
         return ReportResult(
             text=final.text,
