@@ -390,6 +390,22 @@ class ReportRequest:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
+    @classmethod
+    def for_chat(
+        cls, messages: list[dict[str, Any]], settings: GenerationSettings, *, source: str, prompt_id: str = ""
+    ) -> ReportRequest:
+        """A request of chat messages alone, with no series behind them (a worker's GenerateReport,
+        a warm-up, a benchmark prompt)."""
+        return cls(
+            source=source,
+            messages=messages,
+            prompt_id=prompt_id,
+            prompt_version="",
+            settings=settings,
+            frames=[],
+            modality="",
+        )
+
     @property
     def findings_grounded(self) -> bool:
         """Whether the instruction carries automated screening findings."""

@@ -53,7 +53,7 @@ def test_full_size_medgemma_with_two_layers_drafts_a_report_on_a_real_cr(tmp_pat
     options = ReportOptions(settings=sampled)
     engine_options = EngineOptions(device="cpu", report_options=options)
     with PipelineEngine("report", tmp_path / "models", engine_options) as engine:
-        tokenizer = engine.medgemma.processor.tokenizer
+        tokenizer = engine.medgemma.runner.processor.tokenizer
         # Every id of the real-size vocabulary decodes to text (the widened tokenizer).
         assert len(tokenizer) == 262208
         assert all(tokenizer.decode([token_id]).strip() for token_id in (700, 100_000, 262_207))

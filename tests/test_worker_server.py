@@ -1,8 +1,9 @@
 """A real worker on 127.0.0.1 (ephemeral port) serving the tiny models: parity, concurrency, bad input.
 
-One worker for the module (started and always shut down by the fixture). The in-process runners
+One worker for the module (started and always shut down by the fixture). The in-process models
 are the reference: the same study through ``--backend local`` and ``--backend grpc://`` must give
-equal probabilities, maps and greedy report tokens.
+equal probabilities, maps and greedy report tokens (and the report tokens equal plain transformers
+``model.generate``'s).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from medgemma_deploy.operators.medsiglip.labels import load_label_sets, select_l
 from medgemma_deploy.worker.config import WorkerConfig
 from medgemma_deploy.worker.edge.server import WorkerServer
 from tests.real_size import write_large_radiograph, write_multislice_ct, write_real_cr
+from tests.transformers_reference import plain_greedy
 
 pytestmark = pytest.mark.network
 
@@ -166,6 +168,10 @@ def test_report_parity_greedy_tokens_text_and_stream(backends, demo_series):
         )
         local_pieces: list[str] = []
         expected = local.medgemma.load().generate(request, on_token=local_pieces.append)
+        runner = local.medgemma.runner
+        reference, n_prompt = plain_greedy(runner.model, runner.processor, request.messages, 20)
+        assert expected.token_ids == reference, f"{modality}: in process differs from model.generate"
+        assert expected.n_prompt_tokens == n_prompt
         pieces: list[str] = []
         got = remote.medgemma.generate(request, on_token=pieces.append)
         assert got.token_ids == expected.token_ids, modality

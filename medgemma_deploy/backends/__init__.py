@@ -1,6 +1,7 @@
 """Where the models run: one interface, two transports (vLLM's ``make_client``).
 
 :mod:`.local` (:func:`make_backend`, the one place runners are built, and the in-process models),
+:mod:`.inproc` (MedGemma in process through the worker's decode core),
 :mod:`.remote` (the same models over gRPC), :mod:`.grpc_client` (the worker client: retries,
 deadlines), :mod:`.wire` and :mod:`.chat_wire` (protobuf ↔ domain types), :mod:`.tls` (certificates
 for both ends).
@@ -13,6 +14,7 @@ _HOMES = {
     "BACKEND_HELP": "local",
     "Backend": "local",
     "make_backend": "local",
+    "InprocMedGemma": "inproc",
     "RemoteMedGemma": "remote",
     "RemoteMedSigLIP": "remote",
     "RetryPolicy": "grpc_client",

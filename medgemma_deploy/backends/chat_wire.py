@@ -1,7 +1,8 @@
 """Protobuf ↔ MedGemma requests: chat messages (text and images) and generation settings.
 
 The chat is sent as the processor's own message structure (roles, text parts, image parts) and
-rendered by the model's chat template on the worker, exactly as ``MedGemmaRunner`` renders it.
+rendered by the model's chat template on the worker (``MedGemmaRunner.prepare_inputs``, as in
+process).
 Images travel as 8-bit arrays: a PIL image (what the prompt builder makes) arrives pixel-identical.
 """
 

@@ -1,11 +1,12 @@
 """Where the models run: in this process (``local``) or on a shared GPU worker (``grpc://``).
 
 One interface, two transports (vLLM's ``make_client``): :func:`make_backend` returns a
-:class:`Backend` whose ``medsiglip`` and ``medgemma`` are either the in-process runners
-(``MedSigLIPRunner``, ``MedGemmaRunner``) or their gRPC twins (``RemoteMedSigLIP``,
-``RemoteMedGemma``). Both pairs have ``load()``, ``close()``, ``identity`` and the same calls, so
-operators, the CLI and the apps take ``--backend local|grpc://HOST:PORT|grpcs://HOST:PORT`` and
-never branch on it. The models are created on first use: a classify run never needs MedGemma.
+:class:`Backend` whose ``medsiglip`` and ``medgemma`` are either in process (``MedSigLIPRunner``;
+``InprocMedGemma``, the worker's decode core over a ``MedGemmaRunner``, or ``GgufMedGemmaRunner``
+at int8/int4) or their gRPC twins (``RemoteMedSigLIP``, ``RemoteMedGemma``). Both pairs have
+``load()``, ``close()``, ``identity`` and the same calls, so operators, the CLI and the apps take
+``--backend local|grpc://HOST:PORT|grpcs://HOST:PORT`` and never branch on it. The models are
+created on first use: a classify run never needs MedGemma.
 """
 
 from __future__ import annotations
@@ -97,13 +98,21 @@ class Backend:
                 self._medgemma = RemoteMedGemma(self._worker_client())
             else:
                 from medgemma_deploy.model_dir import resolve_model_dir
+                from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
                 from medgemma_deploy.operators.medgemma.runners import make_medgemma_runner
 
-                self._medgemma = make_medgemma_runner(
+                runner = make_medgemma_runner(
                     resolve_model_dir(self._models_path(), "medgemma"),
                     device=self.device,
                     precision=self.precision,
                 )
+                if isinstance(runner, MedGemmaRunner):
+                    # torch: decoded by the worker's core, in this process
+                    from medgemma_deploy.backends.inproc import InprocMedGemma
+
+                    self._medgemma = InprocMedGemma(runner)
+                else:  # llama.cpp (int8/int4): an engine of its own
+                    self._medgemma = runner
         return self._medgemma
 
     def close(self) -> None:

@@ -1,9 +1,10 @@
 """The gRPC client of the shared GPU worker: MedSigLIP and MedGemma as if they were local runners.
 
 :class:`RemoteMedSigLIP` implements the ``ImageScorer`` protocol (``score``, ``relevance_maps``)
-plus ``embed_images``; :class:`RemoteMedGemma` has ``MedGemmaRunner.generate``'s signature,
-``on_token`` streaming included. Both have the runners' ``load``/``close``/``identity``, so the
-pipeline cannot tell them from in-process runners, and both share one :class:`WorkerClient`:
+plus ``embed_images``; :class:`RemoteMedGemma` implements the ``ReportModel`` protocol as
+``InprocMedGemma`` does (the same decode core, in the worker), ``on_token`` streaming included.
+Both have the runners' ``load``/``close``/``identity``, so the pipeline cannot tell them from
+in-process models, and both share one :class:`WorkerClient`:
 
 The transport (:mod:`medgemma_deploy.backends.grpc_client`):
 
@@ -14,7 +15,7 @@ The transport (:mod:`medgemma_deploy.backends.grpc_client`):
   full) is retried after the pushback; a report stream is retried only before its first event;
 * requests are split to fit the worker's message-size and image-count limits (from ModelInfo);
 * statuses become the exceptions a local runner raises: a bad request is a ``ValueError``
-  (:class:`WorkerRequestError`; for reports an ``InputError``, as ``MedGemmaRunner`` raises),
+  (:class:`WorkerRequestError`; for reports an ``InputError``, as ``InprocMedGemma`` raises),
   anything else a ``RuntimeError`` (:class:`WorkerError`).
 
 What travels (sizes: protos/README.md): when the worker publishes its model's input size, images
@@ -120,10 +121,10 @@ class RemoteMedSigLIP:
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         self._loaded()
-        wire = self._wire_images(images)
+        arrays = self._wire_images(images)
         rows = []
-        for run in self.client.chunks([len(w.data) for w in wire]):
-            request = pb.EmbedRequest(images=wire[run], images_at_model_input=self._resize is not None)
+        for run in self.client.chunks([len(w.data) for w in arrays]):
+            request = pb.EmbedRequest(images=arrays[run], images_at_model_input=self._resize is not None)
             response = self.client.call("Embed", request)
             rows.append(wire.array_from_proto(response.embeddings, "embeddings"))
         return np.concatenate(rows) if rows else np.zeros((0, self.embedding_dim), np.float32)
@@ -154,7 +155,7 @@ class RemoteMedSigLIP:
         keys: Sequence[str] = (),
     ) -> Iterator[pb.ClassifyResponse]:
         self._loaded()
-        wire = self._wire_images(images)
+        arrays = self._wire_images(images)
         definition = wire.label_set_to_proto(label_set)
         # A request must fit, and so must its answer: full-size maps are float32 per pixel and key,
         # grids (images at the model input) are float32 per patch and key.
@@ -163,11 +164,11 @@ class RemoteMedSigLIP:
             grid * grid if self._resize is not None else int(np.prod(np.shape(i)[:2])) for i in images
         ]
         sizes = [
-            max(len(w.data), pixels * 4 * len(keys)) for w, pixels in zip(wire, answer_pixels, strict=True)
+            max(len(w.data), pixels * 4 * len(keys)) for w, pixels in zip(arrays, answer_pixels, strict=True)
         ]
         for run in self.client.chunks(sizes):
             request = pb.ClassifyRequest(
-                images=wire[run],
+                images=arrays[run],
                 label_set=definition,
                 return_embeddings=return_embeddings,
                 relevance_finding_keys=list(keys),
@@ -184,7 +185,7 @@ class RemoteMedSigLIP:
 
 
 class RemoteMedGemma:
-    """MedGemma on a worker, with ``MedGemmaRunner.generate``'s signature and results."""
+    """MedGemma on a worker: the ``ReportModel`` protocol, with ``InprocMedGemma``'s results."""
 
     def __init__(self, client: WorkerClient) -> None:
         self.client = client
@@ -228,7 +229,7 @@ class RemoteMedGemma:
         if not isinstance(request, ReportRequest):
             raise TypeError(f"request must be a ReportRequest, got {type(request).__name__}")
         self.identity  # noqa: B018  # checks the worker serves MedGemma
-        wire = pb.GenerateReportRequest(
+        message = pb.GenerateReportRequest(
             messages=chat_wire.chat_to_proto(request.messages),
             settings=chat_wire.settings_to_proto(request.settings),
             prompt_id=request.prompt_id,
@@ -237,8 +238,8 @@ class RemoteMedGemma:
         try:
             # Prompt images are the 8-bit renderings the local processor gets: a 4,280 x 3,520 DX is
             # 45 MB, under the default 64 MiB; a bigger prompt is refused here in one line.
-            self.client.check_fits(wire.ByteSize(), "the report prompt (its images)")
-            for event in self.client.stream_report(wire):
+            self.client.check_fits(message.ByteSize(), "the report prompt (its images)")
+            for event in self.client.stream_report(message):
                 kind = event.WhichOneof("event")
                 if kind == "delta" and event.delta.text and on_token is not None:
                     on_token(event.delta.text)
@@ -253,7 +254,7 @@ class RemoteMedGemma:
     def _result(self, request: ReportRequest, final: pb.ReportFinal, streamed: bool) -> ReportResult:
         warnings = [*request.warnings, *final.warnings]
         if not streamed:
-            # The worker always streams; MedGemmaRunner warns about a stream only when there is one.
+            # The worker always streams; a report warns about its stream only when there is one.
             warnings = [w for w in warnings if w != STREAM_MISMATCH_WARNING]
         return ReportResult(
             text=final.text,

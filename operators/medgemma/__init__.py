@@ -1,9 +1,10 @@
 """MedGemma: draft reports from a series' images.
 
 :mod:`.prompts` (the prompt book), :mod:`.request` (images and prompt of one series), :mod:`.runner`
-(transformers), :mod:`.gguf_runner` with :mod:`.gguf_weights` and :mod:`.gguf_convert` (llama.cpp at
-8 and 4 bits), :mod:`.runners` (the runner factory), :mod:`.generation` (prompt inputs, token budget
-and sampling rules every engine shares), :mod:`.text` (report sections), :mod:`.operator` (MONAI
+(transformers: the model and its rules, decoded by ``worker/engine/report_service.py``),
+:mod:`.gguf_runner` with :mod:`.gguf_weights` and :mod:`.gguf_convert` (llama.cpp at 8 and 4
+bits), :mod:`.runners` (the runner factory), :mod:`.generation` (prompt inputs, token budget and
+sampling rules every engine shares), :mod:`.text` (report sections), :mod:`.operator` (MONAI
 Deploy).
 """
 
@@ -29,7 +30,6 @@ _HOMES = {
     "LOW_BIT": "runners",
     "make_medgemma_runner": "runners",
     "SAMPLING_OPTIONS": "generation",
-    "IncrementalTextStreamer": "generation",
     "chat_inputs": "generation",
     "dtype_name": "generation",
     "eos_ids": "generation",

@@ -1,29 +1,25 @@
-"""What one MedGemma generation returns, and the pieces of it that need no loaded runner.
+"""The rules of a MedGemma report that need no loaded model, shared by every engine.
 
-:class:`ReportResult` (with :data:`FinishReason`) is the runner's output for one request;
-:class:`IncrementalTextStreamer` hands decoded text to ``on_token`` while ``generate`` runs;
 :func:`eos_ids` finds the tokens that end a report and :func:`dtype_name` checks the ``dtype``
 argument; :func:`chat_inputs`, :func:`fit_token_budget` and :func:`fill_sampling_defaults` are the
-rules every MedGemma engine (transformers, llama.cpp) applies alike. They are separate from
-:mod:`~medgemma_deploy.operators.medgemma.runner` so that the runner modules hold a model's lifecycle and
-its generate call only; none of them touches the model.
+rules every MedGemma engine (the torch core of
+:class:`~medgemma_deploy.worker.engine.report_service.ReportService`, llama.cpp) applies alike,
+through the runners' ``prepare_inputs``, ``token_budget`` and ``effective_settings``. They are
+separate from :mod:`~medgemma_deploy.operators.medgemma.runner` so that the runner modules hold a
+model's lifecycle; none of them touches the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-from transformers.generation.streamers import BaseStreamer
 
 from medgemma_deploy.domain import GenerationSettings, ReportRequest
 from medgemma_deploy.errors import InputError, ModelLoadError
 
 __all__ = [
     "SAMPLING_OPTIONS",
-    "IncrementalTextStreamer",
     "chat_inputs",
     "dtype_name",
     "eos_ids",
@@ -35,42 +31,6 @@ __all__ = [
 SAMPLING_OPTIONS = ("temperature", "top_p", "top_k")
 
 _DTYPES = ("float32", "bfloat16", "float16")
-
-
-class IncrementalTextStreamer(BaseStreamer):
-    """Hands newly decoded text to a callback, token by token, without a thread.
-
-    ``generate`` first puts the prompt (skipped), then each new token. The generated ids so far
-    are decoded as a whole each time and the new suffix is passed on, except while the text ends
-    in an incomplete UTF-8 sequence (byte-fallback tokens of a multi-byte character), which is
-    held back until its last byte arrives; ``end`` flushes whatever is left.
-    """
-
-    def __init__(self, tokenizer: Any, on_token: Callable[[str], None]) -> None:
-        self._tokenizer = tokenizer
-        self._on_token = on_token
-        self._prompt_seen = False
-        self._token_ids: list[int] = []
-        self.streamed_text = ""
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self._token_ids.extend(int(token) for token in value.reshape(-1).tolist())
-        self._flush(final=False)
-
-    def end(self) -> None:
-        self._flush(final=True)
-
-    def _flush(self, *, final: bool) -> None:
-        text = self._tokenizer.decode(self._token_ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):
-            return
-        if text.startswith(self.streamed_text) and len(text) > len(self.streamed_text):
-            piece = text[len(self.streamed_text) :]
-            self.streamed_text = text
-            self._on_token(piece)
 
 
 def dtype_name(dtype: Any, model_dir: Path) -> str | None:
@@ -126,7 +86,7 @@ def chat_inputs(processor: Any, request: ReportRequest, return_tensors: str) -> 
 
 def fit_token_budget(request: ReportRequest, n_prompt: int, context: int, warnings: list[str]) -> int:
     """New tokens ``request`` may generate: its max_new_tokens, shrunk (with a warning) to fit the
-    ``context``; the worker's scheduler applies the same rule.
+    ``context``.
 
     Raises
     ------

@@ -1,10 +1,12 @@
 """MedGemma on llama.cpp (llama-cpp-python): 8- and 4-bit reports on a CPU.
 
-:class:`GgufMedGemmaRunner` has the public surface of
-:class:`~medgemma_deploy.operators.medgemma.runner.MedGemmaRunner` that the pipeline uses (``load``,
-``generate``, ``generate_batch``, ``close``, ``identity``, ``token_budget``…) and returns the same
-:class:`ReportResult`; only the arithmetic moves to llama.cpp. What stays ours, so that a report is
-prompted exactly as on the torch path:
+:class:`GgufMedGemmaRunner` is a ``ReportModel`` as the torch path's
+:class:`~medgemma_deploy.backends.inproc.InprocMedGemma` is (``load``, ``generate``, ``close``,
+``identity``; plus ``generate_batch``), has the rules of
+:class:`~medgemma_deploy.operators.medgemma.runner.MedGemmaRunner` (``prepare_inputs``,
+``token_budget``, ``effective_settings``…) and returns the same :class:`ReportResult`; only the
+arithmetic moves to llama.cpp. What stays ours, so that a report is prompted exactly as on the
+torch path:
 
 * The checkpoint's own processor and chat template build the prompt and the image pixels
   (``apply_chat_template``, as the torch runner). llama.cpp receives token ids, never text: its
@@ -319,7 +321,7 @@ class GgufMedGemmaRunner:
     def generate(
         self, request: ReportRequest, *, on_token: Callable[[str], None] | None = None
     ) -> ReportResult:
-        """Generate the report text of one request (as ``MedGemmaRunner.generate``)."""
+        """Generate the report text of one request (as ``InprocMedGemma.generate``)."""
         if not isinstance(request, ReportRequest):
             raise TypeError(f"request must be a ReportRequest, got {type(request).__name__}")
         with self._lock:

@@ -1,52 +1,48 @@
-"""MedGemma runner: draft report text from a prepared request (load → generate → close).
+"""MedGemma runner: a loaded checkpoint and the rules of drafting a report with it.
 
 The runner knows nothing about DICOM: :mod:`medgemma_deploy.operators.medgemma.request` turns a
 series into a :class:`ReportRequest` (chat messages with images, prompt id, generation settings)
 and :mod:`medgemma_deploy.operators.writers.report_sr` turns the :class:`ReportResult` into an SR.
-The same runner serves the in-process operator and the gRPC worker.
 
-Decisions callers can rely on:
+The runner does not decode. Reports are decoded by one core,
+:class:`~medgemma_deploy.worker.engine.report_service.ReportService` (continuous batching over the
+runner's model), which the gRPC worker serves and
+:class:`~medgemma_deploy.backends.inproc.InprocMedGemma` runs in process (``--backend local``). The
+core takes from the runner its model and processor and these public rules, which are what callers
+can rely on:
 
-* The model's own processor and chat template build the prompt
-  (``processor.apply_chat_template(..., add_generation_prompt=True, tokenize=True)``), so a
-  hospital's copy of ``google/medgemma-4b-it`` is prompted exactly as Google's examples do.
-* Greedy decoding is the default; sampling settings from the checkpoint's
-  ``generation_config.json`` (top-k/top-p) apply only when ``do_sample`` is asked for. Every
-  setting used is recorded in the result and, through it, in the SR.
-* A prompt that does not fit the model's context is an :class:`InputError` naming the series and
-  the counts (never silently truncated: cutting images or the instruction would change what the
-  report is about). When the prompt fits but prompt + ``max_new_tokens`` does not, the budget is
-  reduced to what fits and the result says so in ``warnings``.
-* Empty text, text cut at ``max_new_tokens`` and a reduced budget are flagged in
-  ``ReportResult.warnings`` for the caller to report.
-* ``on_token`` receives decoded text pieces as they are generated; their concatenation is
-  ``ReportResult.text``. Raising from ``on_token`` aborts the generation (client cancelled).
+* :meth:`MedGemmaRunner.prepare_inputs`: the model's own processor and chat template build the
+  prompt (``processor.apply_chat_template(..., add_generation_prompt=True, tokenize=True)``), so a
+  hospital's copy of ``google/medgemma-4b-it`` is prompted exactly as Google's examples do; a
+  message the processor refuses is an :class:`InputError` naming the series.
+* :meth:`MedGemmaRunner.token_budget`: a prompt that does not fit the model's context is an
+  :class:`InputError` naming the series and the counts (never silently truncated: cutting images or
+  the instruction would change what the report is about). When the prompt fits but prompt +
+  ``max_new_tokens`` does not, the budget is reduced to what fits, with a warning.
+* :meth:`MedGemmaRunner.effective_settings`: greedy decoding is the default; sampling settings from
+  the checkpoint's ``generation_config.json`` (temperature/top-k/top-p) apply only when
+  ``do_sample`` is asked for and the request leaves them unset. Every setting used is recorded in
+  the result and, through it, in the SR.
+* :attr:`MedGemmaRunner.eos_token_ids` end a report (Gemma 3: ``<eos>`` and ``<end_of_turn>``),
+  :attr:`MedGemmaRunner.suppress_token_ids` are never chosen (the checkpoint's ``suppress_tokens``,
+  as ``generate`` applies them); :attr:`MedGemmaRunner.engine_parameters` name what ran the model,
+  for the result and the SR.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from medgemma_deploy.domain import (
-    FinishReason,
-    GenerationSettings,
-    ModelIdentity,
-    ReportRequest,
-    ReportResult,
-)
-from medgemma_deploy.errors import InputError, ModelLoadError
+from medgemma_deploy.domain import GenerationSettings, ModelIdentity, ReportRequest
+from medgemma_deploy.errors import ModelLoadError
 from medgemma_deploy.model_dir import model_identity, resolve_model_dir
 from medgemma_deploy.operators.medgemma.generation import (
     SAMPLING_OPTIONS,
-    IncrementalTextStreamer,
     chat_inputs,
     dtype_name,
     eos_ids,
@@ -55,15 +51,13 @@ from medgemma_deploy.operators.medgemma.generation import (
 )
 from medgemma_deploy.precision import torch_dtype_name
 
-# GenerationSettings and ReportRequest are defined with the request builder, ReportResult in
-# medgemma_generation.py; all three are re-exported here.
 __all__ = ["MedGemmaRunner"]
 
 logger = logging.getLogger(__name__)
 
 
 class MedGemmaRunner:
-    """Loads a MedGemma checkpoint once and drafts reports with it.
+    """Loads a MedGemma checkpoint once and holds the rules of drafting a report with it.
 
     Parameters
     ----------
@@ -83,8 +77,9 @@ class MedGemmaRunner:
 
     Examples
     --------
-    >>> with MedGemmaRunner(model_dir) as runner:          # doctest: +SKIP
-    ...     result = runner.generate(request, on_token=print)
+    >>> from medgemma_deploy.backends.inproc import InprocMedGemma
+    >>> with InprocMedGemma(MedGemmaRunner(model_dir)) as medgemma:   # doctest: +SKIP
+    ...     result = medgemma.generate(request, on_token=print)
     """
 
     def __init__(
@@ -110,6 +105,7 @@ class MedGemmaRunner:
         self._lock = threading.Lock()
         self.context_length: int | None = None
         self.eos_token_ids: tuple[int, ...] = ()
+        self.suppress_token_ids: tuple[int, ...] = ()
         self._sampling_defaults: dict[str, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -191,9 +187,10 @@ class MedGemmaRunner:
         self._device = device
         self.context_length = int(model.config.get_text_config().max_position_embeddings)
         self.eos_token_ids = eos_ids(model.generation_config.eos_token_id, processor.tokenizer)
-        # transformers fills unset generate() options from model.generation_config, so the
-        # checkpoint's sampling defaults would reach (and warn in) greedy runs; keep them aside
-        # and apply them only when sampling.
+        self.suppress_token_ids = tuple(int(t) for t in model.generation_config.suppress_tokens or ())
+        # Keep the checkpoint's sampling defaults aside, applied only when sampling
+        # (effective_settings). They are cleared from model.generation_config too, so that a plain
+        # model.generate on this model (benchmark baselines, parity references) is greedy and quiet.
         self._sampling_defaults = {
             name: getattr(model.generation_config, name, None) for name in SAMPLING_OPTIONS
         }
@@ -248,7 +245,7 @@ class MedGemmaRunner:
             ("precision", f"{self.precision} ({dtype})"),
         )
 
-    # -- run ---------------------------------------------------------------------------------
+    # -- the rules of a report ----------------------------------------------------------------
 
     def prepare_inputs(self, request: ReportRequest) -> Any:
         """The processor's model inputs for ``request`` (token ids, pixel values…), on the CPU.
@@ -261,153 +258,24 @@ class MedGemmaRunner:
         self._require_loaded()
         return chat_inputs(self._processor, request, "pt")
 
-    def generate(
-        self, request: ReportRequest, *, on_token: Callable[[str], None] | None = None
-    ) -> ReportResult:
-        """Generate the report text of one request.
+    def token_budget(self, request: ReportRequest, n_prompt: int, warnings: list[str]) -> int:
+        """New tokens ``request`` may generate after its ``n_prompt``-token prompt.
 
-        Parameters
-        ----------
-        request:
-            Messages, prompt id and settings, from ``report_inputs.build_report_request``.
-        on_token:
-            Called with each new piece of decoded text while generating (the pieces concatenate
-            to ``ReportResult.text``). An exception raised by it stops the generation and
-            propagates.
-
-        Returns
-        -------
-        ReportResult
+        ``request.settings.max_new_tokens``, reduced to what this model's context leaves (the
+        reduction appended to ``warnings``); :func:`fit_token_budget`.
 
         Raises
         ------
-        RuntimeError
-            :meth:`load` was not called, or the device ran out of memory (the message names the
-            series and the prompt size).
         InputError
-            The prompt (images and text) is longer than the model's context.
+            The prompt alone fills the context; the message names the counts and what to change.
         """
-        if not isinstance(request, ReportRequest):
-            raise TypeError(f"request must be a ReportRequest, got {type(request).__name__}")
-        with self._lock:
-            return self._generate(request, on_token)
-
-    def generate_batch(self, requests: Sequence[ReportRequest]) -> list[ReportResult | InputError]:
-        """One result per request, in order: a ``ReportResult`` or the request's ``InputError``."""
-        results: list[ReportResult | InputError] = []
-        for request in requests:
-            try:
-                results.append(self.generate(request))
-            except InputError as exc:
-                logger.warning("report for %s not generated: %s", exc.source, exc.reason)
-                results.append(exc)
-        return results
-
-    def _generate(self, request: ReportRequest, on_token: Callable[[str], None] | None) -> ReportResult:
-        import torch
-
-        started = time.perf_counter()
-        inputs = self.prepare_inputs(request)
-        n_prompt = int(inputs["input_ids"].shape[1])
-        settings = self.effective_settings(request.settings)
-        warnings = list(request.warnings)
-        max_new_tokens = self.token_budget(request, n_prompt, warnings)
-        inputs = inputs.to(self._device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
-        generation_config = self._generation_config(settings, max_new_tokens)
-        streamer = IncrementalTextStreamer(self._processor.tokenizer, on_token) if on_token else None
-        preprocess_seconds = time.perf_counter() - started
-        generate_started = time.perf_counter()
-        try:
-            with self._seeded(settings), torch.inference_mode():
-                output = self._model.generate(
-                    **inputs, generation_config=generation_config, streamer=streamer
-                )
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            raise RuntimeError(
-                f"out of GPU memory drafting the report of {request.source}: {n_prompt} prompt tokens "
-                f"({request.n_images} images) + {max_new_tokens} new tokens"
-            ) from exc
-        seconds = time.perf_counter() - generate_started
-        token_ids = [int(token) for token in output[0, n_prompt:].tolist()]
-        text = self._processor.tokenizer.decode(token_ids, skip_special_tokens=True)
-        stopped = bool(token_ids) and token_ids[-1] in self.eos_token_ids
-        finish_reason: FinishReason = "stop" if stopped else "length"
-        if streamer is not None and streamer.streamed_text != text:
-            # Only possible with a tokenizer whose decoding of a prefix is not a prefix of the decoding.
-            warnings.append("the streamed text differs from the final text; use the final text")
-        if not text.strip():
-            warnings.append(
-                f"MedGemma generated no text ({len(token_ids)} token(s), finish reason {finish_reason}); "
-                "there is no draft to report"
-            )
-        if finish_reason == "length":
-            warnings.append(f"cut off at max_new_tokens={max_new_tokens}: the draft may be incomplete")
-        result = ReportResult(
-            text=text,
-            token_ids=token_ids,
-            n_prompt_tokens=n_prompt,
-            n_generated_tokens=len(token_ids),
-            finish_reason=finish_reason,
-            seconds=seconds,
-            tokens_per_second=len(token_ids) / seconds if seconds > 0 else 0.0,
-            settings=settings,
-            prompt_id=request.prompt_id,
-            prompt_version=request.prompt_version,
-            preprocess_seconds=preprocess_seconds,
-            warnings=warnings,
-            engine_parameters=self.engine_parameters,
-        )
-        logger.info(
-            "%s: %d prompt tokens (%d images), %d generated in %.2f s (%.1f tok/s), finish %s",
-            request.source,
-            n_prompt,
-            request.n_images,
-            len(token_ids),
-            seconds,
-            result.tokens_per_second,
-            finish_reason,
-        )
-        return result
-
-    def token_budget(self, request: ReportRequest, n_prompt: int, warnings: list[str]) -> int:
-        """New tokens this request may generate (:func:`fit_token_budget` on this model's context)."""
         return fit_token_budget(request, n_prompt, self.context_length or 0, warnings)
 
     def effective_settings(self, settings: GenerationSettings) -> GenerationSettings:
-        """``settings`` with the checkpoint's sampling defaults filled in, so results record them."""
+        """The settings a report is decoded with and recorded under: ``settings`` with the
+        checkpoint's sampling defaults filled in where sampling leaves them unset (greedy settings
+        are returned as they are)."""
         return fill_sampling_defaults(settings, self._sampling_defaults)
-
-    def _generation_config(self, settings: GenerationSettings, max_new_tokens: int) -> Any:
-        config = copy.deepcopy(self._model.generation_config)
-        config.max_new_tokens = max_new_tokens
-        config.max_length = None
-        config.do_sample = settings.do_sample
-        config.num_beams = 1
-        if settings.do_sample:
-            for name in SAMPLING_OPTIONS:
-                setattr(config, name, getattr(settings, name))
-        if settings.repetition_penalty is not None:
-            config.repetition_penalty = settings.repetition_penalty
-        return config
-
-    @contextlib.contextmanager
-    def _seeded(self, settings: GenerationSettings) -> Iterator[None]:
-        """Seed a sampled generation without disturbing the caller's random state."""
-        if not (settings.do_sample and settings.seed is not None):
-            yield
-            return
-        import torch
-
-        cuda_devices = []
-        if self._device.type == "cuda":
-            index = self._device.index
-            cuda_devices = [index if index is not None else torch.cuda.current_device()]
-        with torch.random.fork_rng(devices=cuda_devices):
-            torch.manual_seed(settings.seed)
-            yield
 
     def _require_loaded(self) -> None:
         if self._model is None:

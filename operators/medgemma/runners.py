@@ -1,11 +1,13 @@
 """The one place that picks MedGemma's runner class for a precision.
 
-``make_medgemma_runner(model_dir, device=, precision=)`` is what the engine, the backends and the worker
+``make_medgemma_runner(model_dir, device=, precision=)`` is what the local backend and the worker
 call. ``auto``, ``fp32`` and ``bf16`` run on torch
-(:class:`~medgemma_deploy.operators.medgemma.runner.MedGemmaRunner`; ``auto`` is bf16 on a GPU and fp32 on
-a CPU, medgemma_deploy/precision.py); ``int8`` and ``int4`` run on llama.cpp
+(:class:`~medgemma_deploy.operators.medgemma.runner.MedGemmaRunner`; ``auto`` is bf16 on a GPU and
+fp32 on a CPU, medgemma_deploy/precision.py), decoded by the worker's ``ReportService``: in the
+worker, or in process through :class:`~medgemma_deploy.backends.inproc.InprocMedGemma`, which the
+local backend wraps around it. ``int8`` and ``int4`` run on llama.cpp
 (:class:`~medgemma_deploy.operators.medgemma.gguf_runner.GgufMedGemmaRunner`, the optional ``lowbit``
-extra), which is what a CPU-only site should ask for (docs/performance.md).
+extra, used as it is), which is what a CPU-only site should ask for (docs/performance.md).
 
 ``auto`` does not switch to llama.cpp by itself when the extra is installed: every report would
 then change engine (and text) with an installed package, including the test suite's torch-parity

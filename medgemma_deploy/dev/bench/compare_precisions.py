@@ -19,13 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+from medgemma_deploy.backends.local import make_backend
 from medgemma_deploy.domain import GenerationSettings
 from medgemma_deploy.errors import InputError, ModelLoadError, UsageError
 from medgemma_deploy.model_dir import resolve_model_dir
 from medgemma_deploy.operators.dicom_input.reader import load_study_input
 from medgemma_deploy.operators.medgemma.prompts import PromptBook
 from medgemma_deploy.operators.medgemma.request import build_report_request
-from medgemma_deploy.operators.medgemma.runners import make_medgemma_runner
 from medgemma_deploy.precision import PRECISIONS
 
 __all__ = ["compare", "main"]
@@ -49,10 +49,13 @@ def compare(
             print(f"series {series.series_instance_uid}: skipped: {exc.reason}", file=sys.stderr)
     drafts: dict[str, dict[str, dict]] = {uid: {} for uid in requests}
     for precision in precisions:
-        with make_medgemma_runner(model_dir, device=device, precision=precision) as runner:
+        # What the CLI runs at that precision (--backend local).
+        with make_backend("local", model_dir, device, precision=precision) as backend:
+            medgemma = backend.medgemma
+            medgemma.load()
             for uid, request in requests.items():
                 started = time.perf_counter()
-                result = runner.generate(request)
+                result = medgemma.generate(request)
                 drafts[uid][precision] = {
                     "tokens": result.token_ids,
                     "text": result.text,

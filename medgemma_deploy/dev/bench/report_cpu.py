@@ -6,8 +6,9 @@ Rows (each in a fresh subprocess, so that its peak resident memory is its own):
 
 * ``model-card``: the recipe of Google's model card (``AutoModelForImageTextToText`` in bfloat16,
   ``generate(max_new_tokens=200, do_sample=False)``);
-* ``cli``: our torch runner at ``--precision auto`` (what ``medgemma-deploy report`` loads);
-* ``bf16``, ``fp32``: our torch runner at that precision;
+* ``cli``: our torch path at ``--precision auto`` (what ``medgemma-deploy report`` loads: the
+  worker's decode core in process, ``InprocMedGemma``);
+* ``bf16``, ``fp32``: our torch path at that precision;
 * ``int8``, ``int4``: our llama.cpp runner (Q8_0 / Q4_0 GGUF, the ``lowbit`` extra);
 * ``llama.cpp``: llama.cpp itself on the same Q4_0 file, no wrapper of ours: ``llama-bench`` when
   it is on PATH, else a bare decode loop over llama-cpp-python's C API (greedy sampling in C);
@@ -98,41 +99,34 @@ def _text_request(max_new_tokens: int) -> Any:
 
 
 def _row_torch(model_dir: Path, precision: str, device: str, max_new_tokens: int, batch: bool) -> dict:
-    """Our torch runner: image → first token and decode from a streamer, batch 4 with generate."""
-    import torch
+    """Our torch path (``--backend local``: the worker's decode core in process): image → first
+    token and decode from ``on_token``; batch 4 as four threads drafting at once (decoded together)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
+    from medgemma_deploy.backends.local import make_backend
 
-    runner = MedGemmaRunner(model_dir, device=device, precision=precision).load()
+    backend = make_backend("local", model_dir, device, precision=precision)
+    medgemma = backend.medgemma
+    medgemma.load()
     request = _cr_request(max_new_tokens)
     first: list[float] = []
     started = time.perf_counter()
-    result = runner.generate(
+    result = medgemma.generate(
         request, on_token=lambda _: first.append(time.perf_counter()) if not first else None
     )
     total = time.perf_counter() - started
     figures = _figures(result.n_generated_tokens, total, (first[0] - started) if first else total)
-    figures["dtype"] = str(runner.model.dtype).removeprefix("torch.")
+    figures["dtype"] = str(medgemma.runner.model.dtype).removeprefix("torch.")
     if batch:
-        processor, model = runner.processor, runner.model
-        chats = [_text_request(_BATCH_NEW_TOKENS).messages] * _BATCH
-        processor.tokenizer.padding_side = "left"
-        inputs = processor.apply_chat_template(
-            chats,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            padding=True,
-        ).to(runner.device)
-        with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        requests = [_text_request(_BATCH_NEW_TOKENS) for _ in range(_BATCH)]
+        medgemma.service.scheduler.eos_token_ids = frozenset()  # each runs to _BATCH_NEW_TOKENS
+        medgemma.generate(_text_request(2))  # warm
+        with ThreadPoolExecutor(_BATCH) as pool:
             batch_started = time.perf_counter()
-            output = model.generate(
-                **inputs, max_new_tokens=_BATCH_NEW_TOKENS, min_new_tokens=_BATCH_NEW_TOKENS, do_sample=False
-            )
+            results = list(pool.map(medgemma.generate, requests))
         seconds = time.perf_counter() - batch_started
-        figures["batch4_tok_s"] = _BATCH * (output.shape[1] - inputs["input_ids"].shape[1]) / seconds
+        figures["batch4_tok_s"] = sum(r.n_generated_tokens for r in results) / seconds
+    backend.close()
     return figures
 
 

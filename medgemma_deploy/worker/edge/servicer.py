@@ -13,7 +13,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Protocol
 
 import grpc
@@ -25,6 +25,7 @@ from medgemma_deploy import __version__
 from medgemma_deploy._proto import worker_pb2 as pb
 from medgemma_deploy._proto import worker_pb2_grpc
 from medgemma_deploy.backends import chat_wire, wire
+from medgemma_deploy.domain import ModelIdentity, ReportRequest
 from medgemma_deploy.errors import InputError
 from medgemma_deploy.worker.edge.metrics import WorkerMetrics
 from medgemma_deploy.worker.engine.batcher import BatchedRequest
@@ -36,9 +37,9 @@ from medgemma_deploy.worker.engine.errors import (
     QueueFullError,
     RequestCancelledError,
 )
-from medgemma_deploy.worker.engine.events import Admitted, Finished, Tokens
+from medgemma_deploy.worker.engine.events import Admitted
 from medgemma_deploy.worker.engine.image_service import ClassifyWork, EmbedWork, ImageService, TextEmbedWork
-from medgemma_deploy.worker.engine.report_service import ReportService
+from medgemma_deploy.worker.engine.report_service import ReportDelta, ReportDone, ReportService
 
 __all__ = [
     "API_VERSION",
@@ -330,71 +331,34 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 settings = chat_wire.sampling_from_proto(
                     request.settings, service.default_max_new_tokens, service.max_new_tokens
                 )
-                prepared = service.prepare(
-                    messages,
-                    settings,
-                    prompt_id=request.prompt_id,
-                    source=request.request_id or "grpc request",
+                source = request.request_id or "grpc request"
+                report = ReportRequest.for_chat(
+                    messages, settings, source=source, prompt_id=request.prompt_id
                 )
+                prepared = service.prepare(report)
                 stream = service.submit(prepared, deadline=_deadline(context))
             context.add_callback(stream.cancel)
-            decoder = service.detokenizer()
-            generated: list[int] = []
-            queue_seconds = 0.0
-            pending = None
-            while True:
-                event, pending = pending or stream.next_event(timeout=_POLL_S), None
-                if event is None:
-                    if not context.is_active():
-                        stream.cancel()
-                        raise _gone(context)
-                    continue
-                if isinstance(event, Admitted):
-                    queue_seconds = event.queue_seconds
-                    yield pb.GenerateReportResponse(
-                        admitted=pb.ReportAdmitted(
-                            n_prompt_tokens=event.n_prompt_tokens,
-                            queue_seconds=event.queue_seconds,
-                            running=event.running,
+
+            def check_client() -> None:
+                if not context.is_active():
+                    raise _gone(context)
+
+            outputs = service.outputs(prepared, stream, coalesce=True, on_idle=check_client, poll_s=_POLL_S)
+            with closing(outputs):
+                for output in outputs:
+                    if isinstance(output, Admitted):
+                        yield pb.GenerateReportResponse(
+                            admitted=pb.ReportAdmitted(
+                                n_prompt_tokens=output.n_prompt_tokens,
+                                queue_seconds=output.queue_seconds,
+                                running=output.running,
+                            )
                         )
-                    )
-                elif isinstance(event, Tokens):
-                    # Tokens already waiting go out in the same message (a slow reader gets fewer,
-                    # larger deltas); the text is still decoded token by token, as in process.
-                    ids, pieces = [], []
-                    while isinstance(event, Tokens):
-                        ids.extend(event.token_ids)
-                        pieces.append(decoder.push(event.token_ids))
-                        event = stream.next_event(timeout=0)
-                    pending = event
-                    generated.extend(ids)
-                    yield pb.GenerateReportResponse(delta=pb.ReportDelta(text="".join(pieces), token_ids=ids))
-                elif isinstance(event, Finished):
-                    tail = decoder.flush()
-                    if tail:
-                        yield pb.GenerateReportResponse(delta=pb.ReportDelta(text=tail))
-                    result = service.finish(prepared, generated, event, streamed_text=decoder.text)
-                    yield pb.GenerateReportResponse(
-                        final=pb.ReportFinal(
-                            text=result.text,
-                            token_ids=generated,
-                            n_prompt_tokens=prepared.prompt.n_tokens,
-                            n_generated_tokens=len(generated),
-                            finish_reason=event.finish_reason,
-                            seconds=event.seconds,
-                            tokens_per_second=len(generated) / event.seconds if event.seconds > 0 else 0.0,
-                            warnings=result.warnings,
-                            model=wire.identity_to_proto(service.identity),
-                            timing=pb.Timing(
-                                queue_seconds=queue_seconds,
-                                compute_seconds=event.seconds,
-                                batch_size=round(event.mean_batch_size),
-                            ),
-                        )
-                    )
-                    return
-                else:  # Failed
-                    raise event.error
+                    elif isinstance(output, ReportDelta):
+                        delta = pb.ReportDelta(text=output.text, token_ids=output.token_ids)
+                        yield pb.GenerateReportResponse(delta=delta)
+                    else:
+                        yield pb.GenerateReportResponse(final=_report_final(output, service.identity))
 
     # Helpers --------------------------------------------------------------------------------
 
@@ -475,6 +439,32 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
     if remaining is None or remaining > 1e8:
         return None
     return time.monotonic() + max(0.0, remaining)
+
+
+#: The ``ReportResult`` fields a ``ReportFinal`` carries under the same names.
+_REPORT_FINAL_FIELDS = (
+    "text",
+    "token_ids",
+    "n_prompt_tokens",
+    "n_generated_tokens",
+    "finish_reason",
+    "seconds",
+    "tokens_per_second",
+    "warnings",
+)
+
+
+def _report_final(done: ReportDone, model: ModelIdentity) -> pb.ReportFinal:
+    result = done.result
+    return pb.ReportFinal(
+        **{name: getattr(result, name) for name in _REPORT_FINAL_FIELDS},
+        model=wire.identity_to_proto(model),
+        timing=pb.Timing(
+            queue_seconds=done.queue_seconds,
+            compute_seconds=result.seconds,
+            batch_size=round(done.mean_batch_size),
+        ),
+    )
 
 
 def _timing(queued: BatchedRequest) -> pb.Timing:

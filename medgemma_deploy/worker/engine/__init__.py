@@ -2,8 +2,9 @@
 
 :mod:`.batcher` (dynamic batching of images), :mod:`.image_service` (MedSigLIP behind it),
 :mod:`.decode` (the running sequences as one left-padded KV cache), :mod:`.scheduler` (continuous
-batching) with :mod:`.sampling` and :mod:`.events`, :mod:`.report_service` (MedGemma behind it),
-:mod:`.errors` (what a request can fail with).
+batching) with :mod:`.sampling` and :mod:`.events`, :mod:`.report_service` (MedGemma behind it: the
+one decode core of torch reports, also run in process by ``backends/inproc.py``), :mod:`.errors`
+(what a request can fail with).
 """
 
 from medgemma_deploy.exports import public_names
@@ -37,6 +38,9 @@ _HOMES = {
     "Tokens": "events",
     "IncrementalDetokenizer": "report_service",
     "PreparedReport": "report_service",
+    "ReportDelta": "report_service",
+    "ReportDone": "report_service",
+    "ReportOutput": "report_service",
     "ReportService": "report_service",
     "BadRequestError": "errors",
     "DeadlineExpiredError": "errors",

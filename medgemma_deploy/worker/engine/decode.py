@@ -26,11 +26,14 @@ rows write their next token into the same column:
   are trimmed from the left so the batch never carries dead width.
 
 Only the model's public forward is called (``input_ids``, ``attention_mask``, ``position_ids``,
-``past_key_values``, ``logits_to_keep``); the masks are built by the model itself.
+the cache, ``logits_to_keep``); the masks are built by the model itself. The cache goes in as
+``cache`` where the forward takes it (transformers 5.24 on; ``past_key_values`` there warns that it
+is deprecated), else as ``past_key_values``.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,8 +84,9 @@ class DecodeBatch:
     Parameters
     ----------
     model:
-        A loaded transformers model whose forward accepts ``past_key_values`` (a ``DynamicCache``),
-        ``attention_mask``, ``position_ids`` and ``logits_to_keep`` (Gemma 3 does).
+        A loaded transformers model whose forward accepts a ``DynamicCache`` (``cache``, or
+        ``past_key_values`` before transformers 5.24), ``attention_mask``, ``position_ids`` and
+        ``logits_to_keep`` (Gemma 3 does).
     device:
         Where the cache lives (the model's device).
     pad_token_id:
@@ -94,6 +98,8 @@ class DecodeBatch:
         self.device = device
         self.pad_token_id = pad_token_id
         self.cache: DynamicCache | None = None
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.attention_mask = torch.zeros((0, 0), dtype=torch.long, device=device)
         #: Real (non-padding) tokens of each row, in row order.
         self.lengths: list[int] = []
@@ -135,7 +141,8 @@ class DecodeBatch:
         else:
             inputs, mask = self._padded(prompts, lengths)
         cache = DynamicCache()
-        output = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        inputs[self._cache_argument] = cache
+        output = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return Prefilled(cache, output.logits[:, -1].to(dtype=torch.float32), mask, lengths)
 
     def _padded(self, prompts: Sequence[PreparedPrompt], lengths: list[int]) -> tuple[dict, torch.Tensor]:
@@ -213,9 +220,9 @@ class DecodeBatch:
             input_ids=next_tokens.to(self.device).unsqueeze(1),
             attention_mask=self.attention_mask,
             position_ids=position_ids,
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_argument: self.cache},
         )
         self.lengths = [length + 1 for length in self.lengths]
         return output.logits[:, -1].to(dtype=torch.float32)

@@ -26,8 +26,8 @@ __all__ = [
 ]
 
 
-#: ``MedGemmaRunner``'s warning when the streamed pieces do not concatenate to the final text
-#: (invalid byte sequences from a byte-fallback tokenizer).
+#: The warning of a streamed report whose pieces do not concatenate to the final text (invalid
+#: byte sequences from a byte-fallback tokenizer); a report that was not streamed never has it.
 STREAM_MISMATCH_WARNING = "the streamed text differs from the final text; use the final text"
 
 
@@ -46,11 +46,13 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class Admitted:
-    """The request left the queue: prefilled and decoding with ``running`` others."""
+    """The request left the queue: prefilled (in ``prefill_seconds``, its first token chosen) and
+    decoding with ``running`` others."""
 
     n_prompt_tokens: int
     queue_seconds: float
     running: int
+    prefill_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,8 @@ class ReportScheduler:
         The model's device.
     eos_token_ids:
         Tokens that end a report (Gemma 3: ``<eos>`` and ``<end_of_turn>``).
+    suppress_token_ids:
+        Tokens never chosen (the checkpoint's ``suppress_tokens``, as ``generate`` applies them).
     max_running:
         Sequences decoded together (rows of the batch).
     max_waiting:
@@ -120,6 +122,7 @@ class ReportScheduler:
         *,
         device: torch.device,
         eos_token_ids: Sequence[int],
+        suppress_token_ids: Sequence[int] = (),
         max_running: int = 32,
         max_waiting: int = 64,
         max_cached_tokens: int = 0,
@@ -136,6 +139,7 @@ class ReportScheduler:
         self.batch = DecodeBatch(model, device, pad_token_id=pad_token_id)
         self.device = device
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.suppress_token_ids = tuple(int(t) for t in suppress_token_ids)
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.max_cached_tokens = max_cached_tokens
@@ -321,9 +325,13 @@ class ReportScheduler:
             jobs[0].stream.emit(Failed(exc))
             return
         running = len(self._running) + len(jobs)
+        tokens = self._choose(prefilled.logits, jobs)
+        prefill_seconds = time.monotonic() - now
         keep = []
-        for row, (job, token) in enumerate(zip(jobs, self._choose(prefilled.logits, jobs), strict=True)):
-            job.stream.emit(Admitted(job.prompt.n_tokens, job.admitted_at - job.enqueued_at, running))
+        for row, (job, token) in enumerate(zip(jobs, tokens, strict=True)):
+            job.stream.emit(
+                Admitted(job.prompt.n_tokens, job.admitted_at - job.enqueued_at, running, prefill_seconds)
+            )
             if not self._accept_token(job, token):
                 keep.append(row)
         self.batch.join(prefilled, keep)
@@ -411,6 +419,9 @@ class ReportScheduler:
             job.stream.emit(Failed(error))
 
     def _choose(self, logits: torch.Tensor, jobs: Sequence[_Job]) -> list[int]:
+        if self.suppress_token_ids:
+            suppressed = torch.tensor(self.suppress_token_ids, dtype=torch.long, device=logits.device)
+            logits = logits.index_fill(1, suppressed, float("-inf"))
         return choose_tokens(
             logits,
             [job.settings for job in jobs],
