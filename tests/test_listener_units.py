@@ -308,19 +308,6 @@ def test_report_pipelines_build_their_engine_with_the_backend(name):
     assert remote.engine.backend == "grpc://127.0.0.1:1"
 
 
-def test_an_engine_without_a_backend_option_refuses_a_remote_backend():
-    from medgemma_deploy.listener.pipelines import _engine_kwargs
-
-    class InProcessOnly:
-        def __init__(self, models_path: Path, *, device: str | None = None) -> None: ...
-
-    options = PipelineOptions(models_path=Path("/models"), settings=RunSettings(device="cpu"))
-    assert _engine_kwargs(InProcessOnly, options, "x") == {"device": "cpu"}
-    remote = PipelineOptions(settings=RunSettings(backend="grpc://127.0.0.1:1"))
-    with pytest.raises(UsageError, match="in-process only"):
-        _engine_kwargs(InProcessOnly, remote, "x")
-
-
 @pytest.mark.parametrize("name", ["classify", "report", "study"])
 def test_a_local_pipeline_without_models_fails_with_one_line(name):
     with pytest.raises(UsageError, match=f"--pipeline {name}: --models is required with --backend local"):

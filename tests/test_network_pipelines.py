@@ -30,13 +30,13 @@ PACS = ("--destination", "PACS@127.0.0.1:104")
 #: value differs from the setting's default, so a dropped setting fails.
 SETTING_EFFECTS = {
     "backend": ("grpc://127.0.0.1:1", lambda built: built.engine.backend == "grpc://127.0.0.1:1"),
-    "device": ("cpu", lambda built: built.engine.device == "cpu"),
-    "precision": ("bf16", lambda built: built.engine.precision == "bf16"),
-    "labels": (str(LABELS), lambda built: built.engine.label_files == [LABELS]),
+    "device": ("cpu", lambda built: built.engine.options.device == "cpu"),
+    "precision": ("bf16", lambda built: built.engine.options.precision == "bf16"),
+    "labels": (str(LABELS), lambda built: built.engine.options.label_files == (LABELS,)),
     "relevance_top_k": ("1", lambda built: built.engine.classify_options.relevance_top_k == 1),
     "relevance_format": ("seg", lambda built: built.engine.classify_options.relevance_format == "seg"),
     "write_embeddings": ("true", lambda built: built.engine.classify_options.write_embeddings is True),
-    "prompts": (str(PROMPTS), lambda built: built.engine.prompts_file == PROMPTS),
+    "prompts": (str(PROMPTS), lambda built: built.engine.options.prompts_file == PROMPTS),
     "max_new_tokens": ("7", lambda built: built.engine.report_options.settings.max_new_tokens == 7),
     "with_findings": ("true", lambda built: built.engine.report_options.with_findings is True),
     "max_frame_megapixels": (
@@ -50,7 +50,7 @@ SETTING_EFFECTS = {
     ),
     "cache_dir": (
         "/tmp/medgemma-cache-elsewhere",
-        lambda built: built.engine.cache_dir == Path("/tmp/medgemma-cache-elsewhere"),
+        lambda built: built.engine.options.cache_dir == Path("/tmp/medgemma-cache-elsewhere"),
     ),
     # Where the listener indexes: the default store once index is on, or the store named.
     "index": ("true", lambda built: built.index_store == "sqlite:///medgemma-index.db"),
