@@ -267,6 +267,7 @@ class SeriesClassification:
 
 # -- model outputs and the one protocol per model ------------------------------------------
 
+
 @dataclass
 class ImageScores:
     """Zero-shot scores of a batch of images against one label set, one row per image in order.
@@ -523,6 +524,7 @@ class ReportModel(Protocol):
 
 
 # -- value checks shared by the configuration files ------------------------------------------
+
 
 def is_int(value: object) -> bool:
     """An ``int`` and not a ``bool`` (YAML and JSON ``true`` must not pass as 1)."""

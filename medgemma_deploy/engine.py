@@ -148,7 +148,6 @@ class EngineOptions:
         )
 
 
-
 @dataclass(frozen=True)
 class StudyFindings:
     """The classification stage alone (:meth:`PipelineEngine.triage`): findings and triage, no files.
@@ -217,7 +216,9 @@ class PipelineEngine:
         medsiglip_path: Path | None = None,
     ) -> PipelineEngine:
         """The engine every entry point builds: ``settings`` resolved once (flag > env > YAML > default)."""
-        return cls(pipeline, models_path, EngineOptions.from_settings(settings), medsiglip_path=medsiglip_path)
+        return cls(
+            pipeline, models_path, EngineOptions.from_settings(settings), medsiglip_path=medsiglip_path
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> PipelineEngine:
@@ -288,7 +289,9 @@ class PipelineEngine:
         full run rejects it with its reason).
         """
         if self.medsiglip is None:
-            raise RuntimeError(f"the {self.command} engine\'s triage needs MedSigLIP (classify or with_findings)")
+            raise RuntimeError(
+                f"the {self.command} engine's triage needs MedSigLIP (classify or with_findings)"
+            )
         input_path = check_input_path(input_path)
         # Scores only: the maps are made (and written) by the full run.
         options = dataclasses.replace(self.classify_options, relevance_maps=False, keep_embeddings=False)
@@ -317,7 +320,7 @@ class PipelineEngine:
         results never collides with the previous one while a retry reproduces the same UIDs.
         """
         if (self.needs_medsiglip and self.medsiglip is None) or (self.report and self.medgemma is None):
-            raise RuntimeError(f"the {self.command} engine\'s process() was called before open()")
+            raise RuntimeError(f"the {self.command} engine's process() was called before open()")
         input_path, output_dir = check_input_path(input_path), Path(output_dir)
         classify_options, report_options = self.classify_options, self.report_options
         if result_version is not None:

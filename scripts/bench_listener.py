@@ -6,7 +6,7 @@ receives and starts it again; the senders behave like routers and re-send what w
 acknowledged. At the end every study must be delivered (to a real Orthanc when installed) and
 every instance that got a Success must be in the spool: the ``lost`` count, goal 0.
 
-The listener runs the test marker pipeline (tests/listener_support.py: one small SR per study
+The listener runs the test marker pipeline (tests/support/listener.py: one small SR per study
 version), so the figures are those of the network entry (receive, fsync, job store, completion,
 delivery), not of a model. Prints one JSON summary line::
 
@@ -46,12 +46,12 @@ sys.path.insert(0, str(REPO))
 import pydicom  # noqa: E402
 
 from medgemma_deploy.listener.jobstore import JobStore  # noqa: E402
-from tests.listener_support import ListenerProcess, all_finished, no_delay, wait_until  # noqa: E402
-from tests.orthanc import free_port, orthanc_available, running_orthanc  # noqa: E402
+from tests.support.listener import ListenerProcess, all_finished, no_delay, wait_until  # noqa: E402
+from tests.support.orthanc import free_port, orthanc_available, running_orthanc  # noqa: E402
 
 logger = logging.getLogger("bench_listener")
 
-MARKER = "tests.listener_support:make_marker_pipeline"
+MARKER = "tests.support.listener:make_marker_pipeline"
 
 
 def write_instances(out_dir: Path, n_instances: int, per_study: int) -> list[Path]:
@@ -310,7 +310,7 @@ def _send_with_storescu(port: int, called_aet: str, groups: Sequence[Sequence[Pa
 
 
 def _pynetdicom_association(port: int, called_aet: str, group: Sequence[Path], result_file: str) -> None:
-    from tests.listener_support import send_files
+    from tests.support.listener import send_files
 
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     statuses = send_files(port, group, called_aet=called_aet)

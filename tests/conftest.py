@@ -15,21 +15,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from medgemma_deploy.domain import (
-    AlgorithmInfo,
-    Code,
     FindingDefinition,
     FindingScore,
-    ImageFrame,
     LabelSet,
     ModelIdentity,
     Series,
     SeriesClassification,
 )
+from tests.support.inputs import FINDINGS, read_testdata, series_from
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,55 +35,6 @@ def _private_cache_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MEDGEMMA_DEPLOY_CACHE_DIR", str(tmp_path_factory.mktemp("medgemma-cache")))
         yield
-
-
-#: The TID 4019 identification the writer tests use.
-ALGORITHM = AlgorithmInfo(
-    name="google/medsiglip-448",
-    version="0" * 40,
-    parameters=(("label_set", "chest-test 1"), ("threshold", "0.5")),
-)
-
-#: Three chest findings with their SNOMED CT codes.
-FINDINGS = (
-    ("pneumothorax", "Pneumothorax", Code("36118008", "SCT", "Pneumothorax")),
-    ("pleural_effusion", "Pleural effusion", Code("60046008", "SCT", "Pleural effusion")),
-    ("cardiomegaly", "Cardiomegaly", Code("8186001", "SCT", "Cardiomegaly")),
-)
-
-
-def read_testdata(name: str) -> tuple[Path, Dataset]:
-    """A pydicom / pydicom-data test file by name; skips the test if the data is not installed."""
-    found = get_testdata_file(name)
-    if found is None:
-        pytest.skip(f"test file {name} not available (pip install pydicom-data)")
-    path = Path(str(found))
-    return path, pydicom.dcmread(path)
-
-
-def series_from(datasets: Sequence[Dataset], paths: Sequence[Path]) -> Series:
-    """A ``Series`` with one ``ImageFrame`` per single-frame dataset (pixel arrays are placeholders)."""
-    frames = []
-    for dataset, path in zip(datasets, paths, strict=True):
-        shape = (int(dataset.Rows), int(dataset.Columns))
-        frames.append(
-            ImageFrame(
-                path=path,
-                dataset=dataset,
-                frame_number=1,
-                values=np.zeros(shape, np.float32),
-                display=np.zeros(shape, np.float32),
-                window_source="test",
-            )
-        )
-    first = datasets[0]
-    return Series(
-        study_instance_uid=str(first.StudyInstanceUID),
-        series_instance_uid=str(first.SeriesInstanceUID),
-        modality=str(first.Modality),
-        body_part_examined=first.get("BodyPartExamined"),
-        frames=frames,
-    )
 
 
 def _small_copy(dataset: Dataset, rows: int, columns: int, sop_instance_uid: str) -> Dataset:

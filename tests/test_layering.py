@@ -26,14 +26,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import REPO
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10: pytest depends on tomli there
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
 PKG = "medgemma_deploy"
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
 #: package → folder (relative to the repository root), as pyproject's ``package-dir`` maps them
 PACKAGE_DIR: dict[str, str] = dict(SETUPTOOLS["package-dir"])
@@ -190,7 +191,7 @@ class Tree:
 
 
 def _module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT)
+    rel = path.relative_to(REPO)
     parts = [FOLDERS[rel.parts[0]], *rel.parts[1:-1]]
     if path.stem != "__init__":
         parts.append(path.stem)
@@ -204,15 +205,15 @@ def _parse(path: Path) -> ast.Module:
 def _namespace_files() -> list[Path]:
     """Every ``.py`` file under the three folders, the generated stubs included."""
     return sorted(
-        p for folder in FOLDERS for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts
+        p for folder in FOLDERS for p in (REPO / folder).rglob("*.py") if "__pycache__" not in p.parts
     )
 
 
 def _other_files() -> list[Path]:
     """The repository's other Python (deploy/, scripts/…): no tests, no virtual environment, no builds."""
     skip = {*FOLDERS, "tests", "build", "dist"}
-    files = list(ROOT.glob("*.py"))
-    for top in ROOT.iterdir():
+    files = list(REPO.glob("*.py"))
+    for top in REPO.iterdir():
         if (
             top.is_dir()
             and top.name not in skip
@@ -226,14 +227,14 @@ def _other_files() -> list[Path]:
 @cache
 def _tree() -> Tree:
     modules = [
-        Module(_module_name(path), str(path.relative_to(ROOT)), _parse(path), path.name == "__init__.py")
+        Module(_module_name(path), str(path.relative_to(REPO)), _parse(path), path.name == "__init__.py")
         for path in _namespace_files()
-        if "_proto" not in path.relative_to(ROOT).parts
+        if "_proto" not in path.relative_to(REPO).parts
     ]
     others = [
         Module(
-            str(path.relative_to(ROOT).with_suffix("")).replace("/", "."),
-            str(path.relative_to(ROOT)),
+            str(path.relative_to(REPO).with_suffix("")).replace("/", "."),
+            str(path.relative_to(REPO)),
             _parse(path),
             False,
         )
@@ -519,15 +520,15 @@ def _package_folders(root: Path, package_dir: Mapping[str, str]) -> list[Path]:
     return sorted(folders)
 
 
-@pytest.mark.parametrize("folder", _package_folders(ROOT, PACKAGE_DIR), ids=str)
+@pytest.mark.parametrize("folder", _package_folders(REPO, PACKAGE_DIR), ids=str)
 def test_package_folder_is_listed(folder):
-    problems = folder_problems(ROOT, folder, SETUPTOOLS["packages"], PACKAGE_DIR)
+    problems = folder_problems(REPO, folder, SETUPTOOLS["packages"], PACKAGE_DIR)
     assert not problems, problems
 
 
 @pytest.mark.parametrize("package", SETUPTOOLS["packages"], ids=lambda p: str(_folder_of(p, PACKAGE_DIR)))
 def test_listed_package_exists(package):
-    problems = package_problems(ROOT, package, PACKAGE_DIR)
+    problems = package_problems(REPO, package, PACKAGE_DIR)
     assert not problems, problems
 
 
@@ -709,7 +710,7 @@ def run_modules(paths: Iterable[Path]) -> list[str]:
 
 
 def test_no_run_modules():
-    found = run_modules(path.relative_to(ROOT) for path in _namespace_files())
+    found = run_modules(path.relative_to(REPO) for path in _namespace_files())
     assert not found, f"{found}: entry points live in apps/ or medgemma_deploy/cli/"
 
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tests.listener_support import REPO
-from tests.system_tools import SYSTEM_TOOLS, SystemTool, require
+from tests.support import REPO
+from tests.support.system_tools import SYSTEM_TOOLS, SystemTool, require
 
 
 def _run_table() -> list[tuple[str, str, str]]:

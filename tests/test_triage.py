@@ -15,7 +15,7 @@ from medgemma_deploy.domain import (
 )
 from medgemma_deploy.operators.medsiglip.labels import LabelSetError, load_label_set, load_label_sets
 from medgemma_deploy.triage import triage_study
-from tests.triage_support import FINDINGS, RULES, classification
+from tests.support.triage import FINDINGS, RULES, classification
 
 SET_WITH_RULES = {
     "name": "triage-set",

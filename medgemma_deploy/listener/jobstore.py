@@ -47,7 +47,7 @@ from medgemma_deploy.listener.jobmodel import (
     notification_from_row,
 )
 
-__all__ = ["JobStore"]  # the records live in jobmodel and are re-exported here
+__all__ = ["JobStore"]  # the records it stores are defined in jobmodel
 
 _INSTANCE_COLUMNS = (*(f.name for f in dataclasses.fields(NewInstance)), "version", "received_at")
 

@@ -54,8 +54,6 @@ from medgemma_deploy.operators.dicom_input.voi import (
     voi_display,
 )
 
-# CT_BODY_PART_WINDOWS, CT_DEFAULT_WINDOWS, apply_window and ct_default_window are defined with the
-# rest of the VOI LUT stage in voi.py and re-exported here.
 __all__ = [
     "DECODED_BYTES_PER_SAMPLE",
     "MAX_DIMENSION",

@@ -1,4 +1,4 @@
-"""The VOI LUT stage of :mod:`~medgemma_deploy.operators.dicom_input.pixels`: grayscale values → display in [0, 1].
+"""The VOI LUT stage of the DICOM input: grayscale values → display in [0, 1].
 
 Holds the LINEAR window (:func:`apply_window`), the default CT windows (:data:`CT_DEFAULT_WINDOWS`,
 chosen by Body Part Examined through :data:`CT_BODY_PART_WINDOWS`) and the per-frame choice between
@@ -9,8 +9,8 @@ attributes of one frame of an enhanced object.
 It is separate from the decoder because windowing needs no pixel data element and no codec:
 :mod:`~medgemma_deploy.operators.medgemma.request` windows CT slices for MedGemma with
 :func:`apply_window` alone, and the tables and DICOM rules here (PS3.3 C.11.2) change for different
-reasons than the transfer-syntax handling in :mod:`~medgemma_deploy.operators.dicom_input.pixels`, which
-re-exports the public names.
+reasons than the transfer-syntax handling in
+:mod:`~medgemma_deploy.operators.dicom_input.pixels`.
 """
 
 from __future__ import annotations

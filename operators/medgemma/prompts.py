@@ -3,10 +3,10 @@
 :meth:`PromptBook.load` reads ``medgemma_deploy/config/prompts.yaml`` or a hospital's own file and
 checks every key (the file's header documents them), so a bad prompts file fails at start-up with
 the file and the key named, never half-way through a study. It is separate from
-:mod:`~medgemma_deploy.operators.medgemma.request`, which turns a series into a request with the book
-and re-exports :class:`PromptBook` and :class:`PromptSpec`, because reading and validating
-configuration changes for other reasons than image sampling and rendering. :func:`is_int` and
-:func:`is_number` are the strict type checks both modules validate with.
+:mod:`~medgemma_deploy.operators.medgemma.request`, which turns a series into a request with the
+book, because reading and validating configuration changes for other reasons than image sampling
+and rendering. The strict type checks (:func:`~medgemma_deploy.domain.is_int`,
+:func:`~medgemma_deploy.domain.is_number`) live with the value types they also validate.
 
 Nothing here imports torch, transformers or PIL.
 """

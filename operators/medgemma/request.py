@@ -28,8 +28,6 @@ from medgemma_deploy.domain import GenerationSettings, ImageFrame, ReportRequest
 from medgemma_deploy.operators.dicom_input.voi import apply_window
 from medgemma_deploy.operators.medgemma.prompts import PromptBook, PromptSpec
 
-# PromptBook, PromptSpec and Rendering are defined with the prompts-file validation in
-# report_prompts.py and re-exported here.
 __all__ = [
     "CT_WINDOWS",
     "build_report_request",
@@ -46,6 +44,7 @@ CT_WINDOWS: tuple[tuple[str, float, float], ...] = (
     ("soft tissue", 40.0, 350.0),
     ("brain", 40.0, 80.0),
 )
+
 
 def sample_evenly(n_frames: int, max_frames: int) -> list[int]:
     """Indices of at most ``max_frames`` of ``n_frames``, evenly spaced, first and last included

@@ -60,7 +60,8 @@ def classify_series(
     series:
         Its frames' ``display`` images are scored, in frame order.
     label_set:
-        The findings, scoring and threshold (see :func:`~medgemma_deploy.operators.medsiglip.labels.select_label_set`).
+        The findings, scoring and threshold (see
+        :func:`~medgemma_deploy.operators.medsiglip.labels.select_label_set`).
     relevance_top_k:
         How many of the most probable findings get relevance maps besides the present ones; 0 maps
         only present findings.

@@ -30,7 +30,7 @@ Relevance maps
 :meth:`MedSigLIPRunner.relevance_maps` shows *where* an image looks like a finding, from the vision
 tower's patch tokens rather than its pooled embedding. The method, its derivation and the cache that
 lets ``score`` then ``relevance_maps`` on the same frames run the vision tower once are in
-:mod:`medgemma_deploy.operators.medsiglip.relevance`, which defines :func:`patch_embeddings` (re-exported here).
+:mod:`~medgemma_deploy.operators.medsiglip.relevance` (with :func:`patch_embeddings`).
 """
 
 from __future__ import annotations
@@ -70,7 +70,6 @@ from medgemma_deploy.operators.medsiglip.text_cache import (
 )
 from medgemma_deploy.precision import torch_dtype_name
 
-# patch_embeddings is defined with the rest of the relevance maps in relevance.py and re-exported here.
 __all__ = [
     "MedSigLIPRunner",
     "RunnerNotLoadedError",

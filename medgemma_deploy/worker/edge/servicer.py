@@ -178,9 +178,7 @@ def check_texts(texts: list[str]) -> list[str]:
     if not texts:
         raise BadRequestError("texts", "is empty")
     if len(texts) > wire.MAX_TEXTS_PER_REQUEST:
-        raise BadRequestError(
-            "texts", f"{len(texts)} texts exceed the limit of {wire.MAX_TEXTS_PER_REQUEST}"
-        )
+        raise BadRequestError("texts", f"{len(texts)} texts exceed the limit of {wire.MAX_TEXTS_PER_REQUEST}")
     for index, text in enumerate(texts):
         if not text.strip():
             raise BadRequestError(f"texts[{index}]", "is blank")
@@ -261,9 +259,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 response.probabilities.CopyFrom(wire.array_to_proto(outcome.probabilities))
             if outcome.embeddings is not None:
                 response.embeddings.CopyFrom(wire.array_to_proto(outcome.embeddings))
-            response.relevance_maps.extend(
-                wire.array_to_proto(np.asarray(m)) for m in outcome.relevance_maps
-            )
+            response.relevance_maps.extend(wire.array_to_proto(np.asarray(m)) for m in outcome.relevance_maps)
             response.relevance_grids.extend(
                 wire.array_to_proto(np.asarray(g, np.float32)) for g in outcome.relevance_grids
             )
