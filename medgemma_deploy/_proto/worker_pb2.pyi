@@ -1,4 +1,4 @@
-# Generated from protos/medgemma_deploy/v1/worker.proto by `python -m medgemma_deploy.protos_build`
+# Generated from protos/medgemma_deploy/v1/worker.proto by `python -m medgemma_deploy.dev.protos_build`
 # (grpcio-tools 1.81.1). DO NOT EDIT: change the .proto and regenerate.
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper

@@ -46,9 +46,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: ``protos/`` at the repository root (the import root given to protoc).
-PROTO_ROOT = Path(__file__).resolve().parents[1] / "protos"
+PROTO_ROOT = Path(__file__).resolve().parents[2] / "protos"
 #: Where the stubs are checked in.
-GENERATED_DIR = Path(__file__).resolve().parent / "_proto"
+GENERATED_DIR = Path(__file__).resolve().parents[1] / "_proto"
 #: The .proto files, relative to :data:`PROTO_ROOT`.
 PROTO_FILES: tuple[str, ...] = ("medgemma_deploy/v1/worker.proto",)
 #: Oldest grpcio the generated service code runs on.

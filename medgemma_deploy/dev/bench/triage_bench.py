@@ -36,11 +36,13 @@ from typing import Any
 import yaml
 from pydicom.uid import ExplicitVRLittleEndian
 
+import medgemma_deploy.config
+
 __all__ = ["BenchResult", "main", "run_mode", "write_triage_label_sets"]
 
 logger = logging.getLogger(__name__)
 
-_LABELS = Path(__file__).resolve().parents[1] / "config" / "labels"
+_LABELS = Path(medgemma_deploy.config.__file__).parent / "labels"
 _SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
 

@@ -59,14 +59,24 @@ def _series(shapes: Sequence[tuple[int, ...]], seed: int = 0) -> Series:
 class FakeScorer:
     """Returns fixed probabilities; maps are constant per key so the test can tell them apart."""
 
+    identity = MODEL
+
     def __init__(self, probabilities: np.ndarray, embedding_dim: int = 8) -> None:
         self.probabilities = np.asarray(probabilities, np.float32)
         self.embedding_dim = embedding_dim
         self.map_calls: list[list[str]] = []
 
+    def load(self) -> FakeScorer:
+        return self
+
+    def close(self) -> None:
+        pass
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return np.eye(len(images), self.embedding_dim, dtype=np.float32)
+
     def score(self, images: Sequence[np.ndarray], label_set: LabelSet) -> ImageScores:
-        embeddings = np.eye(len(images), self.embedding_dim, dtype=np.float32)
-        return ImageScores(probabilities=self.probabilities, embeddings=embeddings)
+        return ImageScores(probabilities=self.probabilities, embeddings=self.embed_images(images))
 
     def relevance_maps(
         self, images: Sequence[np.ndarray], label_set: LabelSet, finding_keys: Sequence[str]
