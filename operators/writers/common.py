@@ -26,6 +26,7 @@ from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code as PydicomCode
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
@@ -42,8 +43,10 @@ __all__ = [
     "declare_private_schemes",
     "derived_uid",
     "device_observer_context",
+    "finding_tracking_uid",
     "manufacturer_attributes",
     "prepare_sources",
+    "procedure_reported",
     "to_coded_concept",
     "to_lo",
 ]
@@ -101,6 +104,17 @@ _PATIENT_SEX_VALUES = frozenset({"M", "F", "O"})
 
 #: LO (64 characters) value for sources that say they are de-identified but not how.
 _UNKNOWN_DEIDENTIFICATION = "Unknown: not recorded in the source images"
+
+
+#: CID 100 "Quantitative Diagnostic Imaging Procedures" by modality. CR/DX get the generic
+#: "Imaging procedure": LOINC 43468-8 "XR unspecified body region" is newer than the CID 100 that
+#: PixelMed (IHE's validator) checks against, and it reports that code as an error.
+_PROCEDURES: dict[str, PydicomCode] = {
+    "CT": codes.cid100.CTUnspecifiedBodyRegion,
+    "MR": codes.cid100.MRIUnspecifiedBodyRegion,
+    "PT": codes.cid100.PETUnspecifiedBodyRegion,
+    "NM": codes.cid100.NMUnspecifiedBodyRegion,
+}
 
 
 def derived_uid(*parts: str) -> str:
@@ -422,3 +436,17 @@ def declare_private_schemes(dataset: Dataset, codes: Sequence[Code]) -> None:
         item.CodingSchemeResponsibleOrganization = organization
         sequence.append(item)
     dataset.CodingSchemeIdentificationSequence = sequence
+
+
+def finding_tracking_uid(series_instance_uid: str, label_set_name: str, finding_key: str) -> str:
+    """Tracking UID of one finding in one series (SEG Tracking UID = SR TID 4108 Tracking UID).
+
+    The same finding of the same series always gets the same UID, whatever model version scored
+    it, so viewers can follow it across results and link a SEG segment to its SR measurement group.
+    """
+    return derived_uid("tracking", series_instance_uid, label_set_name, finding_key)
+
+
+def procedure_reported(modality: str) -> PydicomCode:
+    """The CID 100 procedure code for a ``modality`` series (SNOMED CT "Imaging procedure" if none fits)."""
+    return _PROCEDURES.get(modality.upper(), codes.cid100.ImagingProcedure)

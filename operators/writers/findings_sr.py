@@ -61,12 +61,13 @@ from medgemma_deploy.operators.writers.common import (
     declare_private_schemes,
     derived_uid,
     device_observer_context,
+    finding_tracking_uid,
     manufacturer_attributes,
     prepare_sources,
+    procedure_reported,
     to_coded_concept,
 )
 from medgemma_deploy.operators.writers.equipment import contributing_equipment
-from medgemma_deploy.operators.writers.seg import finding_tracking_uid
 from medgemma_deploy.triage import (
     TRIAGE_PRIORITY_CODES,
     TRIAGE_PRIORITY_CONCEPT,
@@ -74,20 +75,10 @@ from medgemma_deploy.triage import (
     StudyTriage,
 )
 
-__all__ = ["RELEVANCE_MAP_REFERENCE", "build_findings_sr", "procedure_reported"]
+__all__ = ["RELEVANCE_MAP_REFERENCE", "build_findings_sr"]
 
 logger = logging.getLogger(__name__)
 
-
-#: CID 100 "Quantitative Diagnostic Imaging Procedures" by modality. CR/DX get the generic
-#: "Imaging procedure": LOINC 43468-8 "XR unspecified body region" is newer than the CID 100 that
-#: PixelMed (IHE's validator) checks against, and it reports that code as an error.
-_PROCEDURES: dict[str, PydicomCode] = {
-    "CT": codes.cid100.CTUnspecifiedBodyRegion,
-    "MR": codes.cid100.MRIUnspecifiedBodyRegion,
-    "PT": codes.cid100.PETUnspecifiedBodyRegion,
-    "NM": codes.cid100.NMUnspecifiedBodyRegion,
-}
 
 #: CID 29 "Acquisition Modality" by Modality value, for the image library.
 _MODALITY_CODES: dict[str, PydicomCode] = {
@@ -113,11 +104,6 @@ _POSITION_NAMES = (
     codes.DCM.ImagePositionPatientZ,
 )
 _ACQ = hsr.RelationshipTypeValues.HAS_ACQ_CONTEXT
-
-
-def procedure_reported(modality: str) -> PydicomCode:
-    """The CID 100 procedure code for a ``modality`` series (SNOMED CT "Imaging procedure" if none fits)."""
-    return _PROCEDURES.get(modality.upper(), codes.cid100.ImagingProcedure)
 
 
 def build_findings_sr(

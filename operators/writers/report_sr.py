@@ -47,10 +47,10 @@ from medgemma_deploy.operators.writers.common import (
     device_observer_context,
     manufacturer_attributes,
     prepare_sources,
+    procedure_reported,
     to_coded_concept,
 )
 from medgemma_deploy.operators.writers.equipment import contributing_equipment
-from medgemma_deploy.operators.writers.findings_sr import procedure_reported
 
 __all__ = ["DRAFT_REVIEW_NOTE", "ENGLISH", "build_report_sr"]
 

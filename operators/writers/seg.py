@@ -46,6 +46,7 @@ from medgemma_deploy.operators.writers.common import (
     SPECIFIC_CHARACTER_SET,
     declare_private_schemes,
     derived_uid,
+    finding_tracking_uid,
     manufacturer_attributes,
     to_coded_concept,
     to_lo,
@@ -61,7 +62,6 @@ __all__ = [
     "SEGMENT_DESCRIPTION",
     "SEGMENT_PROPERTY_CATEGORY",
     "build_relevance_segmentations",
-    "finding_tracking_uid",
     "segment_label",
 ]
 
@@ -72,15 +72,6 @@ SEGMENT_DESCRIPTION = "AI relevance map (where the model looked), not a delineat
 
 #: Segmented Property Category (CID 7150) of every relevance segment; the type is the finding's code.
 SEGMENT_PROPERTY_CATEGORY = codes.cid7150.MorphologicallyAbnormalStructure
-
-
-def finding_tracking_uid(series_instance_uid: str, label_set_name: str, finding_key: str) -> str:
-    """Tracking UID of one finding in one series (SEG Tracking UID = SR TID 4108 Tracking UID).
-
-    The same finding of the same series always gets the same UID, whatever model version scored
-    it, so viewers can follow it across results and link a SEG segment to its SR measurement group.
-    """
-    return derived_uid("tracking", series_instance_uid, label_set_name, finding_key)
 
 
 def segment_label(finding: FindingDefinition) -> str:

@@ -12,10 +12,15 @@ from highdicom.sr.utils import find_content_items
 from pydicom.sr.codedict import codes
 
 from medgemma_deploy.errors import InputError
-from medgemma_deploy.operators.writers.common import AI_DISCLAIMER, RANDOM_WEIGHTS_WARNING, derived_uid
+from medgemma_deploy.operators.writers.common import (
+    AI_DISCLAIMER,
+    RANDOM_WEIGHTS_WARNING,
+    derived_uid,
+    finding_tracking_uid,
+)
 from medgemma_deploy.operators.writers.findings_sr import RELEVANCE_MAP_REFERENCE, build_findings_sr
 from medgemma_deploy.operators.writers.pmap import build_relevance_parametric_maps
-from medgemma_deploy.operators.writers.seg import build_relevance_segmentations, finding_tracking_uid
+from medgemma_deploy.operators.writers.seg import build_relevance_segmentations
 from tests.support.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
 from tests.support.inputs import ALGORITHM, read_testdata, series_from
 from tests.support.pixelmed import assert_pixelmed_clean, requires_pixelmed

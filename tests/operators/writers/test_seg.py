@@ -20,13 +20,10 @@ from medgemma_deploy.operators.writers.common import (
     AI_DISCLAIMER,
     RANDOM_WEIGHTS_WARNING,
     derived_uid,
+    finding_tracking_uid,
     prepare_sources,
 )
-from medgemma_deploy.operators.writers.seg import (
-    SEGMENT_DESCRIPTION,
-    build_relevance_segmentations,
-    finding_tracking_uid,
-)
+from medgemma_deploy.operators.writers.seg import SEGMENT_DESCRIPTION, build_relevance_segmentations
 from tests.support.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
 from tests.support.inputs import ALGORITHM, read_testdata, series_from
 from tests.support.pixelmed import assert_pixelmed_clean, requires_pixelmed
