@@ -33,7 +33,6 @@ _HOMES = {
     "Failed": "events",
     "Finished": "events",
     "ReportStream": "events",
-    "SamplingSettings": "events",
     "SchedulerObserver": "events",
     "Tokens": "events",
     "IncrementalDetokenizer": "report_service",

@@ -20,7 +20,6 @@ __all__ = [
     "Failed",
     "Finished",
     "ReportStream",
-    "SamplingSettings",
     "SchedulerObserver",
     "Tokens",
 ]
@@ -29,19 +28,6 @@ __all__ = [
 #: The warning of a streamed report whose pieces do not concatenate to the final text (invalid
 #: byte sequences from a byte-fallback tokenizer); a report that was not streamed never has it.
 STREAM_MISMATCH_WARNING = "the streamed text differs from the final text; use the final text"
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """Decoding settings of one request (greedy unless ``do_sample``)."""
-
-    max_new_tokens: int
-    do_sample: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
 
 
 @dataclass(frozen=True)

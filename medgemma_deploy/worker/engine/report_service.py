@@ -27,6 +27,7 @@ scheduler's thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,7 +49,6 @@ from medgemma_deploy.worker.engine.events import (
     Event,
     Finished,
     ReportStream,
-    SamplingSettings,
     SchedulerObserver,
     Tokens,
 )
@@ -236,18 +236,10 @@ class ReportService:
 
     def submit(self, prepared: PreparedReport, *, deadline: float | None = None) -> ReportStream:
         """Queue a prepared report (raises ``QueueFullError`` / ``NotReadyError`` / ``BadRequestError``)."""
-        s = prepared.settings
-        sampling = SamplingSettings(
-            max_new_tokens=prepared.max_new_tokens,
-            do_sample=s.do_sample,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            repetition_penalty=s.repetition_penalty,
-            seed=s.seed,
-        )
         try:
-            return self.scheduler.submit(prepared.prompt, sampling, deadline=deadline)
+            # The effective settings, with the token budget fitted to the context.
+            settings = dataclasses.replace(prepared.settings, max_new_tokens=prepared.max_new_tokens)
+            return self.scheduler.submit(prepared.prompt, settings, deadline=deadline)
         except ValueError as exc:
             raise BadRequestError("settings", str(exc)) from exc
 

@@ -12,14 +12,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from medgemma_deploy.worker.engine.events import SamplingSettings
+from medgemma_deploy.domain import GenerationSettings
 
 __all__ = ["apply_repetition_penalty", "choose_tokens", "sample_token"]
 
 
 def choose_tokens(
     logits: torch.Tensor,
-    settings: Sequence[SamplingSettings],
+    settings: Sequence[GenerationSettings],
     histories: Sequence[Callable[[], list[int]]],
     generators: Sequence[torch.Generator | None],
 ) -> list[int]:
@@ -55,7 +55,9 @@ def apply_repetition_penalty(scores: torch.Tensor, token_ids: Sequence[int], pen
     return scores
 
 
-def sample_token(scores: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> int:
+def sample_token(
+    scores: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None
+) -> int:
     """Temperature, top-k, top-p (transformers' warper order), then a draw."""
     if settings.temperature is not None and settings.temperature > 0:
         scores = scores / settings.temperature

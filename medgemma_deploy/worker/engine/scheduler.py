@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from medgemma_deploy.domain import GenerationSettings
 from medgemma_deploy.worker.engine.decode import DecodeBatch, PreparedPrompt
 from medgemma_deploy.worker.engine.errors import (
     DeadlineExpiredError,
@@ -56,7 +57,6 @@ from medgemma_deploy.worker.engine.events import (
     Failed,
     Finished,
     ReportStream,
-    SamplingSettings,
     SchedulerObserver,
     Tokens,
 )
@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 @dataclass(eq=False)
 class _Job:
     prompt: PreparedPrompt
-    settings: SamplingSettings
+    settings: GenerationSettings
     stream: ReportStream
     deadline: float | None
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -188,7 +188,7 @@ class ReportScheduler:
             self._thread.start()
 
     def submit(
-        self, prompt: PreparedPrompt, settings: SamplingSettings, *, deadline: float | None = None
+        self, prompt: PreparedPrompt, settings: GenerationSettings, *, deadline: float | None = None
     ) -> ReportStream:
         """Queue a prepared prompt; iterate the returned stream for its events.
 
