@@ -217,7 +217,9 @@ class PipelineEngine:
         medsiglip_path: Path | None = None,
     ) -> PipelineEngine:
         """The engine every entry point builds: ``settings`` resolved once (flag > env > YAML > default)."""
-        return cls(pipeline, models_path, EngineOptions.from_settings(settings), medsiglip_path=medsiglip_path)
+        return cls(
+            pipeline, models_path, EngineOptions.from_settings(settings), medsiglip_path=medsiglip_path
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> PipelineEngine:
@@ -288,7 +290,9 @@ class PipelineEngine:
         full run rejects it with its reason).
         """
         if self.medsiglip is None:
-            raise RuntimeError(f"the {self.command} engine\'s triage needs MedSigLIP (classify or with_findings)")
+            raise RuntimeError(
+                f"the {self.command} engine's triage needs MedSigLIP (classify or with_findings)"
+            )
         input_path = check_input_path(input_path)
         # Scores only: the maps are made (and written) by the full run.
         options = dataclasses.replace(self.classify_options, relevance_maps=False, keep_embeddings=False)

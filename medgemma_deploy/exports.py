@@ -17,19 +17,21 @@ from typing import Any
 __all__ = ["public_names"]
 
 
-def public_names(package: str, homes: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+def public_names(
+    package: str, homes: Mapping[str, str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for ``package``, whose public names live in the modules ``homes`` names.
 
     ``homes`` maps each public name to the module, relative to ``package``, that defines it.
     """
 
-    def __getattr__(name: str) -> Any:
+    def __getattr__(name: str) -> Any:  # noqa: N807 (the module-level hook it becomes)
         home = homes.get(name)
         if home is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         return getattr(importlib.import_module(f"{package}.{home}"), name)
 
-    def __dir__() -> list[str]:
+    def __dir__() -> list[str]:  # noqa: N807 (the module-level hook it becomes)
         return sorted(homes)
 
     return __getattr__, __dir__

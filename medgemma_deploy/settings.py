@@ -39,7 +39,8 @@ SETTINGS_TABLE: dict[str, tuple[str, Any]] = {
     "with_findings": ("MEDGEMMA_DEPLOY_WITH_FINDINGS", False),
     "index": ("MEDGEMMA_DEPLOY_INDEX", False),
     "store": ("MEDGEMMA_DEPLOY_STORE", "sqlite:///medgemma-index.db"),
-    # The memory budget (operators/dicom_input/pixels.py MemoryBudget), checked from headers before any decode.
+    # The memory budget (operators/dicom_input/pixels.py MemoryBudget), checked from headers before
+    # any decode.
     "max_frame_megapixels": ("MEDGEMMA_DEPLOY_MAX_FRAME_MEGAPIXELS", 20),
     "max_series_frames": ("MEDGEMMA_DEPLOY_MAX_SERIES_FRAMES", 2000),
     "max_series_decoded_mib": ("MEDGEMMA_DEPLOY_MAX_SERIES_DECODED_MIB", 176),

@@ -1,4 +1,4 @@
-"""``--precision int8`` for MedSigLIP (operators/medsiglip/onnx_vision.py) on the tiny model of the real classes.
+"""``--precision int8`` for MedSigLIP (operators/medsiglip/onnx_vision.py), tiny model of the real classes.
 
 Parity with plain transformers in float32: every probability within 0.02 and every image embedding
 at cosine ≥ 0.99 (the targets of issue 17); the quantised tower is built once and reused by a later

@@ -1,4 +1,4 @@
-"""operators/dicom_input/pixels.py: decoding every transfer syntax, the Modality/VOI LUT, windowing, bad pixel data."""
+"""operators/dicom_input/pixels.py: every transfer syntax, the Modality/VOI LUT, windowing, bad pixels."""
 
 import copy
 from pathlib import Path

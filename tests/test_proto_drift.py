@@ -54,7 +54,9 @@ def test_checked_in_descriptor_matches_the_proto(tmp_path):
     _strip_json_names(fresh.message_type)  # protoc adds them to descriptor sets, not to gencode
     checked_in = descriptor_pb2.FileDescriptorProto.FromString(worker_pb2.DESCRIPTOR.serialized_pb)
     assert checked_in.name == "medgemma_deploy/v1/worker.proto"
-    assert checked_in == fresh, "medgemma_deploy/_proto is stale: run python -m medgemma_deploy.dev.protos_build"
+    assert checked_in == fresh, (
+        "medgemma_deploy/_proto is stale: run python -m medgemma_deploy.dev.protos_build"
+    )
 
 
 def _strip_json_names(messages) -> None:

@@ -1,4 +1,4 @@
-"""The persistent text-embedding cache (operators/medsiglip/text_cache.py) through the real runner and tiny model.
+"""The persistent text-embedding cache (operators/medsiglip/text_cache.py), real runner and tiny model.
 
 A fresh runner must read what an earlier one wrote without running the text tower, and get the
 same probabilities; anything wrong with an entry (corrupt bytes, altered arrays, another key, other

@@ -20,8 +20,9 @@ The transport (:mod:`medgemma_deploy.backends.grpc_client`):
 What travels (sizes: protos/README.md): when the worker publishes its model's input size, images
 go at that size, padded and resized here by the model's own recipe
 (``MedSigLIPPreprocessor.to_model_input``, the code the in-process runner runs), as float32; relevance
-maps come back on the patch grid and :func:`~medgemma_deploy.operators.medsiglip.relevance.grid_to_source` puts
-them on the source pixels, as in process. So a 4,280 x 3,520 DX costs 0.8 MB each way instead of
+maps come back on the patch grid and
+:func:`~medgemma_deploy.operators.medsiglip.relevance.grid_to_source` puts them on the source pixels, as
+in process. So a 4,280 x 3,520 DX costs 0.8 MB each way instead of
 60 MB, and results equal the local ones. An older worker gets full-size display images.
 """
 

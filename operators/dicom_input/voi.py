@@ -1,4 +1,4 @@
-"""The VOI LUT stage of :mod:`~medgemma_deploy.operators.dicom_input.pixels`: grayscale values → display in [0, 1].
+"""The VOI LUT stage of :mod:`~medgemma_deploy.operators.dicom_input.pixels`: grayscale → display in [0, 1].
 
 Holds the LINEAR window (:func:`apply_window`), the default CT windows (:data:`CT_DEFAULT_WINDOWS`,
 chosen by Body Part Examined through :data:`CT_BODY_PART_WINDOWS`) and the per-frame choice between

@@ -30,7 +30,8 @@ Relevance maps
 :meth:`MedSigLIPRunner.relevance_maps` shows *where* an image looks like a finding, from the vision
 tower's patch tokens rather than its pooled embedding. The method, its derivation and the cache that
 lets ``score`` then ``relevance_maps`` on the same frames run the vision tower once are in
-:mod:`medgemma_deploy.operators.medsiglip.relevance`, which defines :func:`patch_embeddings` (re-exported here).
+:mod:`medgemma_deploy.operators.medsiglip.relevance`, which defines :func:`patch_embeddings`
+(re-exported here).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Random-weight models of the real architectures, for benchmarks (never for results).
 
 MedSigLIP-448 and MedGemma-4B (or 27B) with the published shapes (:data:`MEDSIGLIP_448_SHAPE`,
-:data:`GEMMA_SHAPES`, from the public configs), random bfloat16 weights, and the tokenizer, chat template and processor
-of the tiny test models (so no download is needed). The processors are set to the real image sizes
-(448 px for MedSigLIP; 896 px and 256 soft tokens per image for MedGemma), so every tensor the GPU
+:data:`GEMMA_SHAPES`, from the public configs), random bfloat16 weights, and the tokenizer, chat template
+and processor of the tiny test models (so no download is needed). The processors are set to the real
+image sizes (448 px for MedSigLIP; 896 px and 256 soft tokens per image for MedGemma), so every tensor the GPU
 sees has the real shape: speed and memory are those of the real models, the text is noise.
 
 Token ids: the vocabulary keeps the real size (262,208 rows for Gemma 3: the LM head is a large part

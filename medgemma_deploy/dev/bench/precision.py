@@ -3,7 +3,8 @@
 Random weights cannot judge whether a lower precision keeps a model's answers, and neither can a
 benchmark on someone else's images: run this on a few of your studies with your model::
 
-    python -m medgemma_deploy.dev.bench.precision -m models/medsiglip -i STUDY_DIR [--precisions fp32,bf16,int8]
+    python -m medgemma_deploy.dev.bench.precision -m models/medsiglip -i STUDY_DIR \
+        [--precisions fp32,bf16,int8]
 
 Without ``-i`` it uses three copies of pydicom-data's chest CR. Every frame of every series is
 scored with the label set the pipeline would choose for it, once per precision in this process

@@ -279,7 +279,9 @@ def format_table(results: Sequence[BenchResult]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medgemma_deploy.dev.bench.triage_bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m medgemma_deploy.dev.bench.triage_bench", description=__doc__
+    )
     parser.add_argument("--routine", type=int, default=20, help="routine CT studies queued (issue: 100)")
     parser.add_argument("--slices", type=int, default=2, help="slices per routine CT study")
     parser.add_argument("--new-tokens", type=int, default=16, help="MedGemma tokens per report")
