@@ -183,7 +183,12 @@ def _stack_maps(
                 f"scorer returned relevance maps of shape {np.shape(frame_maps)} for frame {index}, "
                 f"expected {expected} (one map per finding on the frame's pixels)"
             )
-    stacked = np.stack([np.asarray(m, dtype=np.float32) for m in per_frame], axis=1)  # (keys, frames, r, c)
+    if len(per_frame) == 1:
+        # One frame (every radiograph): its (keys, r, c) array seen as (keys, 1, r, c), not copied.
+        stacked = np.asarray(per_frame[0], dtype=np.float32)[:, np.newaxis]
+    else:
+        # (keys, frames, rows, columns)
+        stacked = np.stack([np.asarray(m, dtype=np.float32) for m in per_frame], axis=1)
     # Two passes over full-resolution maps, not four: min and max are NaN or infinite exactly when
     # a value is, and values already in [0, 1] (every in-process map) need no clipping.
     low, high = float(stacked.min()), float(stacked.max())
@@ -192,5 +197,6 @@ def _stack_maps(
     if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
         raise ValueError(f"scorer returned relevance maps in [{low:g}, {high:g}], outside [0, 1]")
     if low < 0.0 or high > 1.0:
-        np.clip(stacked, 0.0, 1.0, out=stacked)
+        # A new array: the scorer's own (possibly a view of it, above) is left as it was.
+        stacked = np.clip(stacked, 0.0, 1.0)
     return {key: stacked[index] for index, key in enumerate(keys)}

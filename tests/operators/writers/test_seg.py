@@ -16,6 +16,8 @@ from pydicom.sr.codedict import codes
 
 from medgemma_deploy.domain import ImageFrame
 from medgemma_deploy.errors import InputError
+from medgemma_deploy.operators.medsiglip.relevance import grid_to_source
+from medgemma_deploy.operators.writers import seg as seg_module
 from medgemma_deploy.operators.writers.common import (
     AI_DISCLAIMER,
     RANDOM_WEIGHTS_WARNING,
@@ -319,6 +321,139 @@ def test_frame_number_outside_the_instance_is_an_input_error(enhanced_ct_series,
         build_relevance_segmentations(make_classification(enhanced_ct_series), ALGORITHM)
 
 
+# --- pixels: quantised levels, byte-identical to highdicom's float path ----------------------------
+
+
+@pytest.fixture
+def cr_j2k_series():
+    """pydicom-data's chest CR as the benchmark classifies it: 1,955 x 1,841, JPEG 2000, MONOCHROME1."""
+    path, dataset = read_testdata("RG1_J2KR.dcm")
+    return series_from([dataset], [path])
+
+
+def _highdicom_float_path(maps, group, max_fractional_value):
+    """What the writer gave highdicom before: the maps in a zero-filled float32 array, for it to quantise."""
+    first = group.sources[0]
+    pixel_array = np.zeros((group.n_planes, first.Rows, first.Columns, len(maps)), np.float32)
+    for segment_index, relevance in enumerate(maps):
+        for frame_index, plane in group.frames:
+            pixel_array[plane, :, :, segment_index] = relevance[frame_index]
+    return pixel_array
+
+
+def _half_level_sweep() -> np.ndarray:
+    """Each float32 at and next to (k + 0.5) / 255: where float32 rounding, half to even, decides."""
+    steps = ((np.arange(255) + 0.5) / 255).astype(np.float32)
+    below, above = np.nextafter(steps, np.float32(0)), np.nextafter(steps, np.float32(1))
+    return np.concatenate([below, steps, above, np.float32([0.0, 1.0])])
+
+
+def _model_like_maps(series, seed=0):
+    """Maps as the model makes them (rectified patch grids, peak 1, resized onto the source pixels).
+
+    pneumothorax also holds :func:`_half_level_sweep` in its first row(s); pleural effusion stays
+    below half a level (every frame of that segment is omitted); on a series of several frames,
+    every map is exactly 0 on frame 1 (that plane is left out altogether).
+    """
+    rng = np.random.default_rng(seed)
+    rows, columns = int(series.frames[0].dataset.Rows), int(series.frames[0].dataset.Columns)
+    maps = {}
+    for key in ("pneumothorax", "pleural_effusion", "cardiomegaly"):
+        grids = np.clip(rng.normal(0.2, 0.4, (len(series.frames), 32, 32)), 0.0, None).astype(np.float32)
+        grids /= grids.max(axis=(1, 2), keepdims=True)
+        maps[key] = grid_to_source(grids, rows, columns)  # one grid per frame
+    sweep = _half_level_sweep()
+    maps["pneumothorax"][0].reshape(-1)[: sweep.size] = sweep
+    maps["pleural_effusion"] *= np.float32(0.49 / 255)
+    if len(series.frames) > 1:
+        for relevance in maps.values():
+            relevance[1] = 0.0
+    return maps
+
+
+def _run_independent(segmentation):
+    """A copy without what differs between two runs: creation times and highdicom's random UID."""
+    copied = copy.deepcopy(segmentation)
+    for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+        if keyword in copied:
+            delattr(copied, keyword)
+    for item in copied.ContributingEquipmentSequence:
+        if "ContributionDateTime" in item:
+            del item.ContributionDateTime
+    for item in (*copied.DimensionOrganizationSequence, *copied.DimensionIndexSequence):
+        item.DimensionOrganizationUID = "1.2.3"
+    return copied
+
+
+PARITY_CASES = {
+    "cr-real-1955x1841-j2k": "cr_j2k_series",
+    "ct-4-slices": "ct_series",
+    "enhanced-ct-2-frames": "enhanced_ct_series",
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES), ids=list(PARITY_CASES))
+def test_levels_write_exactly_what_highdicoms_float_path_writes(
+    case, request, make_classification, monkeypatch
+):
+    series = request.getfixturevalue(PARITY_CASES[case])
+    classification = make_classification(series)
+    classification.relevance_maps.update(_model_like_maps(series))
+    fast = build_relevance_segmentations(classification, ALGORITHM)
+    assert all(isinstance(built, seg_module._FractionalLevelsSegmentation) for built in fast)
+
+    monkeypatch.setattr(seg_module, "_fractional_levels", _highdicom_float_path)
+    monkeypatch.setattr(seg_module, "_FractionalLevelsSegmentation", hd.seg.Segmentation)
+    plain = build_relevance_segmentations(classification, ALGORITHM)
+
+    assert len(fast) == len(plain)
+    for built, reference in zip(fast, plain, strict=True):
+        assert type(reference) is hd.seg.Segmentation
+        assert built.PixelData == reference.PixelData
+        assert built.NumberOfFrames == reference.NumberOfFrames
+        # pleural effusion's frames are all omitted, so fewer frames than planes x segments
+        assert built.NumberOfFrames < len(built.SegmentSequence) * len(series.frames)
+        assert built.SegmentsOverlap == reference.SegmentsOverlap == "UNDEFINED"
+        assert _run_independent(built) == _run_independent(reference)
+
+
+def test_levels_round_half_to_even_in_float32(cr_j2k_series):
+    sweep = _half_level_sweep()
+    source = cr_j2k_series.frames[0].dataset
+    relevance = np.zeros((1, int(source.Rows), int(source.Columns)), np.float32)
+    relevance[0].reshape(-1)[: sweep.size] = sweep
+    (group,) = seg_module.group_frames(cr_j2k_series.frames, "SEG")
+    levels = seg_module._fractional_levels([relevance], group, 255)
+    assert levels.shape == (1, relevance.shape[1], relevance.shape[2], 1)
+    assert levels.dtype == np.uint8
+    expected = np.around(sweep * np.float32(255)).astype(np.uint8)
+    assert np.array_equal(levels[0, :, :, 0].reshape(-1)[: sweep.size], expected)
+    # float64 arithmetic or rounding half up would differ on some of these values
+    assert not np.array_equal(expected, np.around(sweep.astype(np.float64) * 255).astype(np.uint8))
+    assert not np.array_equal(expected, np.floor(sweep * np.float32(255) + np.float32(0.5)).astype(np.uint8))
+
+
+def test_maps_below_half_a_level_everywhere_give_all_zero_frames(ct_series, make_classification):
+    """Every value rounds to level 0 without being 0: the SEG keeps every frame, all zero.
+
+    (highdicom's own float path counts such planes as non-empty and then omits every frame of them;
+    on highdicom 0.28 that ends in an IndexError.)
+    """
+    classification = make_classification(ct_series)
+    for relevance in classification.relevance_maps.values():
+        relevance[:] = np.float32(0.4 / 255)
+    (segmentation,) = build_relevance_segmentations(classification, ALGORITHM)
+    assert segmentation.NumberOfFrames == len(ct_series.frames) * len(classification.relevance_maps)
+    assert not any(segmentation.PixelData)
+
+
+def test_levels_need_eight_bit_maximum_fractional_value(cr_j2k_series):
+    (group,) = seg_module.group_frames(cr_j2k_series.frames, "SEG")
+    relevance = np.zeros((1, 1955, 1841), np.float32)  # RG1_J2KR's matrix
+    with pytest.raises(ValueError, match="max_fractional_value"):
+        seg_module._fractional_levels([relevance], group, 256)
+
+
 # --- shared helpers (operators/writers/common.py) ------------------------------------------------
 
 
@@ -368,7 +503,7 @@ def test_highdicom_refusal_becomes_an_input_error_naming_the_source(
     def refuse(*args, **kwargs):
         raise ValueError("Source images must all be part of the same series")
 
-    monkeypatch.setattr("medgemma_deploy.operators.writers.seg.Segmentation", refuse)
+    monkeypatch.setattr("medgemma_deploy.operators.writers.seg._FractionalLevelsSegmentation", refuse)
     with pytest.raises(InputError, match="same series") as raised:
         build_relevance_segmentations(make_classification(ct_series), ALGORITHM)
     assert raised.value.source == ct_series.frames[0].sop_instance_uid
