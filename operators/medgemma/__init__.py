@@ -2,10 +2,10 @@
 
 :mod:`.prompts` (the prompt book), :mod:`.request` (images and prompt of one series), :mod:`.runner`
 (transformers: the model and its rules, decoded by ``worker/engine/report_service.py``),
-:mod:`.gguf_runner` with :mod:`.gguf_weights` and :mod:`.gguf_convert` (llama.cpp at 8 and 4
-bits), :mod:`.runners` (the runner factory), :mod:`.generation` (prompt inputs, token budget and
-sampling rules every engine shares), :mod:`.text` (report sections), :mod:`.operator` (MONAI
-Deploy).
+:mod:`.gguf_runner` with :mod:`.gguf_weights`, :mod:`.gguf_convert` and :mod:`.torch_vision`
+(llama.cpp at 8 and 4 bits, its images embedded on torch), :mod:`.runners` (the runner factory),
+:mod:`.generation` (prompt inputs, token budget and sampling rules every engine shares), :mod:`.text`
+(report sections), :mod:`.operator` (MONAI Deploy).
 """
 
 from medgemma_deploy.exports import public_names
@@ -27,6 +27,7 @@ _HOMES = {
     "GgufWeights": "gguf_weights",
     "converter_dir": "gguf_weights",
     "require_lowbit": "gguf_weights",
+    "MedGemmaVision": "torch_vision",
     "LOW_BIT": "runners",
     "make_medgemma_runner": "runners",
     "SAMPLING_OPTIONS": "generation",

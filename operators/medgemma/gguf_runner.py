@@ -11,15 +11,21 @@ torch path:
 * The checkpoint's own processor and chat template build the prompt and the image pixels
   (``apply_chat_template``, as the torch runner). llama.cpp receives token ids, never text: its
   tokenizer is not used, so the GGUF vocabulary only has to have the right size.
-* Each image reaches llama.cpp's vision tower (``mtmd``) already resized by the processor, as
-  8-bit RGB recovered exactly from the processor's normalised pixels; mtmd copies an image of the
-  tower's size without resampling, so both engines see the same pixels.
+* The images go through MedGemma's vision tower and projector on torch
+  (:class:`~medgemma_deploy.operators.medgemma.torch_vision.MedGemmaVision`: transformers' modules,
+  only the vision tensors of the checkpoint read; bfloat16 where the CPU has it natively, else
+  float32; float32 at ``fp32``). llama.cpp receives each image's 256 embeddings in one batch of
+  embeddings, decoded with non-causal attention inside the image (Gemma 3's image tokens see each
+  other both ways, as transformers' mask and llama.cpp's own ``mtmd`` do), so only the text decoder
+  runs on llama.cpp: its prefill of the whole prompt, then decoding.
 * Decoding (greedy, or sampling with the request's settings) runs here on llama.cpp's logits, and
   the text is decoded with the checkpoint's tokenizer.
 
-Weights come from :func:`~medgemma_deploy.operators.medgemma.gguf_weights.gguf_weights` (llama.cpp's own
-converter, cached next to the model with SHA-256 digests); the result records the engine, the
-precision and both digests, and the SR writes them into its algorithm identification.
+The text decoder's weights come from
+:func:`~medgemma_deploy.operators.medgemma.gguf_weights.gguf_weights` (llama.cpp's own converter,
+cached next to the model with a SHA-256 digest); the result records the engine, the precision, the
+decoder's digest and the vision tower's (its dtype and the digest of its tensors), and the SR writes
+them into its algorithm identification.
 
 ``generate_batch`` decodes up to ``n_parallel`` requests as one llama.cpp batch (one sequence
 each), which is what makes concurrent reports cheaper than one after the other on a CPU: each
@@ -58,8 +64,15 @@ from medgemma_deploy.operators.medgemma.generation import (
     fit_token_budget,
 )
 from medgemma_deploy.operators.medgemma.gguf_weights import GgufWeights, gguf_weights, require_lowbit
+from medgemma_deploy.operators.medgemma.torch_vision import MedGemmaVision
+from medgemma_deploy.precision import cpu_has_native_bf16
 
-__all__ = ["PRECISION_WEIGHT_TYPES", "GgufMedGemmaRunner"]
+__all__ = [
+    "PRECISION_WEIGHT_TYPES",
+    "GgufMedGemmaRunner",
+    "extra_buffer_types_usable",
+    "prefer_passive_openmp",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,22 +81,23 @@ PRECISION_WEIGHT_TYPES = {"int4": "q4_0", "int8": "q8_0", "fp32": "f32"}
 
 #: ggml's type ids for a KV cache at full precision (parity) and at 16 bits (default).
 _GGML_F32, _GGML_F16 = 0, 1
-_IMAGE_CHUNK = 1  # MTMD_INPUT_CHUNK_TYPE_IMAGE
 
 
 @dataclass
 class _Sequence:
-    """One request's decoding state inside a batch."""
+    """One request's prompt and decoding state inside a batch."""
 
     index: int
     request: ReportRequest
     settings: GenerationSettings
     budget: int
-    n_prompt: int
+    prompt_ids: list[int]
+    images: list[np.ndarray]
     position: int
     warnings: list[str]
     preprocess_seconds: float
     on_token: Callable[[str], None] | None = None
+    seq_id: int = 0
     rng: np.random.Generator | None = None
     token_ids: list[int] = field(default_factory=list)
     streamed: str = ""
@@ -104,13 +118,19 @@ class GgufMedGemmaRunner:
         ``"cpu"`` (or None). This build of llama-cpp-python runs on the CPU; another device is
         refused at construction rather than silently ignored.
     precision:
-        ``int4`` (Q4_0), ``int8`` (Q8_0) or ``fp32`` (F32 weights and KV cache, for parity tests).
+        ``int4`` (Q4_0), ``int8`` (Q8_0) or ``fp32`` (F32 weights and KV cache, and a float32
+        vision tower, for parity tests). At ``int4``/``int8`` the vision tower runs in bfloat16
+        where the CPU has it natively (:func:`~medgemma_deploy.precision.cpu_has_native_bf16`),
+        else in float32.
     n_threads:
         llama.cpp threads; None uses every core this process may run on.
     n_parallel:
         Most requests decoded together by ``generate_batch``.
     n_ctx:
-        Context reserved per sequence; None takes the model's, capped at 8,192 tokens.
+        KV cache cells, one cache shared by the sequences of a batch (a request alone may use all of
+        them: it is the context a prompt must fit); None takes the model's context, capped at 8,192
+        tokens. ``generate_batch`` decodes together the requests whose prompts and token budgets
+        fit the cache together, in rounds when they do not.
 
     Raises
     ------
@@ -132,6 +152,7 @@ class GgufMedGemmaRunner:
         n_ctx: int | None = None,
     ) -> None:
         require_lowbit(precision)
+        prefer_passive_openmp()
         self.model_dir = resolve_model_dir(model_dir, "medgemma")
         if precision not in PRECISION_WEIGHT_TYPES:
             raise ModelLoadError(
@@ -149,6 +170,8 @@ class GgufMedGemmaRunner:
         self.n_threads = n_threads or len(os.sched_getaffinity(0))
         self.n_parallel = max(1, n_parallel)
         self._requested_n_ctx = n_ctx
+        full_precision = precision == "fp32"
+        self.vision_dtype = "bfloat16" if not full_precision and cpu_has_native_bf16() else "float32"
         self.weights: GgufWeights | None = None
         self.context_length: int | None = None
         self.eos_token_ids: tuple[int, ...] = ()
@@ -157,9 +180,11 @@ class GgufMedGemmaRunner:
         self._image_token_id: int | None = None
         self._model: Any = None
         self._context: Any = None
-        self._mtmd: Any = None
+        self._vision: MedGemmaVision | None = None
         self._n_vocab = 0
-        self._n_ctx_seq = 0
+        self._n_embd = 0
+        self._n_ctx = 0
+        self._n_batch = 0
         self._suppressed = np.zeros(0, dtype=np.int64)
         self._lock = threading.Lock()
 
@@ -184,7 +209,8 @@ class GgufMedGemmaRunner:
 
     @property
     def engine_parameters(self) -> tuple[tuple[str, str], ...]:
-        """What ran the model, for the result and the SR: engine, precision, weight files' digests."""
+        """What ran the model, for the result and the SR: engine, precision, the text decoder's
+        GGUF and its digest, the vision tower's engine and dtype and the digest of its tensors."""
         weights = self.weights
         version = _package_version("llama-cpp-python")
         parameters = [("engine", f"llama.cpp (llama-cpp-python {version})"), ("precision", self.precision)]
@@ -192,12 +218,18 @@ class GgufMedGemmaRunner:
             parameters += [
                 ("weights", f"{weights.text.name} ({weights.weight_type})"),
                 ("weights_sha256", weights.text_sha256),
-                ("mmproj_sha256", weights.mmproj_sha256),
+            ]
+        vision = self._vision
+        if vision is not None and vision.sha256:
+            parameters += [
+                ("vision", f"torch {_package_version('torch')} {vision.dtype}"),
+                ("vision_sha256", vision.sha256),
             ]
         return tuple(parameters)
 
     def load(self) -> GgufMedGemmaRunner:
-        """Build or reuse the GGUF pair and load it (once; later calls do nothing)."""
+        """Build or reuse the text decoder's GGUF, load it and the vision tower (once; later calls do
+        nothing)."""
         with self._lock:
             if self._context is None:
                 self._load()
@@ -206,69 +238,76 @@ class GgufMedGemmaRunner:
     def _load(self) -> None:
         import llama_cpp
         import llama_cpp._logger as llama_logger
-        import llama_cpp.mtmd_cpp as mtmd
         from transformers import AutoProcessor, GenerationConfig
 
         started = time.perf_counter()
         llama_logger.set_verbose(logger.isEnabledFor(logging.DEBUG))
-        mtmd.mtmd_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
-        weights = gguf_weights(self.model_dir, self.weight_type)
+        weights = gguf_weights(self.model_dir, self.weight_type, mmproj=False)
         try:
             processor = AutoProcessor.from_pretrained(self.model_dir)
             generation = GenerationConfig.from_pretrained(self.model_dir)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{self.model_dir}: cannot load the MedGemma processor: {exc}") from exc
+        # The vision tower first: reading it maps the checkpoint's file for a moment, and that peak
+        # then comes before llama.cpp's weights and KV cache are resident, not on top of them.
+        vision = MedGemmaVision(self.model_dir, self.vision_dtype).load()
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
-        # llama.cpp's "extra" CPU buffer types (AMX tiles, repacked blocks) are off: where the CPU
-        # lists AMX, ggml puts weights in AMX buffers and its AMX matmul crashes here (SIGSEGV in
-        # ggml_backend_amx_mul_mat on a Xeon with amx_int8, and on the tiny test model); asking for
-        # the repacked layout alone by tensor override fails ggml's scheduler check. Measured cost
-        # in docs/performance.md.
-        model_params.use_extra_bufts = False
+        model_params.use_extra_bufts = extra_buffer_types_usable()
+        if model_params.use_extra_bufts:
+            # Repacked weights are copies: mapped, the file's pages would stay resident beside them
+            # (peak RSS 4.1 GB instead of 2.4 GB for MedGemma-4B at Q4_0). Read into memory instead.
+            model_params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
         model = llama_cpp.llama_model_load_from_file(str(weights.text).encode(), model_params)
         if not model:
             raise ModelLoadError(f"{weights.text}: llama.cpp cannot load this GGUF (see the log above)")
         train_context = int(llama_cpp.llama_model_n_ctx_train(model))
-        n_ctx_seq = self._requested_n_ctx or min(train_context, 8192)
+        n_ctx = self._requested_n_ctx or min(train_context, 8192)
         full_precision = self.weight_type == "f32"
         context_params = llama_cpp.llama_context_default_params()
-        context_params.n_ctx = n_ctx_seq * self.n_parallel
-        context_params.n_batch = context_params.n_ubatch = 512
+        # One KV cache for every sequence (kv_unified): its size does not grow with n_parallel
+        # (MedGemma-4B: 0.7 GB for 8,192 cells at F16, where 4 caches of 8,192 took 1.3 GB).
+        context_params.n_ctx = n_ctx
+        # A batch of at most one image's embeddings (which must be one micro-batch: non-causal
+        # attention), and no larger: llama.cpp's compute buffer grows with it (MedGemma-4B: 261 MiB
+        # at 256 tokens, 522 MiB at 512). Longer text runs are decoded in pieces of this size.
+        n_batch = max(256, vision.tokens_per_image)
+        context_params.n_batch = context_params.n_ubatch = n_batch
         context_params.n_seq_max = self.n_parallel
         context_params.n_threads = context_params.n_threads_batch = self.n_threads
         context_params.type_k = context_params.type_v = _GGML_F32 if full_precision else _GGML_F16
         context_params.swa_full = False
-        context_params.kv_unified = False
+        context_params.kv_unified = True
         context_params.no_perf = True
         context = llama_cpp.llama_init_from_model(model, context_params)
         if not context:
             llama_cpp.llama_model_free(model)
-            raise ModelLoadError(f"{weights.text}: llama.cpp cannot create a context of {n_ctx_seq} tokens")
-        mtmd_params = mtmd.mtmd_context_params_default()
-        mtmd_params.use_gpu = False
-        mtmd_params.n_threads = self.n_threads
-        mtmd_params.print_timings = False
-        mtmd_params.warmup = False
-        vision = mtmd.mtmd_init_from_file(str(weights.mmproj).encode(), model, mtmd_params)
-        if not vision:
+            raise ModelLoadError(f"{weights.text}: llama.cpp cannot create a context of {n_ctx} tokens")
+        n_embd = int(llama_cpp.llama_model_n_embd(model))
+        if vision.embedding_size != n_embd:
             llama_cpp.llama_free(context)
             llama_cpp.llama_model_free(model)
-            raise ModelLoadError(f"{weights.mmproj}: llama.cpp's mtmd cannot load this projector")
-        self._model, self._context, self._mtmd = model, context, vision
+            raise ModelLoadError(
+                f"{weights.text}: the text decoder takes {n_embd}-wide embeddings, the checkpoint's "
+                f"projector makes {vision.embedding_size}; the GGUF is not this model's"
+            )
+        self._model, self._context, self._vision = model, context, vision
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
-        self._n_ctx_seq = n_ctx_seq
+        self._n_embd = n_embd
+        self._n_ctx = n_ctx
+        self._n_batch = n_batch
         self._processor = processor
         self._image_token_id = _image_token_id(self.model_dir)
         self.weights = weights
-        self.context_length = min(n_ctx_seq, train_context)
+        self.context_length = min(n_ctx, train_context)
         self.eos_token_ids = eos_ids(generation.eos_token_id, processor.tokenizer)
         self._sampling_defaults = {name: getattr(generation, name, None) for name in SAMPLING_OPTIONS}
         # As transformers' generate: ids the checkpoint's generation_config.json suppresses.
         self._suppressed = np.asarray(generation.suppress_tokens or [], dtype=np.int64)
         logger.info(
-            "MedGemma %s (%s) on llama.cpp from %s (%s) in %.1f s: %d threads, %d sequences of %d tokens",
+            "MedGemma %s (%s) on llama.cpp from %s (%s) in %.1f s: %d threads, up to %d sequences in "
+            "%d KV cells, vision tower on torch (%s)",
             self.identity.name,
             self.identity.version,
             weights.text,
@@ -276,23 +315,24 @@ class GgufMedGemmaRunner:
             time.perf_counter() - started,
             self.n_threads,
             self.n_parallel,
-            n_ctx_seq,
+            n_ctx,
+            vision.dtype,
         )
         if self.identity.random_weights:
             logger.warning("MedGemma %s has RANDOM WEIGHTS: its reports are meaningless", self.identity.name)
 
     def close(self) -> None:
-        """Free llama.cpp's model, context and vision tower; :meth:`load` may be called again."""
+        """Free llama.cpp's model and context and the vision tower; :meth:`load` may be called again."""
         with self._lock:
             if self._context is None:
                 return
             import llama_cpp
-            import llama_cpp.mtmd_cpp as mtmd
 
-            mtmd.mtmd_free(self._mtmd)
+            if self._vision is not None:
+                self._vision.close()
             llama_cpp.llama_free(self._context)
             llama_cpp.llama_model_free(self._model)
-            self._model = self._context = self._mtmd = None
+            self._model = self._context = self._vision = None
             self._processor = None
 
     def __enter__(self) -> GgufMedGemmaRunner:
@@ -356,7 +396,8 @@ class GgufMedGemmaRunner:
         with self._lock:
             self._require_loaded()
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._context), True)
-            sequence = self._prefill(0, request, None, pick=False)
+            sequence = self._prepare(0, request, None)
+            self._prefill(sequence, pick=False)
             rows = [self._logits(-1).copy()]
             for token in list(token_ids)[:-1]:
                 self._eval_tokens(sequence, [int(token)], logits_last=True)
@@ -366,71 +407,97 @@ class GgufMedGemmaRunner:
     def _run(
         self, requests: list[ReportRequest], callbacks: list[Callable[[str], None] | None]
     ) -> list[ReportResult | InputError]:
+        """Prefill the requests in order while their prompts and token budgets fit the KV cache
+        together, decode those, and start again with the rest (one round when they all fit). Each
+        request is prepared just before its prefill, so one request's pixels are held at a time."""
         import llama_cpp
 
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._context), True)
         outcomes: list[ReportResult | InputError | None] = [None] * len(requests)
-        sequences: list[_Sequence] = []
-        for index, (request, on_token) in enumerate(zip(requests, callbacks, strict=True)):
-            try:
-                sequences.append(self._prefill(index, request, on_token))
-            except InputError as exc:
-                outcomes[index] = exc
-        self._decode(sequences)
-        for sequence in sequences:
-            outcomes[sequence.index] = self._result(sequence)
+        waiting = list(enumerate(zip(requests, callbacks, strict=True)))
+        held: _Sequence | None = None  # prepared, but it did not fit the last round
+        while waiting or held is not None:
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._context), True)
+            running: list[_Sequence] = []
+            used = 0
+            while held is not None or waiting:
+                if held is None:
+                    index, (request, on_token) = waiting.pop(0)
+                    try:
+                        held = self._prepare(index, request, on_token)
+                    except InputError as exc:
+                        outcomes[index] = exc
+                        continue
+                need = len(held.prompt_ids) + held.budget
+                if running and used + need > self._n_ctx:
+                    break  # the next round's first (alone, a request's budget always fits)
+                sequence, held = held, None
+                sequence.seq_id = len(running)
+                self._prefill(sequence)
+                running.append(sequence)
+                used += need
+            self._decode(running)
+            for sequence in running:
+                outcomes[sequence.index] = self._result(sequence)
         return [outcome for outcome in outcomes if outcome is not None]
 
-    def _prefill(
-        self, index: int, request: ReportRequest, on_token: Callable[[str], None] | None, *, pick: bool = True
+    def _prepare(
+        self, index: int, request: ReportRequest, on_token: Callable[[str], None] | None
     ) -> _Sequence:
+        """The processor's prompt and pixels, settings and token budget of one request."""
         started = time.perf_counter()
         inputs = self.prepare_inputs(request)
         token_ids = [int(token) for token in inputs["input_ids"][0]]
         settings = self.effective_settings(request.settings)
         warnings = list(request.warnings)
         budget = self.token_budget(request, len(token_ids), warnings)
-        images = _pixels_to_rgb(inputs.get("pixel_values"), self._processor.image_processor)
-        preprocess_seconds = time.perf_counter() - started
-        sequence = _Sequence(
+        pixel_values = inputs.get("pixel_values")
+        images = [] if pixel_values is None else list(np.asarray(pixel_values, dtype=np.float32))
+        runs = _split_image_runs(token_ids, self._image_token_id)
+        n_image_runs = sum(1 for kind, _ in runs if kind == "image")
+        if n_image_runs != len(images):
+            raise InputError(
+                request.source, f"the prompt has {n_image_runs} image runs for {len(images)} images"
+            )
+        return _Sequence(
             index=index,
             request=request,
             settings=settings,
             budget=budget,
-            n_prompt=len(token_ids),
+            prompt_ids=token_ids,
+            images=images,
             position=0,
             warnings=warnings,
-            preprocess_seconds=preprocess_seconds,
+            preprocess_seconds=time.perf_counter() - started,
             on_token=on_token,
             rng=np.random.default_rng(settings.seed) if settings.do_sample else None,
-            started=time.perf_counter(),
         )
-        runs = _split_image_runs(token_ids, self._image_token_id)
-        if sum(1 for run in runs if run[0] == "image") != len(images):
-            raise InputError(
-                request.source, f"the prompt has {len(runs)} image runs for {len(images)} images"
-            )
-        image_iter = iter(images)
+
+    def _prefill(self, sequence: _Sequence, *, pick: bool = True) -> None:
+        """The prompt into llama.cpp (text as tokens, each image as its embeddings), then the first
+        token picked from the last position's logits."""
+        sequence.started = time.perf_counter()
+        runs = _split_image_runs(sequence.prompt_ids, self._image_token_id)
+        images = iter(sequence.images)
         for position, (kind, run) in enumerate(runs):
             last = position == len(runs) - 1
             if kind == "image":
-                self._eval_image(sequence, next(image_iter), len(run))
+                self._eval_image(sequence, next(images), len(run), logits_last=last)
             else:
                 self._eval_tokens(sequence, run, logits_last=last)
+        sequence.images = []  # the pixels are no longer needed
         sequence.first_token_seconds = time.perf_counter() - sequence.started
         if pick:
             self._accept(sequence, self._pick(sequence, self._logits(-1)))
-        return sequence
 
     def _eval_tokens(self, sequence: _Sequence, tokens: list[int], *, logits_last: bool) -> None:
         import llama_cpp
 
-        for start in range(0, len(tokens), 512):
-            piece = tokens[start : start + 512]
+        for start in range(0, len(tokens), self._n_batch):
+            piece = tokens[start : start + self._n_batch]
             batch = llama_cpp.llama_batch_init(len(piece), 0, 1)
             try:
                 for offset, token in enumerate(piece):
-                    _batch_add(batch, offset, token, sequence.position + offset, sequence.index, False)
+                    _batch_add(batch, offset, token, sequence.position + offset, sequence.seq_id, False)
                 batch.n_tokens = len(piece)
                 if logits_last and start + len(piece) == len(tokens):
                     batch.logits[len(piece) - 1] = 1
@@ -440,49 +507,43 @@ class GgufMedGemmaRunner:
                 llama_cpp.llama_batch_free(batch)
             sequence.position += len(piece)
 
-    def _eval_image(self, sequence: _Sequence, rgb: np.ndarray, n_tokens: int) -> None:
+    def _eval_image(
+        self, sequence: _Sequence, pixels: np.ndarray, n_tokens: int, *, logits_last: bool
+    ) -> None:
+        """One image: its embeddings from the torch vision tower, decoded by llama.cpp in one batch
+        with non-causal attention (each image token sees the whole image, as in transformers)."""
         import llama_cpp
-        import llama_cpp.mtmd_cpp as mtmd
 
-        height, width = rgb.shape[:2]
-        buffer = (ctypes.c_uint8 * rgb.size).from_buffer(rgb)
-        bitmap = mtmd.mtmd_bitmap_init(width, height, buffer)
-        chunks = mtmd.mtmd_input_chunks_init()
+        assert self._vision is not None
+        (embeddings,) = self._vision.embed(pixels[np.newaxis])
+        if embeddings.shape != (n_tokens, self._n_embd):
+            raise ModelLoadError(
+                f"{self.model_dir}: the vision tower makes {embeddings.shape[0]} image embeddings of "
+                f"{embeddings.shape[1]} values, the prompt has {n_tokens} image tokens and llama.cpp "
+                f"takes {self._n_embd} values: the processor and config.json disagree"
+            )
+        batch = llama_cpp.llama_batch_init(n_tokens, self._n_embd, 1)
         try:
-            marker = mtmd.mtmd_get_marker(self._mtmd) or mtmd.mtmd_default_marker()
-            text = mtmd.mtmd_input_text()
-            text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
-            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            if mtmd.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(text), bitmaps, 1) != 0:
-                raise InputError(sequence.request.source, "llama.cpp's vision tower refused the image")
-            for index in range(mtmd.mtmd_input_chunks_size(chunks)):
-                chunk = mtmd.mtmd_input_chunks_get(chunks, index)
-                if mtmd.mtmd_input_chunk_get_type(chunk) != _IMAGE_CHUNK:
-                    continue  # the begin/end-of-image markers: ours are in the prompt's token ids
-                produced = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                if produced != n_tokens:
-                    raise ModelLoadError(
-                        f"{self.weights.mmproj if self.weights else self.model_dir}: the projector makes "
-                        f"{produced} image tokens, the processor {n_tokens}; the GGUF pair is not "
-                        "this model's"
-                    )
-                new_position = llama_cpp.llama_pos(0)
-                status = mtmd.mtmd_helper_eval_chunk_single(
-                    self._mtmd,
-                    self._context,
-                    chunk,
-                    sequence.position,
-                    sequence.index,
-                    512,
-                    False,
-                    ctypes.byref(new_position),
-                )
-                if status != 0:
-                    raise RuntimeError(f"llama.cpp could not encode an image of {sequence.request.source}")
-                sequence.position = int(new_position.value)
+            ctypes.memmove(batch.embd, embeddings.ctypes.data, embeddings.nbytes)
+            for offset in range(n_tokens):
+                batch.pos[offset] = sequence.position + offset
+                batch.n_seq_id[offset] = 1
+                batch.seq_id[offset][0] = sequence.seq_id
+                batch.logits[offset] = 0
+            batch.logits[n_tokens - 1] = int(logits_last)
+            batch.n_tokens = n_tokens
+            # All of one image in one micro-batch (n_ubatch >= tokens per image), so that non-causal
+            # attention covers the whole image and nothing after it.
+            llama_cpp.llama_set_causal_attn(self._context, False)
+            try:
+                status = llama_cpp.llama_decode(self._context, batch)
+            finally:
+                llama_cpp.llama_set_causal_attn(self._context, True)
+            if status != 0:
+                raise RuntimeError(f"llama.cpp could not decode an image of {sequence.request.source}")
         finally:
-            mtmd.mtmd_input_chunks_free(chunks)
-            mtmd.mtmd_bitmap_free(bitmap)
+            llama_cpp.llama_batch_free(batch)
+        sequence.position += n_tokens
 
     def _decode(self, sequences: list[_Sequence]) -> None:
         """Decode every live sequence one token per step, all in one llama.cpp batch."""
@@ -492,7 +553,7 @@ class GgufMedGemmaRunner:
         try:
             while live := [sequence for sequence in sequences if not sequence.done]:
                 for slot, sequence in enumerate(live):
-                    _batch_add(batch, slot, sequence.token_ids[-1], sequence.position, sequence.index, True)
+                    _batch_add(batch, slot, sequence.token_ids[-1], sequence.position, sequence.seq_id, True)
                 batch.n_tokens = len(live)
                 if llama_cpp.llama_decode(self._context, batch) != 0:
                     raise RuntimeError("llama.cpp could not decode a step")
@@ -554,7 +615,7 @@ class GgufMedGemmaRunner:
         return ReportResult(
             text=text,
             token_ids=list(token_ids),
-            n_prompt_tokens=sequence.n_prompt,
+            n_prompt_tokens=len(sequence.prompt_ids),
             n_generated_tokens=len(token_ids),
             finish_reason=finish_reason,
             seconds=seconds,
@@ -573,6 +634,58 @@ class GgufMedGemmaRunner:
             raise RuntimeError(
                 f"GgufMedGemmaRunner({self.model_dir}) is not loaded: call load() or use it in a with block"
             )
+
+
+def extra_buffer_types_usable() -> bool:
+    """Whether llama.cpp may put weights in its "extra" CPU buffer types (repacked blocks, AMX tiles).
+
+    The repacked layouts (e.g. Q4_0 as 8x8 interleaved blocks for AVX2/AVX-512) are llama.cpp's
+    fast CPU path for prefill and decoding. They are switched off only where this llama.cpp build
+    has AMX kernels: ggml then puts weights in AMX buffers, and its AMX matrix multiply crashed
+    (SIGSEGV in ``ggml_backend_amx_mul_mat`` on a Xeon with ``amx_int8``, also on the tiny test
+    model), while asking for the repacked layout alone by tensor override fails ggml's scheduler
+    check. docs/performance.md has both machines' measurements.
+    """
+    import llama_cpp
+
+    info = (llama_cpp.llama_print_system_info() or b"").decode(errors="replace")
+    return "AMX_INT8 = 1" not in info
+
+
+def prefer_passive_openmp() -> bool:
+    """Let OpenMP threads sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``), unless a policy is set.
+
+    llama.cpp's CPU threads meet at an OpenMP barrier after every operation, hundreds of times per
+    decoded token. With OpenMP's default waiting a thread spins until the others arrive; when
+    another process holds one of the cores, the spinning thread burns the time slice its partner
+    needs. On the 2 shared cores of docs/performance.md (load average about 3), MedGemma-4B at Q4_0
+    decoded 0.38 tok/s on 2 threads spinning, 2.9 on 1 thread and 2.7 to 3.0 on 2 threads waiting
+    passively. OpenMP reads the setting once, when its runtime loads (with torch or llama.cpp,
+    whichever comes first), so it is set only while no OpenMP runtime is loaded, and a policy the
+    deployment set in the environment is kept.
+
+    Returns
+    -------
+    bool
+        Whether this call set the policy.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return False
+    if _openmp_loaded():
+        logger.debug("an OpenMP runtime is already loaded: OMP_WAIT_POLICY=PASSIVE would not take effect")
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
+def _openmp_loaded() -> bool:
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        import sys
+
+        return "torch" in sys.modules or "llama_cpp" in sys.modules
+    return any(name in maps for name in ("libgomp", "libiomp", "libomp"))
 
 
 def _package_version(name: str) -> str:
@@ -614,22 +727,6 @@ def _split_image_runs(token_ids: list[int], image_token_id: int | None) -> list[
         else:
             runs.append((kind, [token]))
     return runs
-
-
-def _pixels_to_rgb(pixel_values: Any, image_processor: Any) -> list[np.ndarray]:
-    """8-bit RGB images (H, W, 3) from the processor's normalised pixels, inverting its arithmetic.
-
-    The processor resizes 8-bit images, then rescales and normalises; undoing the last two and
-    rounding gives back the resized 8-bit pixels exactly, which mtmd then normalises itself.
-    """
-    if pixel_values is None:
-        return []
-    values = np.asarray(pixel_values, dtype=np.float64)
-    mean = np.asarray(image_processor.image_mean, dtype=np.float64).reshape(1, 3, 1, 1)
-    std = np.asarray(image_processor.image_std, dtype=np.float64).reshape(1, 3, 1, 1)
-    scale = float(getattr(image_processor, "rescale_factor", 1 / 255))
-    restored = np.clip(np.rint((values * std + mean) / scale), 0, 255).astype(np.uint8)
-    return [np.ascontiguousarray(image.transpose(1, 2, 0)) for image in restored]
 
 
 def _sample(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator | None) -> int:

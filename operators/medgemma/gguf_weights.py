@@ -1,10 +1,13 @@
 """GGUF weights of a MedGemma directory for llama.cpp: built once, cached next to the model, digested.
 
 ``gguf_weights(model_dir, weight_type)`` returns the text-decoder GGUF and the vision projector
-(``mmproj``) GGUF that :class:`~medgemma_deploy.operators.medgemma.gguf_runner.GgufMedGemmaRunner` loads:
+(``mmproj``) GGUF of a MedGemma; ``mmproj=False`` only the text decoder, which is all
+:class:`~medgemma_deploy.operators.medgemma.gguf_runner.GgufMedGemmaRunner` loads (its vision tower
+runs on torch, from the checkpoint's safetensors):
 
-* A user-supplied pair wins: a model directory holding exactly one ``*mmproj*.gguf`` and one other
-  ``*.gguf`` is used as it is (whatever its quantisation; llama.cpp reads it from the file).
+* User-supplied files win: a model directory holding exactly one ``*.gguf`` other than
+  ``*mmproj*.gguf`` uses it as it is (whatever its quantisation; llama.cpp reads it from the file),
+  with the one ``*mmproj*.gguf`` beside it when the projector is asked for.
 * Otherwise both are built from the Hugging Face files with llama.cpp's own converter
   (:mod:`~medgemma_deploy.operators.medgemma.gguf_convert`, one subprocess) and, for 4-bit, llama.cpp's
   quantiser; they are cached in ``<model_dir>/gguf/`` (or, when that is read-only, under
@@ -68,12 +71,13 @@ _RECIPE = "1"
 
 @dataclass(frozen=True)
 class GgufWeights:
-    """The two files llama.cpp loads, their SHA-256 digests and how they were made."""
+    """The files llama.cpp loads, their SHA-256 digests and how they were made (``mmproj`` and its
+    digest are None when only the text decoder was asked for)."""
 
     text: Path
-    mmproj: Path
+    mmproj: Path | None
     text_sha256: str
-    mmproj_sha256: str
+    mmproj_sha256: str | None
     weight_type: str
     user_supplied: bool = False
 
@@ -103,8 +107,9 @@ def _installed_converter_dir() -> Path:
     return Path(sys.prefix) / "share" / "medgemma-deploy" / "llama.cpp"
 
 
-def gguf_weights(model_dir: Path, weight_type: str) -> GgufWeights:
-    """The GGUF pair for ``model_dir`` at ``weight_type`` (see the module docstring).
+def gguf_weights(model_dir: Path, weight_type: str, *, mmproj: bool = True) -> GgufWeights:
+    """The GGUF files for ``model_dir`` at ``weight_type``: the text decoder, and the projector
+    unless ``mmproj`` is False (see the module docstring).
 
     Raises
     ------
@@ -114,35 +119,41 @@ def gguf_weights(model_dir: Path, weight_type: str) -> GgufWeights:
     """
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
-    supplied = _user_supplied(model_dir)
+    supplied = _user_supplied(model_dir, mmproj)
     if supplied is not None:
         return supplied
     cache = _cache_dir(model_dir)
     text_type, mmproj_type = WEIGHT_TYPES[weight_type]
     text = cache / f"text-{text_type}.gguf"
-    mmproj = cache / f"mmproj-{mmproj_type}.gguf"
+    projector = cache / f"mmproj-{mmproj_type}.gguf"
     manifest_file = cache / "manifest.json"
     fingerprint = _fingerprint(model_dir)
     manifest = _read_manifest(manifest_file, fingerprint)
-    for path, kind in ((text, text_type), (mmproj, mmproj_type)):
+    wanted = [(text, text_type)] + ([(projector, mmproj_type)] if mmproj else [])
+    for path, kind in wanted:
         if path.name not in manifest or not path.is_file():
-            _build(model_dir, path, kind, mmproj=path is mmproj)
+            _build(model_dir, path, kind, mmproj=path is projector)
             manifest[path.name] = _sha256(path)
             _write_manifest(manifest_file, fingerprint, manifest)
-    return GgufWeights(text, mmproj, manifest[text.name], manifest[mmproj.name], weight_type)
+    if not mmproj:
+        return GgufWeights(text, None, manifest[text.name], None, weight_type)
+    return GgufWeights(text, projector, manifest[text.name], manifest[projector.name], weight_type)
 
 
-def _user_supplied(model_dir: Path) -> GgufWeights | None:
+def _user_supplied(model_dir: Path, mmproj: bool) -> GgufWeights | None:
     files = sorted(model_dir.glob("*.gguf"))
     projectors = [path for path in files if "mmproj" in path.name.lower()]
     texts = [path for path in files if path not in projectors]
     if not files:
         return None
-    if len(projectors) != 1 or len(texts) != 1:
+    if len(texts) != 1 or (mmproj and len(projectors) != 1) or len(projectors) > 1:
         raise ModelLoadError(
-            f"{model_dir}: holds {len(texts)} text GGUF(s) and {len(projectors)} *mmproj*.gguf; a "
-            "user-supplied pair is exactly one of each (or remove them to build our own)"
+            f"{model_dir}: holds {len(texts)} text GGUF(s) and {len(projectors)} *mmproj*.gguf; "
+            "user-supplied files are exactly one text GGUF and at most one *mmproj*.gguf (or remove "
+            "them to build our own)"
         )
+    if not mmproj:
+        return GgufWeights(texts[0], None, _sha256(texts[0]), None, "supplied", user_supplied=True)
     return GgufWeights(
         texts[0], projectors[0], _sha256(texts[0]), _sha256(projectors[0]), "supplied", user_supplied=True
     )
@@ -273,16 +284,23 @@ def install_converter(version: str | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="llama.cpp weights for MedGemma")
     parser.add_argument("--install-converter", action="store_true", help=install_converter.__doc__)
-    parser.add_argument("--build", type=Path, metavar="MODEL_DIR", help="build (or reuse) the GGUF pair")
+    parser.add_argument("--build", type=Path, metavar="MODEL_DIR", help="build (or reuse) the GGUF files")
+    parser.add_argument(
+        "--no-mmproj",
+        dest="mmproj",
+        action="store_false",
+        help="only the text decoder (the runner's)",
+    )
     parser.add_argument("--weight-type", default="q4_0", choices=tuple(WEIGHT_TYPES))
     args = parser.parse_args(argv)
     try:
         if args.install_converter:
             print(f"llama.cpp converter installed in {install_converter()}")
         if args.build:
-            weights = gguf_weights(args.build, args.weight_type)
+            weights = gguf_weights(args.build, args.weight_type, mmproj=args.mmproj)
             print(f"{weights.text} sha256 {weights.text_sha256}")
-            print(f"{weights.mmproj} sha256 {weights.mmproj_sha256}")
+            if weights.mmproj is not None:
+                print(f"{weights.mmproj} sha256 {weights.mmproj_sha256}")
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

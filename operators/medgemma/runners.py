@@ -7,7 +7,10 @@ fp32 on a CPU, medgemma_deploy/precision.py), decoded by the worker's ``ReportSe
 worker, or in process through :class:`~medgemma_deploy.backends.inproc.InprocMedGemma`, which the
 local backend wraps around it. ``int8`` and ``int4`` run on llama.cpp
 (:class:`~medgemma_deploy.operators.medgemma.gguf_runner.GgufMedGemmaRunner`, the optional ``lowbit``
-extra, used as it is), which is what a CPU-only site should ask for (docs/performance.md).
+extra, used as it is), which is what a CPU-only site should ask for (docs/performance.md). Its
+callers draft one report at a time (``generate``), so it reserves KV cache for one sequence
+(``n_parallel=1``; at 4 the sliding-window layers' cache of MedGemma-4B takes 0.36 GB more); a caller
+that batches with ``generate_batch`` builds the runner itself with the ``n_parallel`` it needs.
 
 ``auto`` does not switch to llama.cpp by itself when the extra is installed: every report would
 then change engine (and text) with an installed package, including the test suite's torch-parity
@@ -47,7 +50,7 @@ def make_medgemma_runner(
     if precision in LOW_BIT:
         from medgemma_deploy.operators.medgemma.gguf_runner import GgufMedGemmaRunner
 
-        return GgufMedGemmaRunner(model_dir, device=device, precision=precision)
+        return GgufMedGemmaRunner(model_dir, device=device, precision=precision, n_parallel=1)
     from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
 
     return MedGemmaRunner(model_dir, device=device, precision=precision)

@@ -186,7 +186,10 @@ def _row_llama(model_dir: Path, precision: str, max_new_tokens: int, batch: bool
         result.n_generated_tokens, total, result.preprocess_seconds + result.first_token_seconds
     )
     assert runner.weights is not None
-    figures["weights"] = f"{runner.weights.text.name} ({runner.weights.text.stat().st_size / 2**30:.2f} GiB)"
+    figures["weights"] = (
+        f"{runner.weights.text.name} ({runner.weights.text.stat().st_size / 2**30:.2f} GiB), "
+        f"vision on torch {runner.vision_dtype}"
+    )
     figures["text_chars"] = len(result.text.strip())
     if batch:
         requests = [_text_request(_BATCH_NEW_TOKENS) for _ in range(_BATCH)]
@@ -203,20 +206,29 @@ def _row_bare_llama(model_dir: Path, max_new_tokens: int) -> dict:
     """llama.cpp on our Q4_0 file with nothing of ours around it: llama-bench, or a C-side loop."""
     from medgemma_deploy.operators.medgemma.gguf_weights import gguf_weights
 
-    weights = gguf_weights(model_dir, "q4_0")
+    weights = gguf_weights(model_dir, "q4_0", mmproj=False)
     threads = len(os.sched_getaffinity(0))
     bench = shutil.which("llama-bench")
     if bench:
         command = [bench, "-m", str(weights.text), "-t", str(threads), "-p", "0", "-n", "64", "-o", "json"]
         runs = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
         return {"decode_tok_s": float(runs[0]["avg_ts"]), "how": "llama-bench -p 0 -n 64"}
+    from medgemma_deploy.operators.medgemma.gguf_runner import (
+        extra_buffer_types_usable,
+        prefer_passive_openmp,
+    )
+
+    prefer_passive_openmp()  # as the runner, before llama.cpp loads its OpenMP runtime
     import llama_cpp
     import llama_cpp._logger as llama_logger
 
     llama_logger.set_verbose(False)
     llama_cpp.llama_backend_init()
     model_params = llama_cpp.llama_model_default_params()
-    model_params.use_extra_bufts = False  # as the runner: ggml's AMX buffers crash on this CPU
+    # As the runner: repacked weights (read, not mapped), unless this build's AMX kernels would run.
+    model_params.use_extra_bufts = extra_buffer_types_usable()
+    if model_params.use_extra_bufts:
+        model_params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
     model = llama_cpp.llama_model_load_from_file(str(weights.text).encode(), model_params)
     params = llama_cpp.llama_context_default_params()
     params.n_ctx, params.n_threads, params.n_threads_batch, params.no_perf = 1024, threads, threads, True
