@@ -20,37 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from medgemma_deploy.search.records import HIT_COLUMNS, RECORD_COLUMNS, IndexRecord, SearchFilters, SearchHit
-from medgemma_deploy.search.store import IndexedModel, StoreError, VectorStore, missing_extra, redact_url
+from medgemma_deploy.search.records import IndexRecord, SearchHit, SearchQuery
+from medgemma_deploy.search.store import POSTGRESQL, SQLTableStore, StoreError, missing_extra, redact_url
 
 __all__ = ["PostgresStore", "vector_literal"]
 
 logger = logging.getLogger(__name__)
 
-_TABLE = "medgemma_index_rows"
-
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS {_TABLE} (
-    row_id BIGSERIAL PRIMARY KEY,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    study_instance_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    sop_instance_uid TEXT NOT NULL,
-    frame_number INTEGER NOT NULL,
-    modality TEXT NOT NULL,
-    body_part TEXT,
-    study_date TEXT,
-    findings JSONB NOT NULL,
-    embedding vector NOT NULL,
-    thumbnail BYTEA,
-    overlay BYTEA,
-    overlay_finding TEXT,
-    UNIQUE (sop_instance_uid, frame_number, model_name, model_version)
-);
-CREATE INDEX IF NOT EXISTS {_TABLE}_model ON {_TABLE} (model_name, model_version);
-"""
-
+_TABLE = POSTGRESQL.table
 
 #: HNSW build parameters (pgvector's defaults) and the memory the bulk build may use.
 _HNSW_M = 16
@@ -66,8 +43,10 @@ def vector_literal(vector: np.ndarray) -> str:
     return "[" + ",".join(f"{value:.9g}" for value in np.asarray(vector, np.float32).tolist()) + "]"
 
 
-class PostgresStore(VectorStore):
+class PostgresStore(SQLTableStore):
     """The index in a PostgreSQL database with pgvector (see the module docstring). Use :meth:`open`."""
+
+    dialect = POSTGRESQL
 
     def __init__(self, url: str, connection: Any) -> None:
         self.url = url
@@ -100,7 +79,7 @@ class PostgresStore(VectorStore):
                 "in that database as a superuser"
             ) from exc
         try:
-            connection.execute(_SCHEMA)
+            connection.execute(POSTGRESQL.create_table())
         except psycopg.Error as exc:
             connection.close()
             raise StoreError(f"store {shown}: cannot create the index table ({_first_line(exc)})") from exc
@@ -109,16 +88,6 @@ class PostgresStore(VectorStore):
     def add(self, records: Sequence[IndexRecord]) -> int:
         if not records:
             return 0
-        values_sql = ", ".join(
-            "%s::jsonb" if c == "findings" else "%s::vector" if c == "embedding" else "%s"
-            for c in RECORD_COLUMNS
-        )
-        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in RECORD_COLUMNS[2:] if c != "sop_instance_uid")
-        sql = (
-            f"INSERT INTO {_TABLE} ({', '.join(RECORD_COLUMNS)}) VALUES ({values_sql}) "
-            "ON CONFLICT (sop_instance_uid, frame_number, model_name, model_version) "
-            f"DO UPDATE SET {updates}"
-        )
         rows = [r.row_values(vector_literal) for r in records]
         models = {(r.model_name, r.model_version): r.embedding.size for r in records}
         with self._lock:
@@ -130,7 +99,7 @@ class PostgresStore(VectorStore):
                         f"{redact_url(self.url)} have {known}"
                     )
             with self._connection.transaction(), self._connection.cursor() as cursor:
-                cursor.executemany(sql, rows)
+                cursor.executemany(POSTGRESQL.upsert(), rows)
             for (name, version), size in models.items():
                 self._dimensions[(name, version)] = size
                 if not self._defer_index:
@@ -149,133 +118,61 @@ class PostgresStore(VectorStore):
                 self._ensure_hnsw(name, version, size)
         return written
 
-    def search(
-        self,
-        vector: np.ndarray,
-        *,
-        model_name: str,
-        model_version: str,
-        filters: SearchFilters | None = None,
-        top: int = 20,
-    ) -> list[SearchHit]:
-        prepared = self._search_query(vector, model_name, model_version, filters, top)
+    def _search(self, query: SearchQuery) -> list[SearchHit]:
+        prepared = self._search_statements(query)
         if prepared is None:
             return []
-        query, params, settings = prepared
+        statement, params, settings = prepared
         with self._lock, self._connection.transaction():
             self._connection.execute(settings)
-            rows = self._connection.execute(query, params).fetchall()
-        return [SearchHit.from_row(1.0 - float(row[0]), row[1:]) for row in rows]
+            rows = self._connection.execute(statement, params).fetchall()
+        return [SearchHit.from_distance_row(row) for row in rows]
 
-    def query_plan(
-        self,
-        vector: np.ndarray,
-        *,
-        model_name: str,
-        model_version: str,
-        filters: SearchFilters | None = None,
-        top: int = 20,
-    ) -> str:
+    def query_plan(self, query: SearchQuery) -> str:
         """PostgreSQL's ``EXPLAIN`` of that search (to check that the HNSW index is used)."""
         from psycopg import sql
 
-        prepared = self._search_query(vector, model_name, model_version, filters, top)
+        prepared = self._search_statements(query)
         if prepared is None:
             return ""
-        query, params, settings = prepared
+        statement, params, settings = prepared
         with self._lock, self._connection.transaction():
             self._connection.execute(settings)
-            rows = self._connection.execute(sql.SQL("EXPLAIN ") + query, params).fetchall()
+            rows = self._connection.execute(sql.SQL("EXPLAIN ") + statement, params).fetchall()
         return "\n".join(row[0] for row in rows)
 
-    def _search_query(
-        self,
-        vector: np.ndarray,
-        model_name: str,
-        model_version: str,
-        filters: SearchFilters | None,
-        top: int,
-    ) -> tuple[Any, list[Any], Any] | None:
+    def _search_statements(self, query: SearchQuery) -> tuple[Any, list[Any], Any] | None:
         """The search SQL, its parameters and its ``SET LOCAL``; None when the model has no rows."""
         from psycopg import sql
 
-        filters = filters or SearchFilters()
         with self._lock:
-            size = self._dimension(model_name, model_version)
+            size = self._dimension(query.model_name, query.model_version)
         if size is None:
             return None
-        typed = sql.SQL("embedding::vector({})").format(sql.Literal(size))
-        # Literals, not parameters, for the model: the planner must see them to use the partial index.
-        where = [
-            sql.SQL("model_name = {}").format(sql.Literal(model_name)),
-            sql.SQL("model_version = {}").format(sql.Literal(model_version)),
-        ]
-        params: list[Any] = [vector_literal(vector)]
-        for column, value in (("modality", filters.modality), ("body_part", filters.body_part)):
-            if value is not None:
-                where.append(sql.SQL("upper({}) = upper(%s)").format(sql.Identifier(column)))
-                params.append(value)
-        if filters.date_from is not None:
-            where.append(sql.SQL("study_date >= %s"))
-            params.append(filters.date_from)
-        if filters.date_to is not None:
-            where.append(sql.SQL("study_date <= %s"))
-            params.append(filters.date_to)
-        for finding in filters.findings:
-            where.append(sql.SQL("(findings ->> %s)::float8 >= %s"))
-            params.extend((finding.key, finding.minimum))
-        params.append(int(top))
-        query = sql.SQL(
-            "SELECT {typed} <=> %s::vector({size}) AS distance, {hit_columns} "
-            "FROM {table} WHERE {where} ORDER BY distance LIMIT %s"
+        clauses, params = POSTGRESQL.filter_clauses(query.filters)
+        # Literals, not parameters, for the model and the size: the planner must see them to use
+        # the model's partial index over embedding::vector(size).
+        statement = sql.SQL(
+            POSTGRESQL.nearest(
+                "embedding::vector({size}) <=> %s::vector({size})",
+                " AND ".join(["model_name = {model}", "model_version = {version}", *clauses]),
+            )
         ).format(
-            typed=typed,
             size=sql.Literal(size),
-            hit_columns=sql.SQL(", ".join(HIT_COLUMNS)),
-            table=sql.Identifier(_TABLE),
-            where=sql.SQL(" AND ").join(where),
+            model=sql.Literal(query.model_name),
+            version=sql.Literal(query.model_version),
         )
         # The graph walk keeps ef_search candidates and filters afterwards: more with filters.
-        filtered = len(where) > 2
-        ef_search = min(1000, max(_EF_SEARCH, 2 * int(top), _EF_SEARCH_FILTERED if filtered else 0))
+        filtered = _EF_SEARCH_FILTERED if clauses else 0
+        ef_search = min(1000, max(_EF_SEARCH, 2 * query.top, filtered))
         settings = sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef_search))
-        return query, params, settings
-
-    def models(self) -> list[IndexedModel]:
-        with self._lock:
-            rows = self._connection.execute(
-                f"SELECT model_name, model_version, count(*) FROM {_TABLE} "
-                "GROUP BY model_name, model_version ORDER BY model_name, model_version"
-            ).fetchall()
-        return [(name, version, int(count)) for name, version, count in rows]
-
-    def finding_keys(self, model_name: str, model_version: str) -> set[str]:
-        with self._lock:
-            rows = self._connection.execute(
-                f"SELECT DISTINCT jsonb_object_keys(findings) FROM {_TABLE} "
-                "WHERE model_name = %s AND model_version = %s",
-                (model_name, model_version),
-            ).fetchall()
-        return {row[0] for row in rows}
-
-    def _image(self, row_id: int, kind: str) -> bytes | None:
-        with self._lock:
-            row = self._connection.execute(
-                f"SELECT {kind} FROM {_TABLE} WHERE row_id = %s", (int(row_id),)
-            ).fetchone()
-        return None if row is None or row[0] is None else bytes(row[0])
-
-    def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        return statement, [vector_literal(query.vector), *params, query.top], settings
 
     def _dimension(self, model_name: str, model_version: str) -> int | None:
         key = (model_name, model_version)
         if key not in self._dimensions:
             row = self._connection.execute(
-                f"SELECT vector_dims(embedding) FROM {_TABLE} "
-                "WHERE model_name = %s AND model_version = %s LIMIT 1",
+                f"SELECT vector_dims(embedding) FROM {_TABLE} WHERE {POSTGRESQL.of_model} LIMIT 1",
                 key,
             ).fetchone()
             if row is None:

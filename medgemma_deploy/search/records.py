@@ -25,6 +25,7 @@ __all__ = [
     "IndexRecord",
     "SearchFilters",
     "SearchHit",
+    "SearchQuery",
     "parse_finding_filter",
 ]
 
@@ -154,6 +155,21 @@ class SearchFilters:
 
 
 @dataclass(frozen=True)
+class SearchQuery:
+    """One search: the ``top`` rows of one model, filtered, most similar to ``vector`` (cosine)."""
+
+    vector: np.ndarray
+    model_name: str
+    model_version: str
+    filters: SearchFilters = field(default_factory=SearchFilters)
+    top: int = 20
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vector", np.asarray(self.vector, dtype=np.float32))
+        object.__setattr__(self, "top", int(self.top))
+
+
+@dataclass(frozen=True)
 class SearchHit:
     """One result: where the frame is, how similar it is (cosine similarity in [-1, 1])."""
 
@@ -188,6 +204,11 @@ class SearchHit:
             has_overlay=bool(row[9]),
             overlay_finding=row[10],
         )
+
+    @classmethod
+    def from_distance_row(cls, row: Sequence[Any]) -> SearchHit:
+        """A hit from a row of cosine distance followed by :data:`HIT_COLUMNS` (a nearest-rows query)."""
+        return cls.from_row(1.0 - float(row[0]), row[1:])
 
     def to_json(self) -> dict[str, Any]:
         return {

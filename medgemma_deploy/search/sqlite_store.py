@@ -23,38 +23,14 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from medgemma_deploy.search.records import HIT_COLUMNS, RECORD_COLUMNS, IndexRecord, SearchFilters, SearchHit
-from medgemma_deploy.search.store import IndexedModel, StoreError, VectorStore, missing_extra
+from medgemma_deploy.search.records import HIT_COLUMNS, IndexRecord, SearchHit, SearchQuery
+from medgemma_deploy.search.store import SQLITE, SQLTableStore, StoreError, missing_extra
 
 __all__ = ["SQLiteStore"]
 
 logger = logging.getLogger(__name__)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS index_rows (
-    row_id INTEGER PRIMARY KEY,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    study_instance_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    sop_instance_uid TEXT NOT NULL,
-    frame_number INTEGER NOT NULL,
-    modality TEXT NOT NULL,
-    body_part TEXT,
-    study_date TEXT,
-    findings TEXT NOT NULL,
-    embedding BLOB NOT NULL,
-    thumbnail BLOB,
-    overlay BLOB,
-    overlay_finding TEXT,
-    UNIQUE (sop_instance_uid, frame_number, model_name, model_version)
-);
-CREATE INDEX IF NOT EXISTS index_rows_model ON index_rows (model_name, model_version);
-"""
-
-_COLUMNS = ", ".join(RECORD_COLUMNS)
 _HIT_COLUMNS = ", ".join(HIT_COLUMNS)
-_PLACEHOLDERS = ", ".join("?" * len(RECORD_COLUMNS))
 
 
 @dataclass(frozen=True)
@@ -67,28 +43,16 @@ class _VectorMatrix:
     norms: np.ndarray
 
 
-def _where(model_name: str, model_version: str, filters: SearchFilters) -> tuple[str, list[Any]]:
+def _where(query: SearchQuery) -> tuple[str, list[Any]]:
     """The WHERE clause of a search and its parameters (the model first, then the filters)."""
-    where = ["model_name = ?", "model_version = ?"]
-    params: list[Any] = [model_name, model_version]
-    for column, value in (("modality", filters.modality), ("body_part", filters.body_part)):
-        if value is not None:
-            where.append(f"upper({column}) = upper(?)")
-            params.append(value)
-    if filters.date_from is not None:
-        where.append("study_date >= ?")
-        params.append(filters.date_from)
-    if filters.date_to is not None:
-        where.append("study_date <= ?")
-        params.append(filters.date_to)
-    for finding in filters.findings:
-        where.append("CAST(json_extract(findings, ?) AS REAL) >= ?")
-        params.extend((f'$."{finding.key}"', finding.minimum))
-    return " AND ".join(where), params
+    clauses, params = SQLITE.filter_clauses(query.filters)
+    return " AND ".join([SQLITE.of_model, *clauses]), [query.model_name, query.model_version, *params]
 
 
-class SQLiteStore(VectorStore):
+class SQLiteStore(SQLTableStore):
     """The index in one SQLite file (see the module docstring). Use :meth:`open`."""
+
+    dialect = SQLITE
 
     def __init__(self, url: str, path: Path, connection: Any, *, cache_vectors: bool = False) -> None:
         self.url = url
@@ -131,7 +95,7 @@ class SQLiteStore(VectorStore):
             connection.enable_load_extension(False)
             connection.setbusytimeout(10_000)
             connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute(_SCHEMA)
+            connection.execute(SQLITE.create_table())
         except apsw.Error as exc:
             raise StoreError(f"store {url}: cannot open {path} as an index ({exc})") from exc
         return cls(url, path, connection, cache_vectors=cache_vectors)
@@ -140,43 +104,30 @@ class SQLiteStore(VectorStore):
         rows = [r.row_values(lambda embedding: embedding.astype(np.float32).tobytes()) for r in records]
         with self._lock, self._connection:
             self._check_dimension(records)
-            self._connection.executemany(
-                f"INSERT OR REPLACE INTO index_rows ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", rows
-            )
+            self._connection.executemany(SQLITE.upsert(), rows)
             self._own_changes += 1
         return len(rows)
 
-    def search(
-        self,
-        vector: np.ndarray,
-        *,
-        model_name: str,
-        model_version: str,
-        filters: SearchFilters | None = None,
-        top: int = 20,
-    ) -> list[SearchHit]:
-        where, params = _where(model_name, model_version, filters or SearchFilters())
-        query = np.asarray(vector, np.float32)
+    def _search(self, query: SearchQuery) -> list[SearchHit]:
+        where, params = _where(query)
         with self._lock:
             if self.cache_vectors:
-                return self._search_matrix(query, model_name, model_version, where, params, top)
+                return self._search_matrix(query, where, params)
             rows = list(
                 self._connection.execute(
-                    f"SELECT vec_distance_cosine(embedding, ?) AS distance, {_HIT_COLUMNS} FROM index_rows "
-                    f"WHERE {where} ORDER BY distance LIMIT ?",
-                    [query.tobytes(), *params, int(top)],
+                    SQLITE.nearest("vec_distance_cosine(embedding, ?)", where),
+                    [query.vector.tobytes(), *params, query.top],
                 )
             )
-        return [SearchHit.from_row(1.0 - float(row[0]), row[1:]) for row in rows]
+        return [SearchHit.from_distance_row(row) for row in rows]
 
-    def _search_matrix(
-        self, query: np.ndarray, model_name: str, model_version: str, where: str, params: list[Any], top: int
-    ) -> list[SearchHit]:
+    def _search_matrix(self, query: SearchQuery, where: str, params: list[Any]) -> list[SearchHit]:
         """Exact ranking with the cached matrix; the filters still run in SQL, on the metadata only."""
-        matrix = self._matrix(model_name, model_version)
+        matrix = self._matrix(query.model_name, query.model_version)
         if matrix.row_ids.size == 0:
             return []
-        norm = float(np.linalg.norm(query)) or 1.0
+        vector = query.vector
+        norm = float(np.linalg.norm(vector)) or 1.0
         if len(params) > 2:  # filters beyond the model: rank only the rows SQL lets through
             allowed = np.fromiter(
                 (
@@ -188,14 +139,14 @@ class SQLiteStore(VectorStore):
                 np.int64,
             )
             positions = np.searchsorted(matrix.row_ids, np.sort(allowed))
-            scores = (matrix.vectors[positions] @ query) / (matrix.norms[positions] * norm)
+            scores = (matrix.vectors[positions] @ vector) / (matrix.norms[positions] * norm)
         else:
             # No copy of the matrix: all rows, in row-id order.
             positions = None
-            scores = (matrix.vectors @ query) / (matrix.norms * norm)
+            scores = (matrix.vectors @ vector) / (matrix.norms * norm)
         if scores.size == 0:
             return []
-        count = min(int(top), scores.size)
+        count = min(query.top, scores.size)
         best = np.argpartition(-scores, count - 1)[:count]
         best = best[np.argsort(-scores[best], kind="stable")]
         rows = best if positions is None else positions[best]
@@ -218,8 +169,7 @@ class SQLiteStore(VectorStore):
             return cached
         ids, blobs = [], []
         for row_id, blob in self._connection.execute(
-            "SELECT row_id, embedding FROM index_rows WHERE model_name = ? AND model_version = ? "
-            "ORDER BY row_id",
+            f"SELECT row_id, embedding FROM index_rows WHERE {SQLITE.of_model} ORDER BY row_id",
             (model_name, model_version),
         ):
             ids.append(row_id)
@@ -232,35 +182,6 @@ class SQLiteStore(VectorStore):
         self._matrices[(model_name, model_version)] = matrix
         return matrix
 
-    def models(self) -> list[IndexedModel]:
-        with self._lock:
-            rows = self._connection.execute(
-                "SELECT model_name, model_version, count(*) FROM index_rows "
-                "GROUP BY model_name, model_version ORDER BY model_name, model_version"
-            ).fetchall()
-        return [(name, version, int(count)) for name, version, count in rows]
-
-    def finding_keys(self, model_name: str, model_version: str) -> set[str]:
-        with self._lock:
-            rows = self._connection.execute(
-                "SELECT DISTINCT key FROM index_rows, json_each(index_rows.findings) "
-                "WHERE model_name = ? AND model_version = ?",
-                (model_name, model_version),
-            ).fetchall()
-        return {row[0] for row in rows}
-
-    def _image(self, row_id: int, kind: str) -> bytes | None:
-        with self._lock:
-            row = self._connection.execute(
-                f"SELECT {kind} FROM index_rows WHERE row_id = ?", (row_id,)
-            ).fetchone()
-        return None if row is None or row[0] is None else bytes(row[0])
-
-    def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-
     def _check_dimension(self, records: Sequence[IndexRecord]) -> None:
         """One model version, one embedding size: a mix would make the distances meaningless."""
         seen: dict[tuple[str, str], int] = {}
@@ -268,8 +189,7 @@ class SQLiteStore(VectorStore):
             key = (record.model_name, record.model_version)
             if key not in seen:
                 row = self._connection.execute(
-                    "SELECT length(embedding) / 4 FROM index_rows WHERE model_name = ? AND model_version = ? "
-                    "LIMIT 1",
+                    f"SELECT length(embedding) / 4 FROM index_rows WHERE {SQLITE.of_model} LIMIT 1",
                     key,
                 ).fetchone()
                 seen[key] = int(row[0]) if row else record.embedding.size

@@ -10,7 +10,13 @@ started for the session (``pgserver``, unix socket).
 import numpy as np
 import pytest
 
-from medgemma_deploy.search.records import FindingFilter, IndexRecord, SearchFilters, parse_finding_filter
+from medgemma_deploy.search.records import (
+    FindingFilter,
+    IndexRecord,
+    SearchFilters,
+    SearchQuery,
+    parse_finding_filter,
+)
 from medgemma_deploy.search.store import ModelMismatchError, StoreError, open_store
 from tests.support.search import database_url, fresh_database, running_postgres
 
@@ -323,7 +329,7 @@ def test_postgres_search_walks_the_hnsw_index(postgres):
     vectors = unit(rng, 500)
     with open_store(url) as store:
         store.bulk_load([[record(vectors[i], f"7.{i}") for i in range(500)]])
-        plan = store.query_plan(vectors[0], model_name=MODEL, model_version="v1", top=10)
+        plan = store.query_plan(SearchQuery(vectors[0], MODEL, "v1", top=10))
         hits = store.search(vectors[0], model_name=MODEL, model_version="v1", top=10)
     assert "hnsw" in plan, plan
     assert hits[0].sop_instance_uid == "7.0"
