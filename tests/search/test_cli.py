@@ -19,25 +19,22 @@ from medgemma_deploy.dev.synthetic import DEMO_PATIENT_ID, DEMO_PATIENT_NAME, wr
 from medgemma_deploy.model_dir import model_identity
 from medgemma_deploy.search.records import IndexRecord
 from medgemma_deploy.search.store import open_store
+from tests.support.demo_index import index_demo_study
 from tests.support.search import fresh_database, running_postgres
 
 QUERY = "a chest x-ray with a right pneumothorax"
 
 
 @pytest.fixture(scope="module")
-def demo_study(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("study")
-    return folder, write_demo_study(folder)
+def indexed(tiny_models_root, tmp_path_factory):
+    return index_demo_study(tiny_models_root, tmp_path_factory.mktemp("search"))
 
 
 @pytest.fixture(scope="module")
-def indexed(demo_study, tiny_models_root, tmp_path_factory):
-    folder, _ = demo_study
-    root = tmp_path_factory.mktemp("index")
-    url = f"sqlite:///{root / 'index.db'}"
-    out = root / "out"
-    code = main(["index", "-i", str(folder), "-m", str(tiny_models_root), "--store", url, "-o", str(out)])
-    return code, url, root / "index.db", json.loads((out / "results.json").read_text())
+def demo_study(tmp_path_factory):
+    """The demo study, not indexed: for the commands that index it themselves."""
+    folder = tmp_path_factory.mktemp("study")
+    return folder, write_demo_study(folder)
 
 
 def search_json(capsys, url, models, *args):
@@ -48,6 +45,12 @@ def search_json(capsys, url, models, *args):
     return json.loads(captured.out)
 
 
+def classify_into_index(folder, out, models, store):
+    """``classify --index`` of ``folder`` into ``store``; returns the exit status."""
+    classify = ["classify", "-i", str(folder), "-o", str(out), "-m", str(models)]
+    return main([*classify, "--index", "--store", store])
+
+
 def error_line(err):
     """The one error line of a refused command (INFO lines from model loading may precede it)."""
     lines = [line for line in err.splitlines() if line.startswith("medgemma-deploy: error:")]
@@ -55,10 +58,8 @@ def error_line(err):
     return lines[0]
 
 
-def test_index_writes_one_row_per_frame_and_records_it(indexed, demo_study):
-    code, url, _, results = indexed
-    _, files = demo_study
-    assert code == 0
+def test_index_writes_one_row_per_frame_and_records_it(indexed):
+    url, files, results = indexed.url, indexed.files, indexed.results
     with open_store(url) as store:
         ((name, _, rows),) = store.models()
     assert rows == len(files)  # the CR plus six CT slices, one frame each
@@ -68,11 +69,8 @@ def test_index_writes_one_row_per_frame_and_records_it(indexed, demo_study):
 
 
 @pytest.mark.parametrize("position", [0, 3])
-def test_search_like_an_indexed_image_returns_it_first(
-    indexed, demo_study, tiny_models_root, capsys, position
-):
-    _, url, _, _ = indexed
-    _, files = demo_study
+def test_search_like_an_indexed_image_returns_it_first(indexed, tiny_models_root, capsys, position):
+    url, files = indexed.url, indexed.files
     example = files[position]
     source = pydicom.dcmread(example, stop_before_pixels=True)
     document = search_json(capsys, url, tiny_models_root, "--like", str(example), "--top", "3")
@@ -86,7 +84,7 @@ def test_search_like_an_indexed_image_returns_it_first(
 
 
 def test_text_search_returns_the_planted_neighbour_first(indexed, tiny_models_root, capsys, tmp_path):
-    db = indexed[2]
+    db = indexed.database
     from medgemma_deploy.operators.medsiglip.runner import MedSigLIPRunner
 
     copy = tmp_path / "planted.db"
@@ -116,9 +114,8 @@ def test_text_search_returns_the_planted_neighbour_first(indexed, tiny_models_ro
     assert document["model"] == {"name": identity.name, "version": identity.version}
 
 
-def test_modality_and_finding_filters(indexed, demo_study, tiny_models_root, capsys):
-    _, url, _, _ = indexed
-    _, files = demo_study
+def test_modality_and_finding_filters(indexed, tiny_models_root, capsys):
+    url, files = indexed.url, indexed.files
     ct = search_json(capsys, url, tiny_models_root, "--like", str(files[0]), "--modality", "CT")
     assert {hit["modality"] for hit in ct["hits"]} == {"CT"}
     assert len(ct["hits"]) == len(files) - 1
@@ -130,9 +127,8 @@ def test_modality_and_finding_filters(indexed, demo_study, tiny_models_root, cap
     assert len(filtered["hits"]) < len(everything["hits"])
 
 
-def test_table_output_lists_uids(indexed, demo_study, tiny_models_root, capsys):
-    _, url, _, _ = indexed
-    _, files = demo_study
+def test_table_output_lists_uids(indexed, tiny_models_root, capsys):
+    url, files = indexed.url, indexed.files
     capsys.readouterr()
     assert (
         main(["search", "--like", str(files[0]), "--store", url, "-m", str(tiny_models_root), "--top", "2"])
@@ -144,9 +140,8 @@ def test_table_output_lists_uids(indexed, demo_study, tiny_models_root, capsys):
     assert len(lines) == 3
 
 
-def test_the_index_holds_no_patient_identifiers(indexed, demo_study):
-    _, _, db, _ = indexed
-    _, files = demo_study
+def test_the_index_holds_no_patient_identifiers(indexed):
+    db, files = indexed.database, indexed.files
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
     content = db.read_bytes()
     for wal in db.parent.glob("index.db-*"):
@@ -169,14 +164,14 @@ def test_the_index_holds_no_patient_identifiers(indexed, demo_study):
     ],
 )
 def test_bad_queries_are_usage_errors(indexed, tiny_models_root, capsys, args, message):
-    _, url, _, _ = indexed
+    url = indexed.url
     capsys.readouterr()
     assert main(["search", *args, "--store", url, "-m", str(tiny_models_root)]) == 2
     assert message in error_line(capsys.readouterr().err)
 
 
 def test_an_unknown_option_is_a_usage_error(indexed, tiny_models_root, capsys):
-    _, url, _, _ = indexed
+    url = indexed.url
     with pytest.raises(SystemExit) as raised:
         main(["search", QUERY, "--store", url, "-m", str(tiny_models_root), "--color", "red"])
     assert raised.value.code == 2
@@ -184,7 +179,7 @@ def test_an_unknown_option_is_a_usage_error(indexed, tiny_models_root, capsys):
 
 
 def test_a_like_file_that_is_not_an_image_names_the_file(indexed, tiny_models_root, capsys, tmp_path):
-    _, url, _, _ = indexed
+    url = indexed.url
     bogus = tmp_path / "notes.dcm"
     bogus.write_text("not dicom")
     assert main(["search", "--like", str(bogus), "--store", url, "-m", str(tiny_models_root)]) == 2
@@ -194,7 +189,7 @@ def test_a_like_file_that_is_not_an_image_names_the_file(indexed, tiny_models_ro
 def test_an_index_of_another_model_version_is_refused_naming_both(
     indexed, tiny_models_root, tmp_path, capsys
 ):
-    _, url, _, _ = indexed
+    url = indexed.url
     from medgemma_deploy.dev.testmodels.siglip import make_test_medsiglip
 
     other = make_test_medsiglip(tmp_path / "other", seed=1)
@@ -219,20 +214,7 @@ def test_classify_with_index_indexes_what_it_classified(demo_study, tiny_models_
     folder, files = demo_study
     url = f"sqlite:///{tmp_path / 'index.db'}"
     out = tmp_path / "out"
-    code = main(
-        [
-            "classify",
-            "-i",
-            str(folder),
-            "-o",
-            str(out),
-            "-m",
-            str(tiny_models_root),
-            "--index",
-            "--store",
-            url,
-        ]
-    )
+    code = classify_into_index(folder, out, tiny_models_root, url)
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert all(series["index"]["indexed"] for series in results["series"])
@@ -296,20 +278,7 @@ def test_classify_with_an_unreachable_index_is_refused_before_any_work(
     folder, _ = demo_study
     out = tmp_path / "out"
     store = "postgresql://indexer:hunter2@127.0.0.1:1/archive"
-    code = main(
-        [
-            "classify",
-            "-i",
-            str(folder),
-            "-o",
-            str(out),
-            "-m",
-            str(tiny_models_root),
-            "--index",
-            "--store",
-            store,
-        ]
-    )
+    code = classify_into_index(folder, out, tiny_models_root, store)
     assert code == 2
     line = error_line(capsys.readouterr().err)
     assert "127.0.0.1:1/archive" in line and "hunter2" not in line

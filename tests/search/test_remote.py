@@ -11,38 +11,26 @@ import pydicom
 import pytest
 
 from medgemma_deploy.cli.main import main
-from medgemma_deploy.dev.synthetic import write_demo_study
-from medgemma_deploy.worker.config import WorkerConfig
 from medgemma_deploy.worker.edge.server import WorkerServer
+from tests.support.demo_index import index_demo_study
+from tests.support.loopback_worker import loopback_worker_config
 
 pytestmark = pytest.mark.network
 
 
 @pytest.fixture(scope="module")
 def worker(tiny_models_root):
-    config = WorkerConfig(
-        listen="127.0.0.1:0",
-        medsiglip=tiny_models_root / "medsiglip",
-        medgemma=tiny_models_root / "medgemma",
-        device="cpu",
-        metrics_port=0,
-        drain_timeout=10,
-    )
-    with WorkerServer(config) as server:
+    with WorkerServer(loopback_worker_config(tiny_models_root)) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def indexed(tiny_models_root, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("study")
-    files = write_demo_study(folder)
-    url = f"sqlite:///{tmp_path_factory.mktemp('index') / 'index.db'}"
-    assert main(["index", "-i", str(folder), "-m", str(tiny_models_root), "--store", url]) == 0
-    return url, files
+    return index_demo_study(tiny_models_root, tmp_path_factory.mktemp("search"))
 
 
 def test_like_search_through_the_worker_matches_the_local_backend(worker, indexed, tiny_models_root, capsys):
-    url, files = indexed
+    url, files = indexed.url, indexed.files
     example = str(files[2])
     capsys.readouterr()
     assert main(["search", "--like", example, "--store", url, "-m", str(tiny_models_root), "--json"]) == 0
@@ -62,7 +50,7 @@ def test_like_search_through_the_worker_matches_the_local_backend(worker, indexe
 
 
 def test_text_search_through_the_worker_matches_the_local_backend(worker, indexed, tiny_models_root, capsys):
-    url, _ = indexed
+    url = indexed.url
     query = "a chest x-ray showing a pneumothorax"
     capsys.readouterr()
     assert main(["search", query, "--store", url, "-m", str(tiny_models_root), "--json"]) == 0

@@ -19,12 +19,11 @@ import pydicom
 import pytest
 from PIL import Image
 
-from medgemma_deploy.cli.main import main
-from medgemma_deploy.dev.synthetic import write_demo_study
 from medgemma_deploy.operators.medsiglip.runner import MedSigLIPRunner
 from medgemma_deploy.search.service import SearchService
 from medgemma_deploy.search.store import open_store
 from medgemma_deploy.search.web import SearchServer
+from tests.support.demo_index import index_demo_study
 
 QUERY = "a chest x-ray with a right pneumothorax"
 WADO_ROOT = "https://pacs.example.org/dicom-web"
@@ -32,16 +31,12 @@ WADO_ROOT = "https://pacs.example.org/dicom-web"
 
 @pytest.fixture(scope="module")
 def indexed(tiny_models_root, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("study")
-    files = write_demo_study(folder)
-    url = f"sqlite:///{tmp_path_factory.mktemp('index') / 'index.db'}"
-    assert main(["index", "-i", str(folder), "-m", str(tiny_models_root), "--store", url]) == 0
-    return url, files
+    return index_demo_study(tiny_models_root, tmp_path_factory.mktemp("search"))
 
 
 @pytest.fixture(scope="module")
 def served(indexed, tiny_models_root):
-    url, files = indexed
+    url, files = indexed.url, indexed.files
     with (
         open_store(url, cache_vectors=True) as store,
         MedSigLIPRunner(tiny_models_root / "medsiglip", device="cpu") as runner,
@@ -168,7 +163,7 @@ def test_page_renders_thumbnails_and_overlays_in_chromium(served, tmp_path):
 
 
 def test_the_search_server_command_serves_stops_on_sigterm_and_refuses_a_busy_port(indexed, tiny_models_root):
-    url, _ = indexed
+    url = indexed.url
     command = [
         sys.executable,
         "-m",
