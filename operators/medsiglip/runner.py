@@ -689,7 +689,9 @@ def make_medsiglip_runner(
     cache_dir: str | Path | None = None,
     **kwargs: Any,
 ) -> MedSigLIPRunner:
-    """The MedSigLIP runner for ``precision``: the one place the CLI, apps and worker build it.
+    """The MedSigLIP runner for ``precision``, as
+    :meth:`~medgemma_deploy.backends.local.Backend.medsiglip_runner` (the one place runners are built,
+    for the CLI, the apps and the worker) asks for it.
 
     ``cache_dir`` is the ``cache_dir`` setting (default
     :func:`~medgemma_deploy.operators.medsiglip.text_cache.default_cache_dir`): prompt embeddings persist
