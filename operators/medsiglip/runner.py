@@ -43,14 +43,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medgemma_deploy.domain import ImageScores, LabelSet, ModelIdentity
+from medgemma_deploy.domain import ImageScores, LabelSet, ModelIdentity, ModelLifecycle
 from medgemma_deploy.errors import ModelLoadError
 from medgemma_deploy.model_dir import model_identity, resolve_model_dir
 from medgemma_deploy.operators.medsiglip.preprocess import MedSigLIPPreprocessor
@@ -102,7 +101,7 @@ class TextEmbeddings:
     n_prompts: int
 
 
-class MedSigLIPRunner:
+class MedSigLIPRunner(ModelLifecycle):
     """MedSigLIP zero-shot scoring, embeddings and relevance maps (see the module docstring).
 
     Parameters
@@ -267,14 +266,6 @@ class MedSigLIPRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         logger.info("MedSigLIP unloaded from %s", self.device)
-
-    def __enter__(self) -> MedSigLIPRunner:
-        return self.load()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     @property
     def is_loaded(self) -> bool:
