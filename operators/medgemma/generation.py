@@ -12,12 +12,13 @@ lifecycle; none of them touches the model.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from medgemma_deploy.domain import GenerationSettings, ModelLifecycle, ReportRequest
+from medgemma_deploy.domain import GenerationSettings, ModelIdentity, ModelLifecycle, ReportRequest
 from medgemma_deploy.errors import InputError, ModelLoadError
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
 SAMPLING_OPTIONS = ("temperature", "top_p", "top_k")
 
 _DTYPES = ("float32", "bfloat16", "float16")
+
+logger = logging.getLogger(__name__)
 
 
 def dtype_name(dtype: Any, model_dir: Path) -> str | None:
@@ -134,14 +137,15 @@ class MedGemmaRules(ModelLifecycle):
     processor and sampling defaults, and the rules above applied to them, so that the engines
     prompt, budget and record a report alike.
 
-    A runner sets :attr:`model_dir`, ``context_length`` (its model's context, once loaded),
-    ``_processor``, ``_sampling_defaults`` and ``_lock``, and defines :attr:`is_loaded`,
-    ``_load`` and ``close``.
+    A runner sets :attr:`model_dir`, ``identity``, ``context_length`` (its model's context, once
+    loaded), ``_processor``, ``_sampling_defaults`` and ``_lock``, and defines :attr:`is_loaded`,
+    ``_load`` and ``_unload`` (each called under the lock, only when it has something to do).
     """
 
     #: How :meth:`prepare_inputs` returns its arrays: ``"pt"`` (torch tensors) or ``"np"``.
     input_tensors: ClassVar[str]
     model_dir: Path
+    identity: ModelIdentity
     context_length: int | None
     _processor: Any
     _sampling_defaults: dict[str, Any]
@@ -152,6 +156,9 @@ class MedGemmaRules(ModelLifecycle):
         raise NotImplementedError
 
     def _load(self) -> None:
+        raise NotImplementedError
+
+    def _unload(self) -> None:
         raise NotImplementedError
 
     def load(self: _Runner) -> _Runner:
@@ -165,7 +172,17 @@ class MedGemmaRules(ModelLifecycle):
         with self._lock:
             if not self.is_loaded:
                 self._load()
+                if self.identity.random_weights:
+                    logger.warning(
+                        "MedGemma %s has RANDOM WEIGHTS: its reports are meaningless", self.identity.name
+                    )
         return self
+
+    def close(self) -> None:
+        """Free the model; :meth:`load` may be called again afterwards."""
+        with self._lock:
+            if self.is_loaded:
+                self._unload()
 
     @property
     def processor(self) -> Any:

@@ -297,22 +297,17 @@ class GgufMedGemmaRunner(MedGemmaRules):
             n_ctx,
             vision.dtype,
         )
-        if self.identity.random_weights:
-            logger.warning("MedGemma %s has RANDOM WEIGHTS: its reports are meaningless", self.identity.name)
 
-    def close(self) -> None:
-        """Free llama.cpp's model and context and the vision tower; :meth:`load` may be called again."""
-        with self._lock:
-            if self._context is None:
-                return
-            import llama_cpp
+    def _unload(self) -> None:
+        """Free llama.cpp's model and context and the vision tower."""
+        import llama_cpp
 
-            if self._vision is not None:
-                self._vision.close()
-            llama_cpp.llama_free(self._context)
-            llama_cpp.llama_model_free(self._model)
-            self._model = self._context = self._vision = None
-            self._processor = None
+        if self._vision is not None:
+            self._vision.close()
+        llama_cpp.llama_free(self._context)
+        llama_cpp.llama_model_free(self._model)
+        self._model = self._context = self._vision = None
+        self._processor = None
 
     # -- run ---------------------------------------------------------------------------------
 

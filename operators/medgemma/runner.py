@@ -186,24 +186,19 @@ class MedGemmaRunner(MedGemmaRules):
             n_parameters / 1e6,
             self.context_length,
         )
-        if self.identity.random_weights:
-            logger.warning("MedGemma %s has RANDOM WEIGHTS: its reports are meaningless", self.identity.name)
 
-    def close(self) -> None:
-        """Free the model (and GPU memory); :meth:`load` may be called again afterwards."""
-        with self._lock:
-            if self._model is None:
-                return
-            device = self._device
-            self._model = None
-            self._processor = None
-            self._device = None
-            gc.collect()
-            if device is not None and device.type == "cuda":
-                import torch
+    def _unload(self) -> None:
+        """Free the model (and GPU memory)."""
+        device = self._device
+        self._model = None
+        self._processor = None
+        self._device = None
+        gc.collect()
+        if device is not None and device.type == "cuda":
+            import torch
 
-                torch.cuda.empty_cache()
-            logger.info("MedGemma %s unloaded", self.identity.name)
+            torch.cuda.empty_cache()
+        logger.info("MedGemma %s unloaded", self.identity.name)
 
     @property
     def engine_parameters(self) -> tuple[tuple[str, str], ...]:
