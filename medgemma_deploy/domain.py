@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -28,6 +28,7 @@ __all__ = [
     "ImageScores",
     "LabelSet",
     "ModelIdentity",
+    "ModelLifecycle",
     "Rejection",
     "ReportModel",
     "ReportRequest",
@@ -469,6 +470,30 @@ class ReportResult:
             "prompt_version": self.prompt_version,
             "warnings": list(self.warnings),
         }
+
+
+_Model = TypeVar("_Model", bound="ModelLifecycle")
+
+
+class ModelLifecycle:
+    """The ``with`` block of a model's lifecycle, load → run → close (Triton's initialize/finalize).
+
+    Entering loads the model and gives it; leaving closes it, also when the block raised. The
+    runners, the in-process MedGemma client and the worker's remote twins inherit it, and each
+    defines :meth:`load` (returning itself) and :meth:`close`.
+    """
+
+    def load(self: _Model) -> _Model:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Model) -> _Model:
+        return self.load()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from typing import NamedTuple
 
 from medgemma_deploy.backends.local import Backend, make_backend
 from medgemma_deploy.domain import (
@@ -58,6 +58,7 @@ __all__ = [
     "PIPELINES",
     "EngineOptions",
     "PipelineEngine",
+    "PipelineWrites",
     "StudyFindings",
     "check_device",
     "check_input_path",
@@ -65,12 +66,20 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The pipelines an engine runs, by name: (writes findings, writes reports). The names are the CLI's
-#: commands, the listener's ``--pipeline`` values and ``results.json``'s ``command``.
-PIPELINES: dict[str, tuple[bool, bool]] = {
-    "classify": (True, False),
-    "report": (False, True),
-    "study": (True, True),
+
+class PipelineWrites(NamedTuple):
+    """What a pipeline writes: MedSigLIP's findings (SR and SEG), MedGemma's draft reports."""
+
+    findings: bool
+    reports: bool
+
+
+#: The pipelines an engine runs, by name. The names are the CLI's commands, the listener's
+#: ``--pipeline`` values and ``results.json``'s ``command``.
+PIPELINES: dict[str, PipelineWrites] = {
+    "classify": PipelineWrites(findings=True, reports=False),
+    "report": PipelineWrites(findings=False, reports=True),
+    "study": PipelineWrites(findings=True, reports=True),
 }
 
 
@@ -268,9 +277,7 @@ class PipelineEngine:
     def __enter__(self) -> PipelineEngine:
         return self.open()
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # -- work --------------------------------------------------------------------------------

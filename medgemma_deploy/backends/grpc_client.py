@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, NoReturn
 
 import grpc
@@ -93,6 +93,7 @@ def parse_target(spec: str) -> tuple[str, bool]:
     raise UsageError(f"backend {spec!r}: expected local, grpc://HOST:PORT or grpcs://HOST:PORT")
 
 
+@dataclass(eq=False, repr=False)
 class WorkerClient:
     """One channel to a worker, with retries and the worker's limits.
 
@@ -113,26 +114,17 @@ class WorkerClient:
         limit alone (so its ``--max-message-mb`` is the one setting to raise).
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        tls: ClientTLS | None = None,
-        timeout: float = 600.0,
-        retry: RetryPolicy = RetryPolicy(),
-        image_dtype: str = "float32",
-        max_message_bytes: int | None = None,
-    ) -> None:
-        self.target = target
-        self.tls = tls
-        self.timeout = timeout
-        self.retry = retry
-        self.image_dtype = image_dtype
-        self.max_message_bytes = max_message_bytes
-        self._channel: grpc.Channel | None = None
-        self._stub: worker_pb2_grpc.WorkerStub | None = None
-        self._info: pb.ModelInfoResponse | None = None
-        self._lock = threading.Lock()
+    target: str
+    _: KW_ONLY
+    tls: ClientTLS | None = None
+    timeout: float = 600.0
+    retry: RetryPolicy = RetryPolicy()
+    image_dtype: str = "float32"
+    max_message_bytes: int | None = None
+    _channel: grpc.Channel | None = field(default=None, init=False)
+    _stub: worker_pb2_grpc.WorkerStub | None = field(default=None, init=False)
+    _info: pb.ModelInfoResponse | None = field(default=None, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __repr__(self) -> str:
         return f"WorkerClient({'grpcs' if self.tls else 'grpc'}://{self.target})"

@@ -21,14 +21,14 @@ from contextlib import closing
 
 import torch
 
-from medgemma_deploy.domain import ModelIdentity, ReportRequest, ReportResult
+from medgemma_deploy.domain import ModelIdentity, ModelLifecycle, ReportRequest, ReportResult
 from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
 from medgemma_deploy.worker.engine.report_service import ReportDelta, ReportDone, ReportService
 
 __all__ = ["InprocMedGemma"]
 
 
-class InprocMedGemma:
+class InprocMedGemma(ModelLifecycle):
     """MedGemma's ``ReportModel`` in this process: a runner behind the continuous-batching core.
 
     Parameters
@@ -95,12 +95,6 @@ class InprocMedGemma:
             if service is not None:
                 service.stop(self.stop_timeout)
             self.runner.close()
-
-    def __enter__(self) -> InprocMedGemma:
-        return self.load()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def generate(
         self, request: ReportRequest, *, on_token: Callable[[str], None] | None = None

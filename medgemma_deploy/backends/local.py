@@ -7,16 +7,26 @@ at int8/int4) or their gRPC twins (``RemoteMedSigLIP``, ``RemoteMedGemma``). Bot
 ``load()``, ``close()``, ``identity`` and the same calls, so operators, the CLI and the apps take
 ``--backend local|grpc://HOST:PORT|grpcs://HOST:PORT`` and never branch on it. The models are
 created on first use: a classify run never needs MedGemma.
+
+This module is the one place runners are built: a local backend's :meth:`Backend.medsiglip_runner`
+and :meth:`Backend.medgemma_runner` are what its own models wrap and what the gRPC worker serves.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medgemma_deploy.domain import ImageModel, ReportModel
 from medgemma_deploy.errors import UsageError
+
+if TYPE_CHECKING:
+    from medgemma_deploy.backends.grpc_client import WorkerClient
+    from medgemma_deploy.operators.medgemma.gguf_runner import GgufMedGemmaRunner
+    from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
+    from medgemma_deploy.operators.medsiglip.runner import MedSigLIPRunner
 
 __all__ = ["BACKEND_HELP", "Backend", "make_backend"]
 
@@ -29,91 +39,101 @@ BACKEND_HELP = (
 )
 
 
+@dataclass(eq=False, repr=False)
 class Backend:
     """The models of one run, created on first use and closed together.
 
-    Use :func:`make_backend` to build one.
+    Use :func:`make_backend` to build one. ``client`` is the worker's (``grpc://``); without it the
+    models run here, from the local settings (``-m``, ``--device``, ``--precision``, ``cache_dir``).
     """
 
-    def __init__(
-        self,
-        spec: str,
-        *,
-        models_path: Path | None,
-        device: str | None,
-        precision: str = "auto",
-        cache_dir: Path | None = None,
-        medsiglip_path: Path | None = None,
-        target: str | None = None,
-        tls: Any = None,
-        timeout: float = 600.0,
-    ) -> None:
-        self.spec = spec
-        self.models_path = models_path
-        self.device = device
-        self.precision = precision
-        self.cache_dir = cache_dir
-        self.medsiglip_path = medsiglip_path
-        self.target = target
-        self.tls = tls
-        self.timeout = timeout
-        self._client: Any = None
-        self._medsiglip: ImageModel | None = None
-        self._medgemma: ReportModel | None = None
+    spec: str
+    _: KW_ONLY
+    models_path: Path | None = None
+    device: str | None = None
+    precision: str = "auto"
+    cache_dir: Path | None = None
+    medsiglip_path: Path | None = None
+    client: WorkerClient | None = None
+    _medsiglip: ImageModel | None = field(default=None, init=False)
+    _medgemma: ReportModel | None = field(default=None, init=False)
 
     def __repr__(self) -> str:
         return f"Backend({self.spec!r})"
 
     @property
-    def is_remote(self) -> bool:
-        return self.target is not None
-
-    @property
     def medsiglip(self) -> ImageModel:
         """MedSigLIP (not yet loaded: call ``load()``)."""
         if self._medsiglip is None:
-            if self.is_remote:
+            if self.client is not None:
                 from medgemma_deploy.backends.remote import RemoteMedSigLIP
 
-                self._medsiglip = RemoteMedSigLIP(self._worker_client())
+                self._medsiglip = RemoteMedSigLIP(self.client)
             else:
-                from medgemma_deploy.model_dir import resolve_model_dir
-                from medgemma_deploy.operators.medsiglip.runner import make_medsiglip_runner
-
-                self._medsiglip = make_medsiglip_runner(
-                    resolve_model_dir(self.medsiglip_path or self._models_path(), "medsiglip"),
-                    device=self.device,
-                    precision=self.precision,
-                    cache_dir=self.cache_dir,
-                )
+                self._medsiglip = self.medsiglip_runner()
         return self._medsiglip
 
     @property
     def medgemma(self) -> ReportModel:
-        """MedGemma (not yet loaded: call ``load()``)."""
+        """MedGemma (not yet loaded: call ``load()``): the torch runner behind the worker's decode
+        core in this process, llama.cpp's runner (int8/int4, an engine of its own) or the worker's."""
         if self._medgemma is None:
-            if self.is_remote:
+            if self.client is not None:
                 from medgemma_deploy.backends.remote import RemoteMedGemma
 
-                self._medgemma = RemoteMedGemma(self._worker_client())
+                self._medgemma = RemoteMedGemma(self.client)
             else:
-                from medgemma_deploy.model_dir import resolve_model_dir
                 from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
-                from medgemma_deploy.operators.medgemma.runners import make_medgemma_runner
 
-                runner = make_medgemma_runner(
-                    resolve_model_dir(self._models_path(), "medgemma"),
-                    device=self.device,
-                    precision=self.precision,
-                )
+                runner = self.medgemma_runner()
                 if isinstance(runner, MedGemmaRunner):
-                    # torch: decoded by the worker's core, in this process
                     from medgemma_deploy.backends.inproc import InprocMedGemma
 
                     self._medgemma = InprocMedGemma(runner)
-                else:  # llama.cpp (int8/int4): an engine of its own
+                else:
                     self._medgemma = runner
         return self._medgemma
+
+    def medsiglip_runner(self, **options: Any) -> MedSigLIPRunner:
+        """A new MedSigLIP runner of the local settings, not loaded (the caller loads and closes it).
+
+        ``options`` go to ``MedSigLIPRunner`` (the worker sets ``max_batch_size``).
+
+        Raises
+        ------
+        UsageError
+            A worker's backend (its models run there), or no models path.
+        ModelLoadError
+            The path holds no MedSigLIP.
+        """
+        from medgemma_deploy.model_dir import resolve_model_dir
+        from medgemma_deploy.operators.medsiglip.runner import make_medsiglip_runner
+
+        return make_medsiglip_runner(
+            resolve_model_dir(self.medsiglip_path or self._models_path(), "medsiglip"),
+            device=self.device,
+            precision=self.precision,
+            cache_dir=self.cache_dir,
+            **options,
+        )
+
+    def medgemma_runner(self) -> MedGemmaRunner | GgufMedGemmaRunner:
+        """A new MedGemma runner of the local settings, not loaded (the caller loads and closes it):
+        torch's ``MedGemmaRunner`` at auto/fp32/bf16, llama.cpp's ``GgufMedGemmaRunner`` at int8/int4.
+
+        Raises
+        ------
+        UsageError
+            A worker's backend (its models run there), or no models path.
+        ModelLoadError
+            The path holds no MedGemma, or int8/int4 is asked without the ``lowbit`` extra.
+        """
+        from medgemma_deploy.model_dir import resolve_model_dir
+        from medgemma_deploy.operators.medgemma.runners import make_medgemma_runner
+
+        return make_medgemma_runner(
+            resolve_model_dir(self._models_path(), "medgemma"), device=self.device, precision=self.precision
+        )
 
     def close(self) -> None:
         """Close whatever was created (unloads local models, closes the worker channel)."""
@@ -121,9 +141,8 @@ class Backend:
             if model is not None:
                 model.close()
         self._medsiglip = self._medgemma = None
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self.client is not None:
+            self.client.close()
 
     def __enter__(self) -> Backend:
         return self
@@ -132,16 +151,11 @@ class Backend:
         self.close()
 
     def _models_path(self) -> Path:
+        if self.client is not None:
+            raise UsageError(f"backend {self.spec}: the models run on the worker; no local runner is built")
         if self.models_path is None:
             raise UsageError("the local backend needs the models path (-m/--models, or HOLOSCAN_MODEL_PATH)")
         return self.models_path
-
-    def _worker_client(self) -> Any:
-        if self._client is None:
-            from medgemma_deploy.backends.grpc_client import WorkerClient
-
-            self._client = WorkerClient(self.target, tls=self.tls, timeout=self.timeout)  # type: ignore[arg-type]
-        return self._client
 
 
 def make_backend(
@@ -191,7 +205,7 @@ def make_backend(
             cache_dir=cache_dir,
             medsiglip_path=medsiglip_path,
         )
-    from medgemma_deploy.backends.grpc_client import parse_target
+    from medgemma_deploy.backends.grpc_client import WorkerClient, parse_target
     from medgemma_deploy.backends.tls import ClientTLS
 
     target, secure = parse_target(spec)
@@ -201,4 +215,4 @@ def make_backend(
         raise UsageError(f"backend {spec}: TLS settings given for a plaintext grpc:// backend; use grpcs://")
     if models_path is not None or device is not None:
         logger.info("backend %s: the worker uses its own models and device; ignoring -m/--device", spec)
-    return Backend(spec, models_path=models_path, device=device, target=target, tls=tls, timeout=timeout)
+    return Backend(spec, client=WorkerClient(target, tls=tls, timeout=timeout))

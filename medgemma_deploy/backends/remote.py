@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from typing import ClassVar, TypeVar
 
 import grpc
 import numpy as np
@@ -42,7 +43,14 @@ from medgemma_deploy.backends.grpc_client import (
     WorkerError,
     WorkerRequestError,
 )
-from medgemma_deploy.domain import ImageScores, LabelSet, ModelIdentity, ReportRequest, ReportResult
+from medgemma_deploy.domain import (
+    ImageScores,
+    LabelSet,
+    ModelIdentity,
+    ModelLifecycle,
+    ReportRequest,
+    ReportResult,
+)
 from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.medsiglip.preprocess import MedSigLIPPreprocessor
 from medgemma_deploy.operators.medsiglip.relevance import grid_to_source
@@ -53,41 +61,69 @@ __all__ = ["RemoteMedGemma", "RemoteMedSigLIP"]
 logger = logging.getLogger(__name__)
 
 
-class RemoteMedSigLIP:
-    """MedSigLIP on a worker, with ``MedSigLIPRunner``'s interface (``ImageScorer`` and more)."""
+_Remote = TypeVar("_Remote", bound="_RemoteModel")
+
+
+class _RemoteModel(ModelLifecycle):
+    """A model the worker serves: loading it is reading its description (ModelInfo), waiting while
+    the worker loads; closing it closes the client the backend's models share."""
+
+    #: The worker's name of the model (``ModelDescription.kind``) and the one logged.
+    kind: ClassVar[str]
+    model_name: ClassVar[str]
 
     def __init__(self, client: WorkerClient) -> None:
         self.client = client
         self._description: pb.ModelDescription | None = None
-        self._resize: MedSigLIPPreprocessor | None = None
 
-    def load(self) -> RemoteMedSigLIP:
-        """Check that the worker serves MedSigLIP (waiting while it loads)."""
-        description = self.client.model("medsiglip")
-        self._description = description
-        if description.input_rows and description.input_columns and description.patch_grid:
-            self._resize = MedSigLIPPreprocessor.from_resize(
-                (description.input_rows, description.input_columns),
-                description.resample,
-                description.antialias,
-            )
+    def load(self: _Remote) -> _Remote:
+        """Check that the worker serves this model (waiting while it loads)."""
+        self._description = self.client.model(self.kind)
         logger.info(
-            "MedSigLIP %s (%s) on worker %s", self.identity.name, self.identity.version, self.client.target
+            "%s %s (%s) on worker %s",
+            self.model_name,
+            self.identity.name,
+            self.identity.version,
+            self.client.target,
         )
         return self
 
     def close(self) -> None:
         self.client.close()
 
-    def __enter__(self) -> RemoteMedSigLIP:
-        return self.load()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     @property
     def identity(self) -> ModelIdentity:
         return wire.identity_from_proto(self._loaded().model)
+
+    def _loaded(self) -> pb.ModelDescription:
+        if self._description is None:
+            self.load()
+        assert self._description is not None
+        return self._description
+
+
+class RemoteMedSigLIP(_RemoteModel):
+    """MedSigLIP on a worker, with ``MedSigLIPRunner``'s interface (``ImageScorer`` and more)."""
+
+    kind = "medsiglip"
+    model_name = "MedSigLIP"
+
+    def __init__(self, client: WorkerClient) -> None:
+        super().__init__(client)
+        self._resize: MedSigLIPPreprocessor | None = None
+
+    def load(self) -> RemoteMedSigLIP:
+        """Check that the worker serves MedSigLIP (waiting while it loads); where it publishes its
+        model's input size, images are sent at that size."""
+        super().load()
+        description = self._loaded()
+        if description.input_rows and description.input_columns and description.patch_grid:
+            self._resize = MedSigLIPPreprocessor.from_resize(
+                (description.input_rows, description.input_columns),
+                description.resample,
+                description.antialias,
+            )
+        return self
 
     @property
     def embedding_dim(self) -> int:
@@ -178,42 +214,12 @@ class RemoteMedSigLIP:
             )
             yield self.client.call("Classify", request)
 
-    def _loaded(self) -> pb.ModelDescription:
-        if self._description is None:
-            self.load()
-        assert self._description is not None
-        return self._description
 
-
-class RemoteMedGemma:
+class RemoteMedGemma(_RemoteModel):
     """MedGemma on a worker: the ``ReportModel`` protocol, with ``InprocMedGemma``'s results."""
 
-    def __init__(self, client: WorkerClient) -> None:
-        self.client = client
-        self._description: pb.ModelDescription | None = None
-
-    def load(self) -> RemoteMedGemma:
-        self._description = self.client.model("medgemma")
-        logger.info(
-            "MedGemma %s (%s) on worker %s", self.identity.name, self.identity.version, self.client.target
-        )
-        return self
-
-    def close(self) -> None:
-        self.client.close()
-
-    def __enter__(self) -> RemoteMedGemma:
-        return self.load()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @property
-    def identity(self) -> ModelIdentity:
-        if self._description is None:
-            self.load()
-        assert self._description is not None
-        return wire.identity_from_proto(self._description.model)
+    kind = "medgemma"
+    model_name = "MedGemma"
 
     def generate(
         self, request: ReportRequest, *, on_token: Callable[[str], None] | None = None

@@ -4,8 +4,8 @@
 (transformers: the model and its rules, decoded by ``worker/engine/report_service.py``),
 :mod:`.gguf_runner` with :mod:`.gguf_weights`, :mod:`.gguf_convert` and :mod:`.torch_vision`
 (llama.cpp at 8 and 4 bits, its images embedded on torch), :mod:`.runners` (the runner factory),
-:mod:`.generation` (prompt inputs, token budget and sampling rules every engine shares), :mod:`.text`
-(report sections), :mod:`.operator` (MONAI Deploy).
+:mod:`.generation` (prompt inputs, token budget and sampling rules every engine shares, and
+the runners' base), :mod:`.text` (report sections), :mod:`.operator` (MONAI Deploy).
 """
 
 from medgemma_deploy.exports import public_names
@@ -31,6 +31,7 @@ _HOMES = {
     "LOW_BIT": "runners",
     "make_medgemma_runner": "runners",
     "SAMPLING_OPTIONS": "generation",
+    "MedGemmaRules": "generation",
     "chat_inputs": "generation",
     "dtype_name": "generation",
     "eos_ids": "generation",

@@ -56,13 +56,7 @@ from medgemma_deploy.domain import (
 )
 from medgemma_deploy.errors import InputError, ModelLoadError
 from medgemma_deploy.model_dir import model_identity, resolve_model_dir
-from medgemma_deploy.operators.medgemma.generation import (
-    SAMPLING_OPTIONS,
-    chat_inputs,
-    eos_ids,
-    fill_sampling_defaults,
-    fit_token_budget,
-)
+from medgemma_deploy.operators.medgemma.generation import SAMPLING_OPTIONS, MedGemmaRules, eos_ids
 from medgemma_deploy.operators.medgemma.gguf_weights import GgufWeights, gguf_weights, require_lowbit
 from medgemma_deploy.operators.medgemma.torch_vision import MedGemmaVision
 from medgemma_deploy.precision import cpu_has_native_bf16
@@ -106,7 +100,7 @@ class _Sequence:
     first_token_seconds: float = 0.0
 
 
-class GgufMedGemmaRunner:
+class GgufMedGemmaRunner(MedGemmaRules):
     """Loads a MedGemma as GGUF into llama.cpp once and drafts reports with it.
 
     Parameters
@@ -140,6 +134,7 @@ class GgufMedGemmaRunner:
     """
 
     engine = "llama.cpp"
+    input_tensors = "np"
 
     def __init__(
         self,
@@ -199,15 +194,6 @@ class GgufMedGemmaRunner:
         return "cpu" if self.is_loaded else None
 
     @property
-    def processor(self) -> Any:
-        self._require_loaded()
-        return self._processor
-
-    @property
-    def sampling_defaults(self) -> dict[str, Any]:
-        return dict(self._sampling_defaults)
-
-    @property
     def engine_parameters(self) -> tuple[tuple[str, str], ...]:
         """What ran the model, for the result and the SR: engine, precision, the text decoder's
         GGUF and its digest, the vision tower's engine and dtype and the digest of its tensors."""
@@ -227,15 +213,8 @@ class GgufMedGemmaRunner:
             ]
         return tuple(parameters)
 
-    def load(self) -> GgufMedGemmaRunner:
-        """Build or reuse the text decoder's GGUF, load it and the vision tower (once; later calls do
-        nothing)."""
-        with self._lock:
-            if self._context is None:
-                self._load()
-        return self
-
     def _load(self) -> None:
+        """Build or reuse the text decoder's GGUF, load it and the vision tower."""
         import llama_cpp
         import llama_cpp._logger as llama_logger
         from transformers import AutoProcessor, GenerationConfig
@@ -318,43 +297,17 @@ class GgufMedGemmaRunner:
             n_ctx,
             vision.dtype,
         )
-        if self.identity.random_weights:
-            logger.warning("MedGemma %s has RANDOM WEIGHTS: its reports are meaningless", self.identity.name)
 
-    def close(self) -> None:
-        """Free llama.cpp's model and context and the vision tower; :meth:`load` may be called again."""
-        with self._lock:
-            if self._context is None:
-                return
-            import llama_cpp
+    def _unload(self) -> None:
+        """Free llama.cpp's model and context and the vision tower."""
+        import llama_cpp
 
-            if self._vision is not None:
-                self._vision.close()
-            llama_cpp.llama_free(self._context)
-            llama_cpp.llama_model_free(self._model)
-            self._model = self._context = self._vision = None
-            self._processor = None
-
-    def __enter__(self) -> GgufMedGemmaRunner:
-        return self.load()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    # -- the runner's rules, as MedGemmaRunner -----------------------------------------------
-
-    def prepare_inputs(self, request: ReportRequest) -> Any:
-        """The processor's inputs (token ids, normalised pixels) for ``request``, as numpy arrays."""
-        self._require_loaded()
-        return chat_inputs(self._processor, request, "np")
-
-    def token_budget(self, request: ReportRequest, n_prompt: int, warnings: list[str]) -> int:
-        """New tokens this request may generate (:func:`fit_token_budget` on this model's context)."""
-        return fit_token_budget(request, n_prompt, self.context_length or 0, warnings)
-
-    def effective_settings(self, settings: GenerationSettings) -> GenerationSettings:
-        """``settings`` with the checkpoint's sampling defaults filled in, so results record them."""
-        return fill_sampling_defaults(settings, self._sampling_defaults)
+        if self._vision is not None:
+            self._vision.close()
+        llama_cpp.llama_free(self._context)
+        llama_cpp.llama_model_free(self._model)
+        self._model = self._context = self._vision = None
+        self._processor = None
 
     # -- run ---------------------------------------------------------------------------------
 
@@ -628,12 +581,6 @@ class GgufMedGemmaRunner:
             engine_parameters=self.engine_parameters,
             first_token_seconds=sequence.first_token_seconds,
         )
-
-    def _require_loaded(self) -> None:
-        if self._context is None:
-            raise RuntimeError(
-                f"GgufMedGemmaRunner({self.model_dir}) is not loaded: call load() or use it in a with block"
-            )
 
 
 def extra_buffer_types_usable() -> bool:

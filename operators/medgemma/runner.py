@@ -38,16 +38,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medgemma_deploy.domain import GenerationSettings, ModelIdentity, ReportRequest
+from medgemma_deploy.domain import ModelIdentity
 from medgemma_deploy.errors import ModelLoadError
 from medgemma_deploy.model_dir import model_identity, resolve_model_dir
 from medgemma_deploy.operators.medgemma.generation import (
     SAMPLING_OPTIONS,
-    chat_inputs,
+    MedGemmaRules,
     dtype_name,
     eos_ids,
-    fill_sampling_defaults,
-    fit_token_budget,
 )
 from medgemma_deploy.precision import torch_dtype_name
 
@@ -56,7 +54,7 @@ __all__ = ["MedGemmaRunner"]
 logger = logging.getLogger(__name__)
 
 
-class MedGemmaRunner:
+class MedGemmaRunner(MedGemmaRules):
     """Loads a MedGemma checkpoint once and holds the rules of drafting a report with it.
 
     Parameters
@@ -81,6 +79,8 @@ class MedGemmaRunner:
     >>> with InprocMedGemma(MedGemmaRunner(model_dir)) as medgemma:   # doctest: +SKIP
     ...     result = medgemma.generate(request, on_token=print)
     """
+
+    input_tensors = "pt"
 
     def __init__(
         self,
@@ -120,30 +120,13 @@ class MedGemmaRunner:
         return None if self._device is None else str(self._device)
 
     @property
-    def processor(self) -> Any:
-        """The checkpoint's ``Gemma3Processor`` (after :meth:`load`)."""
-        self._require_loaded()
-        return self._processor
-
-    @property
     def model(self) -> Any:
         """The ``Gemma3ForConditionalGeneration`` (after :meth:`load`)."""
         self._require_loaded()
         return self._model
 
-    @property
-    def sampling_defaults(self) -> dict[str, Any]:
-        """The checkpoint's temperature/top_p/top_k (``generation_config.json``), used only when
-        sampling and a request leaves them unset; None where the checkpoint sets none."""
-        return dict(self._sampling_defaults)
-
-    def load(self) -> MedGemmaRunner:
-        """Load the model and processor from the model directory (once; later calls do nothing).
-
-        Returns
-        -------
-        MedGemmaRunner
-            ``self``, so ``runner = MedGemmaRunner(d).load()`` works.
+    def _load(self) -> None:
+        """Load the model and processor from the model directory.
 
         Raises
         ------
@@ -152,12 +135,6 @@ class MedGemmaRunner:
             not a Gemma 3 image-text model, or the device has not enough memory; the message
             names the directory and the reason.
         """
-        with self._lock:
-            if self._model is None:
-                self._load()
-        return self
-
-    def _load(self) -> None:
         import torch
         from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
@@ -209,30 +186,19 @@ class MedGemmaRunner:
             n_parameters / 1e6,
             self.context_length,
         )
-        if self.identity.random_weights:
-            logger.warning("MedGemma %s has RANDOM WEIGHTS: its reports are meaningless", self.identity.name)
 
-    def close(self) -> None:
-        """Free the model (and GPU memory); :meth:`load` may be called again afterwards."""
-        with self._lock:
-            if self._model is None:
-                return
-            device = self._device
-            self._model = None
-            self._processor = None
-            self._device = None
-            gc.collect()
-            if device is not None and device.type == "cuda":
-                import torch
+    def _unload(self) -> None:
+        """Free the model (and GPU memory)."""
+        device = self._device
+        self._model = None
+        self._processor = None
+        self._device = None
+        gc.collect()
+        if device is not None and device.type == "cuda":
+            import torch
 
-                torch.cuda.empty_cache()
-            logger.info("MedGemma %s unloaded", self.identity.name)
-
-    def __enter__(self) -> MedGemmaRunner:
-        return self.load()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+            torch.cuda.empty_cache()
+        logger.info("MedGemma %s unloaded", self.identity.name)
 
     @property
     def engine_parameters(self) -> tuple[tuple[str, str], ...]:
@@ -244,41 +210,3 @@ class MedGemmaRunner:
             ("engine", f"transformers {transformers.__version__}"),
             ("precision", f"{self.precision} ({dtype})"),
         )
-
-    # -- the rules of a report ----------------------------------------------------------------
-
-    def prepare_inputs(self, request: ReportRequest) -> Any:
-        """The processor's model inputs for ``request`` (token ids, pixel values…), on the CPU.
-
-        Raises
-        ------
-        InputError
-            The processor refuses the messages (e.g. an image it cannot read).
-        """
-        self._require_loaded()
-        return chat_inputs(self._processor, request, "pt")
-
-    def token_budget(self, request: ReportRequest, n_prompt: int, warnings: list[str]) -> int:
-        """New tokens ``request`` may generate after its ``n_prompt``-token prompt.
-
-        ``request.settings.max_new_tokens``, reduced to what this model's context leaves (the
-        reduction appended to ``warnings``); :func:`fit_token_budget`.
-
-        Raises
-        ------
-        InputError
-            The prompt alone fills the context; the message names the counts and what to change.
-        """
-        return fit_token_budget(request, n_prompt, self.context_length or 0, warnings)
-
-    def effective_settings(self, settings: GenerationSettings) -> GenerationSettings:
-        """The settings a report is decoded with and recorded under: ``settings`` with the
-        checkpoint's sampling defaults filled in where sampling leaves them unset (greedy settings
-        are returned as they are)."""
-        return fill_sampling_defaults(settings, self._sampling_defaults)
-
-    def _require_loaded(self) -> None:
-        if self._model is None:
-            raise RuntimeError(
-                f"MedGemmaRunner({self.model_dir}) is not loaded: call load() or use it in a with block"
-            )

@@ -1,7 +1,8 @@
 """The one place that picks MedGemma's runner class for a precision.
 
-``make_medgemma_runner(model_dir, device=, precision=)`` is what the local backend and the worker
-call. ``auto``, ``fp32`` and ``bf16`` run on torch
+``make_medgemma_runner(model_dir, device=, precision=)`` is called by
+:meth:`~medgemma_deploy.backends.local.Backend.medgemma_runner`, the one place runners are built
+(for the local backend and the worker). ``auto``, ``fp32`` and ``bf16`` run on torch
 (:class:`~medgemma_deploy.operators.medgemma.runner.MedGemmaRunner`; ``auto`` is bf16 on a GPU and
 fp32 on a CPU, medgemma_deploy/precision.py), decoded by the worker's ``ReportService``: in the
 worker, or in process through :class:`~medgemma_deploy.backends.inproc.InprocMedGemma`, which the

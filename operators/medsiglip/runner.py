@@ -43,14 +43,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medgemma_deploy.domain import ImageScores, LabelSet, ModelIdentity
+from medgemma_deploy.domain import ImageScores, LabelSet, ModelIdentity, ModelLifecycle
 from medgemma_deploy.errors import ModelLoadError
 from medgemma_deploy.model_dir import model_identity, resolve_model_dir
 from medgemma_deploy.operators.medsiglip.preprocess import MedSigLIPPreprocessor
@@ -102,7 +101,7 @@ class TextEmbeddings:
     n_prompts: int
 
 
-class MedSigLIPRunner:
+class MedSigLIPRunner(ModelLifecycle):
     """MedSigLIP zero-shot scoring, embeddings and relevance maps (see the module docstring).
 
     Parameters
@@ -267,14 +266,6 @@ class MedSigLIPRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         logger.info("MedSigLIP unloaded from %s", self.device)
-
-    def __enter__(self) -> MedSigLIPRunner:
-        return self.load()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     @property
     def is_loaded(self) -> bool:
@@ -689,7 +680,9 @@ def make_medsiglip_runner(
     cache_dir: str | Path | None = None,
     **kwargs: Any,
 ) -> MedSigLIPRunner:
-    """The MedSigLIP runner for ``precision``: the one place the CLI, apps and worker build it.
+    """The MedSigLIP runner for ``precision``, as
+    :meth:`~medgemma_deploy.backends.local.Backend.medsiglip_runner` (the one place runners are built,
+    for the CLI, the apps and the worker) asks for it.
 
     ``cache_dir`` is the ``cache_dir`` setting (default
     :func:`~medgemma_deploy.operators.medsiglip.text_cache.default_cache_dir`): prompt embeddings persist

@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from medgemma_deploy._proto import worker_pb2 as pb
 from medgemma_deploy._proto import worker_pb2_grpc
 from medgemma_deploy.backends import wire
+from medgemma_deploy.backends.local import make_backend
 from medgemma_deploy.errors import UsageError
 from medgemma_deploy.worker.config import WorkerConfig
 from medgemma_deploy.worker.edge.metrics import WorkerMetrics
@@ -84,6 +85,16 @@ class WorkerServer:
             "medsiglip": _ModelSlot("medsiglip", config.medsiglip),
             "medgemma": _ModelSlot("medgemma", config.medgemma),
         }
+        # The backend module builds every runner; this local backend is only the worker's source
+        # of them (each slot loads, serves and closes its own).
+        self._runners = make_backend(
+            "local",
+            config.medgemma,
+            config.device,
+            precision=config.precision,
+            cache_dir=config.cache_dir,
+            medsiglip_path=config.medsiglip,
+        )
         self._in_flight = _InFlight()
         self._stopped = threading.Event()
         self._shutdown_lock = threading.Lock()
@@ -324,20 +335,11 @@ class WorkerServer:
         )
 
     def _load_medsiglip(self, slot: _ModelSlot) -> None:
-        from medgemma_deploy.model_dir import resolve_model_dir
         from medgemma_deploy.operators.medsiglip.labels import load_label_sets
-        from medgemma_deploy.operators.medsiglip.runner import make_medsiglip_runner
 
         c = self.config
         label_sets = load_label_sets(list(c.label_files) or None)
-        assert slot.path is not None
-        runner = make_medsiglip_runner(
-            resolve_model_dir(slot.path, "medsiglip"),
-            device=c.device,
-            precision=c.precision,
-            cache_dir=c.cache_dir,
-            max_batch_size=c.classify_max_batch_size,
-        )
+        runner = self._runners.medsiglip_runner(max_batch_size=c.classify_max_batch_size)
         slot.runner = runner
         runner.load()
         slot.device, slot.dtype = _device_and_dtype(runner)
@@ -356,15 +358,10 @@ class WorkerServer:
 
     def _load_medgemma(self, slot: _ModelSlot) -> None:
         from medgemma_deploy.errors import ModelLoadError
-        from medgemma_deploy.model_dir import resolve_model_dir
         from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
-        from medgemma_deploy.operators.medgemma.runners import make_medgemma_runner
 
         c = self.config
-        assert slot.path is not None
-        runner = make_medgemma_runner(
-            resolve_model_dir(slot.path, "medgemma"), device=c.device, precision=c.precision
-        )
+        runner = self._runners.medgemma_runner()
         if not isinstance(runner, MedGemmaRunner):
             # The worker's continuous-batching scheduler drives a torch model step by step; the
             # llama.cpp runner batches inside itself and has no scheduler adapter yet.

@@ -8,6 +8,7 @@ equal probabilities, maps and greedy report tokens (and the report tokens equal 
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from medgemma_deploy._proto import worker_pb2_grpc
 from medgemma_deploy.backends import wire
 from medgemma_deploy.backends.local import make_backend
 from medgemma_deploy.domain import GenerationSettings
-from medgemma_deploy.errors import InputError
+from medgemma_deploy.errors import InputError, UsageError
 from medgemma_deploy.operators.medgemma.prompts import PromptBook
 from medgemma_deploy.operators.medgemma.request import build_report_request
 from medgemma_deploy.operators.medsiglip.classification import classify_series
@@ -119,6 +120,18 @@ def test_health_reflection_and_model_info(worker, stub):
     assert kinds["medgemma"].loaded and kinds["medgemma"].max_context_tokens > 0
     assert {"chest-xray", "ct"} <= {ls.name for ls in info.label_sets}
     assert info.limits.max_message_bytes == 2 * 1024 * 1024
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="the lowbit extra is not installed")
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_llama_cpp_precisions_are_refused_naming_the_ones_the_worker_serves(tiny_models_root, precision):
+    config = WorkerConfig(
+        listen="127.0.0.1:0", medgemma=tiny_models_root / "medgemma", device="cpu", precision=precision
+    )
+    server = WorkerServer(config)
+    with pytest.raises(UsageError, match=rf"fp32 or bf16; {precision} \(llama.cpp\) runs in-process"), server:
+        pass
+    assert server.state == "stopped"
 
 
 # -- parity with the in-process runners ----------------------------------------------------------
