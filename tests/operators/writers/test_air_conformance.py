@@ -27,6 +27,7 @@ from pydicom.uid import generate_uid
 from medgemma_deploy.cli.main import main
 from tests.support.dciodvfy import requires_dciodvfy, run_dciodvfy
 from tests.support.inputs import PACKAGED_LABELS, read_testdata
+from tests.support.label_sets import label_set_document, sct_finding
 from tests.support.pixelmed import assert_pixelmed_clean, requires_pixelmed
 
 pytestmark = [
@@ -36,31 +37,15 @@ pytestmark = [
 
 
 #: An MR label set, because the packaged ones classify CR/DX (chest), CT and XC/OT only.
-MR_LABELS = {
-    "name": "mr-test",
-    "version": "1",
-    "description": "Test findings on MR slices",
-    "modalities": ["MR"],
-    "body_parts": [],
-    "scoring": "softmax",
-    "threshold": 0.5,
-    "findings": [
-        {
-            "key": "mass",
-            "display_name": "Mass",
-            "code": {"value": "4147007", "scheme_designator": "SCT", "meaning": "Mass"},
-            "positive_prompts": ["an mr slice showing a mass"],
-            "negative_prompts": ["an mr slice with no mass"],
-        },
-        {
-            "key": "edema",
-            "display_name": "Edema",
-            "code": {"value": "267038008", "scheme_designator": "SCT", "meaning": "Edema"},
-            "positive_prompts": ["an mr slice showing edema"],
-            "negative_prompts": ["an mr slice without edema"],
-        },
+MR_LABELS = label_set_document(
+    "mr-test",
+    ["MR"],
+    [
+        sct_finding("mass", "Mass", "4147007", "an mr slice showing a mass", "an mr slice with no mass"),
+        sct_finding("edema", "Edema", "267038008", "an mr slice showing edema", "an mr slice without edema"),
     ],
-}
+    description="Test findings on MR slices",
+)
 
 
 def _with_new_uids(dataset: pydicom.Dataset, tag: str) -> pydicom.Dataset:
