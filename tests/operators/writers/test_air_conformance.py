@@ -25,6 +25,7 @@ import yaml
 from pydicom.uid import generate_uid
 
 from medgemma_deploy.cli.main import main
+from tests.support.ct_slices import stacked_slices
 from tests.support.dciodvfy import requires_dciodvfy, run_dciodvfy
 from tests.support.inputs import PACKAGED_LABELS, read_testdata
 from tests.support.label_sets import label_set_document, sct_finding
@@ -72,14 +73,7 @@ def air_study(tmp_path_factory) -> Path:
     dx.PresentationIntentType = "FOR PRESENTATION"
     dx.save_as(folder / "dx.dcm")
     _, ct = read_testdata("CT_small.dcm")
-    ct_series = _with_new_uids(ct, "ct")
-    for index in range(2):
-        ct_slice = copy.deepcopy(ct_series)
-        ct_slice.SOPInstanceUID = generate_uid(entropy_srcs=["air ct slice", str(index)])
-        ct_slice.file_meta.MediaStorageSOPInstanceUID = ct_slice.SOPInstanceUID
-        x, y, z = (float(v) for v in ct.ImagePositionPatient)
-        ct_slice.ImagePositionPatient = [x, y, z + 5.0 * index]
-        ct_slice.InstanceNumber = index + 1
+    for index, ct_slice in enumerate(stacked_slices(_with_new_uids(ct, "ct"), 2, "air ct slice")):
         ct_slice.save_as(folder / f"ct{index}.dcm")
     _, mr = read_testdata("MR_small.dcm")
     _with_new_uids(mr, "mr").save_as(folder / "mr.dcm")
