@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from highdicom.pm import ParametricMap
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: What one relevance-map writer returns for a series: its SEGs, or its Parametric Maps by finding.
+_Objects = TypeVar("_Objects", list[Segmentation], dict[str, list[ParametricMap]])
 
 
 #: How relevance maps are written: FRACTIONAL SEG, Parametric Map, or both (README explains the default).
@@ -159,22 +163,11 @@ def write_segmentations(
     A SEG that cannot be built (e.g. a CT without a frame of reference) is rejected with the reason;
     the series' SR is still written later, without segment references.
     """
-    by_series: dict[str, list[Segmentation]] = {}
     if not options.writes_seg:
-        return by_series
-    for classification in classifications:
-        series = classification.series
-        if not classification.relevance_maps:
-            continue
-        algorithm = algorithm_for(classification.model, classification.label_set, options)
-
-        outcome = results.isolated(
-            series, "seg", partial(_write_segmentations, classification, algorithm, options, out_dir)
-        )
-        if outcome is not None:
-            by_series[series.series_instance_uid] = outcome[0]
-            results.outputs.extend(outcome[1])
-    return by_series
+        return {}
+    return _write_relevance_objects(
+        classifications, "seg", _write_segmentations, out_dir, options, results, carried_by_seg=False
+    )
 
 
 def write_parametric_maps(
@@ -190,32 +183,17 @@ def write_parametric_maps(
     (``relevance_format`` both), as rejected when only Parametric Maps were asked for. Any other
     refusal is a rejection. Its SR is written either way.
     """
-    by_series: dict[str, dict[str, list[ParametricMap]]] = {}
     if not options.writes_pmap:
-        return by_series
-    for classification in classifications:
-        series = classification.series
-        if not classification.relevance_maps:
-            continue
-        algorithm = algorithm_for(classification.model, classification.label_set, options)
-        try:
-            outcome = results.isolated(
-                series,
-                "pmap",
-                partial(_write_parametric_maps, classification, algorithm, options, out_dir),
-                passthrough=(NoPatientGeometryError,),
-            )
-        except NoPatientGeometryError as exc:
-            # Not a failure of the series: its images cannot carry this object (named in results).
-            if options.writes_seg:
-                results.skip(series_rejection(series, "pmap", exc), expected=True)
-            else:
-                results.reject(series_rejection(series, "pmap", exc))
-            continue
-        if outcome is not None:
-            by_series[series.series_instance_uid] = outcome[0]
-            results.outputs.extend(outcome[1])
-    return by_series
+        return {}
+    return _write_relevance_objects(
+        classifications,
+        "pmap",
+        _write_parametric_maps,
+        out_dir,
+        options,
+        results,
+        carried_by_seg=options.writes_seg,
+    )
 
 
 def write_findings_reports(
@@ -285,6 +263,50 @@ def _classify(
         model=model,
         with_relevance_maps=options.relevance_maps,
     )
+
+
+def _write_relevance_objects(
+    classifications: Sequence[SeriesClassification],
+    stage: str,
+    write: Callable[
+        [SeriesClassification, AlgorithmInfo, ClassifyOptions, Path], tuple[_Objects, list[WrittenObject]]
+    ],
+    out_dir: Path,
+    options: ClassifyOptions,
+    results: RunResults,
+    *,
+    carried_by_seg: bool,
+) -> dict[str, _Objects]:
+    """Run one relevance-map writer (SEG or Parametric Map) over every series that has maps.
+
+    Each series is isolated: a refusal rejects that series at ``stage`` and the others go on. A
+    series whose images cannot carry the object (:class:`NoPatientGeometryError`) is not a failure:
+    it is named as skipped when the SEG carries its maps (``carried_by_seg``), else as rejected.
+    """
+    by_series: dict[str, _Objects] = {}
+    for classification in classifications:
+        series = classification.series
+        if not classification.relevance_maps:
+            continue
+        algorithm = algorithm_for(classification.model, classification.label_set, options)
+        try:
+            outcome = results.isolated(
+                series,
+                stage,
+                partial(write, classification, algorithm, options, out_dir),
+                passthrough=(NoPatientGeometryError,),
+            )
+        except NoPatientGeometryError as exc:
+            # Not a failure of the series: its images cannot carry this object (named in results).
+            if carried_by_seg:
+                results.skip(series_rejection(series, stage, exc), expected=True)
+            else:
+                results.reject(series_rejection(series, stage, exc))
+            continue
+        if outcome is not None:
+            by_series[series.series_instance_uid] = outcome[0]
+            results.outputs.extend(outcome[1])
+    return by_series
 
 
 def _write_segmentations(

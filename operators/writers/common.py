@@ -10,7 +10,11 @@ identify the same software, so the rules live here once:
 * source images are copied and fixed for derivation (:func:`prepare_sources`) following the
   validator fixes measured and tabulated in ``docs/dicom-conformance.md`` (section 12, "Source
   fixes before derivation"), never modified in place;
-* the algorithm (TID 4019) and the device observer (TID 1002/1004) are described one way.
+* the algorithm (TID 4019) and the device observer (TID 1002/1004) are described one way;
+* every object states the same things about itself (research content, UTF-8, the model as
+  Contributing Equipment, this software as manufacturer) through :class:`DerivedSeries`, and a
+  source that highdicom refuses becomes that source's :class:`InputError`
+  (:func:`refusal_is_input_error`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import highdicom.sr
+from highdicom import ContentQualificationValues
+from highdicom.base_content import ContributingEquipment
 from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -32,21 +40,25 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
 
 from medgemma_deploy.domain import AlgorithmInfo, Code, ModelIdentity
+from medgemma_deploy.errors import InputError
 
 __all__ = [
     "AI_DISCLAIMER",
     "MANUFACTURER",
     "RANDOM_WEIGHTS_WARNING",
     "SPECIFIC_CHARACTER_SET",
+    "DerivedSeries",
     "algorithm_identification",
     "check_numbering",
     "declare_private_schemes",
+    "derived_series_uid",
     "derived_uid",
     "device_observer_context",
     "finding_tracking_uid",
     "manufacturer_attributes",
     "prepare_sources",
     "procedure_reported",
+    "refusal_is_input_error",
     "to_coded_concept",
     "to_lo",
 ]
@@ -150,6 +162,15 @@ def derived_uid(*parts: str) -> str:
             raise TypeError(f"derived_uid() part {index} must be a str, got {type(part).__name__} {part!r}")
     entropy = [_UID_NAMESPACE, *(f"{len(part)}:{part}" for part in parts)]
     return str(generate_uid(entropy_srcs=entropy))
+
+
+def derived_series_uid(kind: str, source_series_uid: str, model: ModelIdentity, result_version: int) -> str:
+    """Series Instance UID of the ``kind`` objects (``"seg"``, ``"sr"``…) one model derives from one series.
+
+    All objects of one kind that one model version derives from one source series for one
+    ``result_version`` share this series, whatever their instances (see :func:`derived_uid`).
+    """
+    return derived_uid(f"{kind} series", source_series_uid, model.name, model.version, str(result_version))
 
 
 def prepare_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
@@ -275,6 +296,79 @@ def manufacturer_attributes() -> dict[str, Any]:
         "software_versions": __version__,
         "device_serial_number": "none (software)",
     }
+
+
+@dataclass(frozen=True)
+class DerivedSeries:
+    """The series a writer puts its derived objects in, and what each of its instances says about itself.
+
+    Every instance is research content (Content Qualification RESEARCH), in UTF-8
+    (:data:`SPECIFIC_CHARACTER_SET`), names the model as Contributing Equipment (IHE AIR) and this
+    software as its manufacturer (:func:`manufacturer_attributes`).
+    """
+
+    series_instance_uid: str
+    series_number: int
+    #: Says what the objects are and that they are unverified (and, loudly, from random weights).
+    series_description: str
+    #: The model as Processing Equipment (``equipment.contributing_equipment``).
+    equipment: ContributingEquipment
+
+    def instance_attributes(self, sop_instance_uid: str, instance_number: int) -> dict[str, Any]:
+        """highdicom constructor arguments of one instance of the series (SEG, Parametric Map, SR)."""
+        return {
+            "series_instance_uid": self.series_instance_uid,
+            "series_number": self.series_number,
+            "sop_instance_uid": sop_instance_uid,
+            "instance_number": instance_number,
+            "series_description": self.series_description,
+            "content_qualification": ContentQualificationValues.RESEARCH,
+            "specific_character_set": SPECIFIC_CHARACTER_SET,
+            "contributing_equipment": [self.equipment],
+            **manufacturer_attributes(),
+        }
+
+    def unverified_sr_attributes(self, sop_instance_uid: str) -> dict[str, Any]:
+        """highdicom SR constructor arguments of the series' one document: UNVERIFIED, PARTIAL, PRELIMINARY.
+
+        No clinician has verified an AI result, and nothing says the model's output is complete or
+        final (PS3.3 C.17.2: Verification Flag, Completion Flag, Preliminary Flag).
+        """
+        return {
+            **self.instance_attributes(sop_instance_uid, 1),
+            "is_complete": False,
+            "is_final": False,
+            "is_verified": False,
+        }
+
+
+@contextmanager
+def refusal_is_input_error(
+    source_uid: str,
+    derived: str,
+    refusals: tuple[type[Exception], ...] = (ValueError, TypeError, AttributeError),
+) -> Iterator[None]:
+    """Raise what highdicom refuses while deriving an object as the :class:`InputError` of its sources.
+
+    Writers check their own arguments before building, so what highdicom still refuses is in the
+    sources (the patient and study attributes it copies, their geometry); an ``InputError`` names
+    the source, so that the series is rejected with the reason and the rest of the study goes on.
+
+    Parameters
+    ----------
+    source_uid:
+        SOP Instance UID of the (first) source image.
+    derived:
+        What was being derived, from what: completes "highdicom cannot derive …".
+    refusals:
+        The exception types that mean a refusal.
+    """
+    try:
+        yield
+    except refusals as exc:
+        raise InputError(
+            source_uid, f"highdicom cannot derive {derived}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def check_numbering(series_number: int, result_version: int) -> None:

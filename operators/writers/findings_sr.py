@@ -38,7 +38,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import highdicom.sr as hsr
-from highdicom import ContentQualificationValues
 
 # highdicom's own test of "the IOD of this SOP Class has Number of Frames" (PS3.3 tables), which
 # it applies to frame references; not in its public API, so a highdicom upgrade is checked by
@@ -51,20 +50,20 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 
 from medgemma_deploy.domain import AlgorithmInfo, FindingScore, SeriesClassification
-from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.writers.common import (
     AI_DISCLAIMER,
     RANDOM_WEIGHTS_WARNING,
-    SPECIFIC_CHARACTER_SET,
+    DerivedSeries,
     algorithm_identification,
     check_numbering,
     declare_private_schemes,
+    derived_series_uid,
     derived_uid,
     device_observer_context,
     finding_tracking_uid,
-    manufacturer_attributes,
     prepare_sources,
     procedure_reported,
+    refusal_is_input_error,
     to_coded_concept,
 )
 from medgemma_deploy.operators.writers.equipment import contributing_equipment
@@ -146,7 +145,7 @@ def build_findings_sr(
     Raises
     ------
     TypeError
-        An argument has the wrong type.
+        ``classification``, ``algorithm``, a SEG, a Parametric Map or ``triage`` has the wrong type.
     ValueError
         No scores, a probability outside [0, 1], a peak frame index outside the series, a
         duplicate finding, a SEG or Parametric Map from another series or for an unknown finding,
@@ -189,44 +188,33 @@ def build_findings_sr(
     root_items.insert(measurements_index, _image_library(sources))
     root_items.append(_disclaimer(model.random_weights, triage))
     source_uids = list(by_uid)
-    equipment = contributing_equipment(model, algorithm)
-    try:
+    target = DerivedSeries(
+        series_instance_uid=derived_series_uid("sr", series.series_instance_uid, model, result_version),
+        series_number=series_number,
+        series_description=_series_description(model.random_weights),
+        equipment=contributing_equipment(model, algorithm),
+    )
+    sop_instance_uid = derived_uid(
+        series.series_instance_uid,
+        *source_uids,
+        model.name,
+        model.version,
+        label_set.name,
+        label_set.version,
+        *sorted(referenced),
+        "sr",
+        str(result_version),
+    )
+    with refusal_is_input_error(
+        source_uids[0],
+        f"the findings SR of series {series.series_instance_uid} from its {len(source_uids)} source "
+        "image(s), starting with this one",
+    ):
         document = hsr.Comprehensive3DSR(
             evidence=[*sources, *referenced.values()],
             content=report[0],
-            series_instance_uid=derived_uid(
-                "sr series", series.series_instance_uid, model.name, model.version, str(result_version)
-            ),
-            series_number=series_number,
-            sop_instance_uid=derived_uid(
-                series.series_instance_uid,
-                *source_uids,
-                model.name,
-                model.version,
-                label_set.name,
-                label_set.version,
-                *sorted(referenced),
-                "sr",
-                str(result_version),
-            ),
-            instance_number=1,
-            is_complete=False,
-            is_final=False,
-            is_verified=False,
-            series_description=_series_description(model.random_weights),
-            content_qualification=ContentQualificationValues.RESEARCH,
-            specific_character_set=SPECIFIC_CHARACTER_SET,
-            contributing_equipment=[equipment],
-            **manufacturer_attributes(),
+            **target.unverified_sr_attributes(sop_instance_uid),
         )
-    except (ValueError, TypeError, AttributeError) as exc:
-        # The arguments were validated above, so what highdicom refuses is in the sources (the
-        # patient and study attributes it copies); report it so the rest of the study goes on.
-        raise InputError(
-            source_uids[0],
-            f"highdicom cannot derive the findings SR of series {series.series_instance_uid} from its "
-            f"{len(source_uids)} source image(s), starting with this one: {type(exc).__name__}: {exc}",
-        ) from exc
     triage_codes = (
         [TRIAGE_PRIORITY_CONCEPT, TRIAGE_REASON_CONCEPT, TRIAGE_PRIORITY_CODES[triage.priority]]
         if triage is not None

@@ -34,9 +34,10 @@ from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.writers.common import (
     AI_DISCLAIMER,
     RANDOM_WEIGHTS_WARNING,
-    SPECIFIC_CHARACTER_SET,
+    DerivedSeries,
+    derived_series_uid,
     derived_uid,
-    manufacturer_attributes,
+    refusal_is_input_error,
     to_lo,
 )
 from medgemma_deploy.operators.writers.equipment import contributing_equipment
@@ -120,26 +121,19 @@ def build_relevance_parametric_maps(
                 "cannot carry a Parametric Map: its IOD requires the Frame of Reference module and the "
                 "Plane Position/Orientation (Patient) functional groups (PS3.3 A.75), and none is invented",
             )
-    series_uid = derived_uid(
-        "pmap series", series.series_instance_uid, model.name, model.version, str(result_version)
+    target = DerivedSeries(
+        series_instance_uid=derived_series_uid("pmap", series.series_instance_uid, model, result_version),
+        series_number=series_number,
+        series_description=to_lo(f"AI relevance maps ({_qualifier(model.random_weights)})"),
+        equipment=contributing_equipment(model, algorithm),
     )
-    equipment = contributing_equipment(model, algorithm)
     maps: dict[str, list[ParametricMap]] = {key: [] for key in keys}
     instance_number = 0
     for key in keys:
         for group in groups:
             instance_number += 1
             maps[key].append(
-                _build_one(
-                    classification,
-                    findings[key],
-                    group,
-                    equipment,
-                    series_uid=series_uid,
-                    series_number=series_number,
-                    instance_number=instance_number,
-                    result_version=result_version,
-                )
+                _build_one(classification, findings[key], group, target, instance_number, result_version)
             )
     logger.info(
         "series %s: %d relevance Parametric Map(s) for %d finding(s)",
@@ -154,10 +148,7 @@ def _build_one(
     classification: SeriesClassification,
     finding: FindingDefinition,
     group: FrameGroup,
-    equipment: highdicom.base_content.ContributingEquipment,
-    *,
-    series_uid: str,
-    series_number: int,
+    target: DerivedSeries,
     instance_number: int,
     result_version: int,
 ) -> ParametricMap:
@@ -177,23 +168,24 @@ def _build_one(
         slope=1.0,
         intercept=0.0,
     )
-    try:
+    sop_instance_uid = derived_uid(
+        *source_uids,
+        model.name,
+        model.version,
+        label_set.name,
+        label_set.version,
+        finding.key,
+        "pmap",
+        str(result_version),
+    )
+    with refusal_is_input_error(
+        source_uids[0],
+        f"a Parametric Map from {len(source_uids)} source image(s) starting with this one",
+        (ValueError, TypeError, AttributeError, RuntimeError),
+    ):
         parametric_map = ParametricMap(
             source_images=group.sources,
             pixel_array=pixel_array,
-            series_instance_uid=series_uid,
-            series_number=series_number,
-            sop_instance_uid=derived_uid(
-                *source_uids,
-                model.name,
-                model.version,
-                label_set.name,
-                label_set.version,
-                finding.key,
-                "pmap",
-                str(result_version),
-            ),
-            instance_number=instance_number,
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping],
             voi_lut_transformations=[highdicom.VOILUTTransformation(window_center=0.5, window_width=1.0)],
@@ -201,19 +193,8 @@ def _build_one(
             content_description=to_lo(
                 f"{finding.display_name} relevance; {_qualifier(model.random_weights)}"
             ),
-            content_qualification=highdicom.ContentQualificationValues.RESEARCH,
-            contributing_equipment=[equipment],
-            specific_character_set=SPECIFIC_CHARACTER_SET,
-            **manufacturer_attributes(),
+            **target.instance_attributes(sop_instance_uid, instance_number),
         )
-    except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
-        # The arguments were validated above, so what highdicom refuses is in the sources.
-        raise InputError(
-            source_uids[0],
-            f"highdicom cannot derive a Parametric Map from {len(source_uids)} source image(s) starting "
-            f"with this one: {type(exc).__name__}: {exc}",
-        ) from exc
-    parametric_map.SeriesDescription = to_lo(f"AI relevance maps ({_qualifier(model.random_weights)})")
     # General Series Type 2C, required where Image Laterality is absent (the Parametric Map Image
     # module has none); empty means unknown, which is all a relevance map can say.
     parametric_map.Laterality = first.get("Laterality") or None

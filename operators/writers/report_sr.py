@@ -31,23 +31,22 @@ import logging
 from dataclasses import replace
 
 import highdicom.sr as hsr
-from highdicom import ContentQualificationValues
 from pydicom.sr.codedict import codes
 
 from medgemma_deploy.domain import AlgorithmInfo, Code, ModelIdentity, ReportRequest, ReportResult, Series
-from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.medgemma.text import split_report
 from medgemma_deploy.operators.writers.common import (
     AI_DISCLAIMER,
     RANDOM_WEIGHTS_WARNING,
-    SPECIFIC_CHARACTER_SET,
+    DerivedSeries,
     algorithm_identification,
     check_numbering,
+    derived_series_uid,
     derived_uid,
     device_observer_context,
-    manufacturer_attributes,
     prepare_sources,
     procedure_reported,
+    refusal_is_input_error,
     to_coded_concept,
 )
 from medgemma_deploy.operators.writers.equipment import contributing_equipment
@@ -109,7 +108,8 @@ def build_report_sr(
     Raises
     ------
     TypeError
-        An argument has the wrong type.
+        An argument is not of its domain type (``Series``, ``ReportResult``…), or the result's text
+        is not a string.
     ValueError
         The request is not about ``series`` or uses frames of another series, the result does
         not answer the request (other prompt), the request sent no image, the model wrote no
@@ -159,33 +159,22 @@ def build_report_sr(
         "report-sr",
         str(result_version),
     )
-    equipment = contributing_equipment(model, algorithm)
-    try:
+    target = DerivedSeries(
+        series_instance_uid=derived_series_uid(
+            "report sr", series.series_instance_uid, model, result_version
+        ),
+        series_number=series_number,
+        series_description=_series_description(model.random_weights),
+        equipment=contributing_equipment(model, algorithm),
+    )
+    with refusal_is_input_error(
+        source_uids[0],
+        f"the report SR of series {series.series_instance_uid} from its {len(source_uids)} source "
+        "image(s), starting with this one",
+    ):
         document = hsr.EnhancedSR(
-            evidence=sources,
-            content=root,
-            series_instance_uid=derived_uid(
-                "report sr series", series.series_instance_uid, model.name, model.version, str(result_version)
-            ),
-            series_number=series_number,
-            sop_instance_uid=derived_uid(*uid_parts),
-            instance_number=1,
-            is_complete=False,
-            is_final=False,
-            is_verified=False,
-            series_description=_series_description(model.random_weights),
-            content_qualification=ContentQualificationValues.RESEARCH,
-            specific_character_set=SPECIFIC_CHARACTER_SET,
-            contributing_equipment=[equipment],
-            **manufacturer_attributes(),
+            evidence=sources, content=root, **target.unverified_sr_attributes(derived_uid(*uid_parts))
         )
-    except (ValueError, TypeError, AttributeError) as exc:
-        # The arguments were validated above, so what highdicom refuses is in the sources.
-        raise InputError(
-            source_uids[0],
-            f"highdicom cannot derive the report SR of series {series.series_instance_uid} from its "
-            f"{len(source_uids)} source image(s), starting with this one: {type(exc).__name__}: {exc}",
-        ) from exc
     logger.info(
         "series %s: report SR (%s, findings %d chars, impression %d chars, %d source images)",
         series.series_instance_uid,

@@ -47,16 +47,16 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from medgemma_deploy.domain import AlgorithmInfo, FindingDefinition, SeriesClassification
-from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.writers.common import (
     AI_DISCLAIMER,
     MANUFACTURER,
     RANDOM_WEIGHTS_WARNING,
-    SPECIFIC_CHARACTER_SET,
+    DerivedSeries,
     declare_private_schemes,
+    derived_series_uid,
     derived_uid,
     finding_tracking_uid,
-    manufacturer_attributes,
+    refusal_is_input_error,
     to_coded_concept,
     to_lo,
 )
@@ -140,21 +140,14 @@ def build_relevance_segmentations(
     series = classification.series
     model = classification.model
     groups = group_frames(series.frames, "SEG")
-    series_uid = derived_uid(
-        "seg series", series.series_instance_uid, model.name, model.version, str(result_version)
+    target = DerivedSeries(
+        series_instance_uid=derived_series_uid("seg", series.series_instance_uid, model, result_version),
+        series_number=series_number,
+        series_description=_series_description(model.random_weights),
+        equipment=contributing_equipment(model, algorithm),
     )
     segmentations = [
-        _build_one(
-            classification,
-            algorithm,
-            group,
-            keys,
-            findings,
-            series_uid=series_uid,
-            series_number=series_number,
-            instance_number=number,
-            result_version=result_version,
-        )
+        _build_one(classification, algorithm, group, keys, findings, target, number, result_version)
         for number, group in enumerate(groups, start=1)
     ]
     for segmentation in segmentations:
@@ -174,9 +167,7 @@ def _build_one(
     group: FrameGroup,
     keys: Sequence[str],
     findings: dict[str, FindingDefinition],
-    *,
-    series_uid: str,
-    series_number: int,
+    target: DerivedSeries,
     instance_number: int,
     result_version: int,
 ) -> Segmentation:
@@ -201,8 +192,9 @@ def _build_one(
         "seg",
         str(result_version),
     )
-    equipment = contributing_equipment(model, algorithm)
-    try:
+    with refusal_is_input_error(
+        source_uids[0], f"a SEG from {len(source_uids)} source image(s) starting with this one"
+    ):
         segmentation = _FractionalLevelsSegmentation(
             source_images=group.sources,
             pixel_array=pixel_array,
@@ -210,26 +202,10 @@ def _build_one(
             fractional_type=highdicom.seg.SegmentationFractionalTypeValues.PROBABILITY,
             max_fractional_value=MAX_FRACTIONAL_VALUE,
             segment_descriptions=segment_descriptions,
-            series_instance_uid=series_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=instance_number,
-            series_description=_series_description(model.random_weights),
             content_label="RELEVANCE",
             content_description=_content_description(model.random_weights),
-            content_qualification=highdicom.ContentQualificationValues.RESEARCH,
-            specific_character_set=SPECIFIC_CHARACTER_SET,
-            contributing_equipment=[equipment],
-            **manufacturer_attributes(),
+            **target.instance_attributes(sop_instance_uid, instance_number),
         )
-    except (ValueError, TypeError, AttributeError) as exc:
-        # The arguments were validated above, so what highdicom refuses is in the sources;
-        # report it against them so the rest of the study goes on.
-        raise InputError(
-            source_uids[0],
-            f"highdicom cannot derive a SEG from {len(source_uids)} source image(s) starting with "
-            f"this one: {type(exc).__name__}: {exc}",
-        ) from exc
     _finish(segmentation, group, model.random_weights)
     return segmentation
 

@@ -19,6 +19,7 @@ from medgemma_deploy.operators.medsiglip.labels import (
     packaged_label_files,
     select_label_set,
 )
+from tests.support.label_sets import label_set_document, sct_finding
 
 CHEXPERT = {
     "atelectasis",
@@ -36,30 +37,18 @@ CHEXPERT = {
     "support_devices",
 }
 
-VALID = {
-    "name": "test-set",
-    "version": "3",
-    "modalities": ["CR"],
-    "body_parts": ["CHEST"],
-    "scoring": "softmax",
-    "threshold": 0.5,
-    "findings": [
-        {
-            "key": "pneumothorax",
-            "display_name": "Pneumothorax",
-            "code": {"value": "36118008", "scheme_designator": "SCT", "meaning": "Pneumothorax"},
-            "positive_prompts": ["a pneumothorax"],
-            "negative_prompts": ["no pneumothorax"],
-        },
-        {
-            "key": "pleural_effusion",
-            "display_name": "Pleural effusion",
-            "code": {"value": "60046008", "scheme_designator": "SCT", "meaning": "Pleural effusion"},
-            "positive_prompts": ["a pleural effusion"],
-            "negative_prompts": ["no pleural effusion"],
-        },
+VALID = label_set_document(
+    "test-set",
+    ["CR"],
+    [
+        sct_finding("pneumothorax", "Pneumothorax", "36118008", "a pneumothorax", "no pneumothorax"),
+        sct_finding(
+            "pleural_effusion", "Pleural effusion", "60046008", "a pleural effusion", "no pleural effusion"
+        ),
     ],
-}
+    version="3",
+    body_parts=["CHEST"],
+)
 
 
 def _write(tmp_path: Path, document: object, name: str = "labels.yaml") -> Path:

@@ -25,8 +25,10 @@ import yaml
 from pydicom.uid import generate_uid
 
 from medgemma_deploy.cli.main import main
+from tests.support.ct_slices import stacked_slices
 from tests.support.dciodvfy import requires_dciodvfy, run_dciodvfy
 from tests.support.inputs import PACKAGED_LABELS, read_testdata
+from tests.support.label_sets import label_set_document, sct_finding
 from tests.support.pixelmed import assert_pixelmed_clean, requires_pixelmed
 
 pytestmark = [
@@ -36,31 +38,15 @@ pytestmark = [
 
 
 #: An MR label set, because the packaged ones classify CR/DX (chest), CT and XC/OT only.
-MR_LABELS = {
-    "name": "mr-test",
-    "version": "1",
-    "description": "Test findings on MR slices",
-    "modalities": ["MR"],
-    "body_parts": [],
-    "scoring": "softmax",
-    "threshold": 0.5,
-    "findings": [
-        {
-            "key": "mass",
-            "display_name": "Mass",
-            "code": {"value": "4147007", "scheme_designator": "SCT", "meaning": "Mass"},
-            "positive_prompts": ["an mr slice showing a mass"],
-            "negative_prompts": ["an mr slice with no mass"],
-        },
-        {
-            "key": "edema",
-            "display_name": "Edema",
-            "code": {"value": "267038008", "scheme_designator": "SCT", "meaning": "Edema"},
-            "positive_prompts": ["an mr slice showing edema"],
-            "negative_prompts": ["an mr slice without edema"],
-        },
+MR_LABELS = label_set_document(
+    "mr-test",
+    ["MR"],
+    [
+        sct_finding("mass", "Mass", "4147007", "an mr slice showing a mass", "an mr slice with no mass"),
+        sct_finding("edema", "Edema", "267038008", "an mr slice showing edema", "an mr slice without edema"),
     ],
-}
+    description="Test findings on MR slices",
+)
 
 
 def _with_new_uids(dataset: pydicom.Dataset, tag: str) -> pydicom.Dataset:
@@ -87,14 +73,7 @@ def air_study(tmp_path_factory) -> Path:
     dx.PresentationIntentType = "FOR PRESENTATION"
     dx.save_as(folder / "dx.dcm")
     _, ct = read_testdata("CT_small.dcm")
-    ct_series = _with_new_uids(ct, "ct")
-    for index in range(2):
-        ct_slice = copy.deepcopy(ct_series)
-        ct_slice.SOPInstanceUID = generate_uid(entropy_srcs=["air ct slice", str(index)])
-        ct_slice.file_meta.MediaStorageSOPInstanceUID = ct_slice.SOPInstanceUID
-        x, y, z = (float(v) for v in ct.ImagePositionPatient)
-        ct_slice.ImagePositionPatient = [x, y, z + 5.0 * index]
-        ct_slice.InstanceNumber = index + 1
+    for index, ct_slice in enumerate(stacked_slices(_with_new_uids(ct, "ct"), 2, "air ct slice")):
         ct_slice.save_as(folder / f"ct{index}.dcm")
     _, mr = read_testdata("MR_small.dcm")
     _with_new_uids(mr, "mr").save_as(folder / "mr.dcm")

@@ -22,21 +22,13 @@ from medgemma_deploy.operators.writers.findings_sr import RELEVANCE_MAP_REFERENC
 from medgemma_deploy.operators.writers.pmap import build_relevance_parametric_maps
 from medgemma_deploy.operators.writers.seg import build_relevance_segmentations
 from tests.support.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
-from tests.support.inputs import ALGORITHM, read_testdata, series_from
+from tests.support.inputs import ALGORITHM
 from tests.support.pixelmed import assert_pixelmed_clean, requires_pixelmed
+from tests.support.writer_errors import COMMON_VALUE_ERRORS
 
 # pydicom-data's 693_UNCI has a one-component de-identified Patient's Name; highdicom warns when it
 # copies it, which is about the test image, not the SR.
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning")
-
-
-@pytest.fixture
-def enhanced_ct_series():
-    """pydicom-data's real 2-frame Enhanced CT (eCT_Supplemental), both frames classified."""
-    path, dataset = read_testdata("eCT_Supplemental.dcm")
-    series = series_from([dataset], [path])
-    series.frames.append(dataclasses.replace(series.frames[0], frame_number=2))
-    return series
 
 
 #: name -> (series fixture, write SEGs first, expected CID 100 procedure code value)
@@ -267,24 +259,18 @@ def _set_score(attribute, value):
 
 
 VALUE_ERRORS = {
+    **COMMON_VALUE_ERRORS,
     "no-scores": (lambda c: c.scores.clear(), {}, "scores is empty"),
     "probability-above-one": (_set_score("probability", 1.5), {}, r"probability must be in \[0, 1\]"),
     "probability-nan": (_set_score("probability", float("nan")), {}, "probability must be"),
     "peak-frame-outside-series": (_set_score("peak_frame_index", 4), {}, "peak_frame_index 4"),
     "duplicate-finding": (lambda c: c.scores.append(c.scores[0]), {}, "repeats finding"),
-    "no-frames": (lambda c: c.series.frames.clear(), {}, "frames is empty"),
-    "series-number-zero": (None, {"series_number": 0}, "series_number"),
-    "series-number-not-int": (None, {"series_number": "9902"}, "series_number"),
-    "result-version-zero": (None, {"result_version": 0}, "result_version"),
 }
 
 
-@pytest.mark.parametrize("case", list(VALUE_ERRORS), ids=list(VALUE_ERRORS))
-def test_invalid_input_raises_value_error_naming_it(case, ct_series, make_classification):
-    mutate, kwargs, message = VALUE_ERRORS[case]
-    classification = make_classification(ct_series)
-    if mutate is not None:
-        mutate(classification)
+@pytest.mark.parametrize(("damage", "kwargs", "message"), list(VALUE_ERRORS.values()), ids=list(VALUE_ERRORS))
+def test_invalid_input_raises_value_error_naming_it(damage, kwargs, message, damaged_ct_classification):
+    classification = damaged_ct_classification(damage)
     with pytest.raises(ValueError, match=message):
         build_findings_sr(classification, ALGORITHM, **kwargs)
 
@@ -371,15 +357,6 @@ def test_private_finding_codes_declare_their_coding_scheme(cr_series, make_class
     items = [i for i in ds.CodingSchemeIdentificationSequence if i.CodingSchemeDesignator == "99MEDGEMMA"]
     assert len(items) == 1 and items[0].CodingSchemeName == "medgemma-deploy findings"
     assert_dciodvfy_clean(ds)
-
-
-@pytest.fixture
-def two_frame_secondary_capture():
-    """pydicom's real SC_rgb_rle_2frame: a valid 2-frame instance of a single-frame SOP class."""
-    path, dataset = read_testdata("SC_rgb_rle_2frame.dcm")
-    series = series_from([dataset], [path])
-    series.frames.append(dataclasses.replace(series.frames[0], frame_number=2))
-    return series
 
 
 def test_multi_frame_instance_of_a_single_frame_class_is_referenced_whole(

@@ -25,26 +25,10 @@ from medgemma_deploy.steps.classify import (
     write_segmentations,
 )
 from tests.support.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
-from tests.support.inputs import ALGORITHM, read_testdata, series_from
+from tests.support.inputs import ALGORITHM
 from tests.support.pixelmed import assert_pixelmed_clean, requires_pixelmed
 
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning")
-
-
-@pytest.fixture
-def mr_series():
-    """pydicom's real MR_small: one 64x64 slice with a frame of reference."""
-    path, dataset = read_testdata("MR_small.dcm")
-    return series_from([dataset], [path])
-
-
-@pytest.fixture
-def enhanced_ct_series():
-    """pydicom-data's real 2-frame Enhanced CT (eCT_Supplemental), both frames classified."""
-    path, dataset = read_testdata("eCT_Supplemental.dcm")
-    series = series_from([dataset], [path])
-    series.frames.append(dataclasses.replace(series.frames[0], frame_number=2))
-    return series
 
 
 CASES = ("ct_series", "mr_series", "enhanced_ct_series")

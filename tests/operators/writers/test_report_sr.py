@@ -72,12 +72,9 @@ def _result(request, text: str = MULTILINGUAL_TEXT) -> ReportResult:
 @pytest.fixture(scope="module")
 def ct_case(prompts):
     series = make_ct_series(10)
-    request = build_report_request(
-        series,
-        prompts,
-        settings=GenerationSettings(max_new_tokens=64),
-        findings_context=[("pulmonary nodule", 0.83)],
-    )
+    screening = [("pulmonary nodule", 0.83)]  # the draft is grounded on this finding
+    settings = GenerationSettings(max_new_tokens=64)
+    request = build_report_request(series, prompts, settings=settings, findings_context=screening)
     return series, request, _result(request)
 
 
@@ -122,8 +119,9 @@ def test_ct_report_sr_is_validator_clean(ct_case, tmp_path):
     assert run_dciodvfy(path) == []
 
 
-@requires_dciodvfy
-def test_report_sr_of_a_real_chest_cr_is_validator_clean(prompts, tmp_path):
+@pytest.fixture(scope="module")
+def real_cr_case(prompts):
+    """pydicom-data's real chest CR (RG1_UNCI) as a one-image series, its request and a short result."""
     found = get_testdata_file("RG1_UNCI.dcm")
     if found is None:
         pytest.skip("pydicom-data's RG1_UNCI.dcm (real chest CR) is not available")
@@ -132,10 +130,15 @@ def test_report_sr_of_a_real_chest_cr_is_validator_clean(prompts, tmp_path):
     frame = ImageFrame(Path(str(found)), dataset, 1, template.values, template.display, "test")
     series = Series(str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID), "CR", "CHEST", [frame])
     request = build_report_request(series, prompts, settings=GenerationSettings())
-    result = _result(request, "The lungs are clear.")
+    return series, request, _result(request, "The lungs are clear.")
+
+
+@requires_dciodvfy
+def test_report_sr_of_a_real_chest_cr_is_validator_clean(real_cr_case):
+    series, request, result = real_cr_case
     document = build_report_sr(series, result, request, REAL_MODEL, ALGORITHM)
     assert run_dciodvfy(document) == []
-    assert document.PatientID == dataset.PatientID
+    assert document.PatientID == series.frames[0].dataset.PatientID
 
 
 def test_round_trip_structure_flags_and_utf8(ct_case, tmp_path):
@@ -256,43 +259,35 @@ def test_invalid_arguments_are_refused(ct_case, prompts):
 
 # -- section splitting (report_text) ------------------------------------------------------------
 
+CLEAR, NORMAL = "Clear lungs.", "Normal."
+UNHEADED = "Findings are unremarkable. The heart is normal."
+
+#: name -> (generated text, expected Findings, expected Impression or None)
 SPLIT_CASES = {
-    "plain headings": ("Findings: Clear lungs.\nImpression: Normal.", "Clear lungs.", "Normal."),
-    "bold markdown": ("**Findings:**\nClear lungs.\n\n**Impression:**\nNormal.", "Clear lungs.", "Normal."),
-    "bold name, colon after": (
-        "**Findings**: Clear lungs.\n**Impression**: Normal.",
-        "Clear lungs.",
-        "Normal.",
-    ),
-    "upper case lines": ("FINDINGS\nClear lungs.\n\nIMPRESSION\nNormal.", "Clear lungs.", "Normal."),
-    "markdown titles": ("## Findings\nClear lungs.\n### Impressions\nNormal.", "Clear lungs.", "Normal."),
-    "conclusion is the impression": (
-        "Findings: Clear lungs.\nConclusion: Normal.",
-        "Clear lungs.",
-        "Normal.",
-    ),
-    "no headings": (
-        "Findings are unremarkable. The heart is normal.",
-        "Findings are unremarkable. The heart is normal.",
-        None,
-    ),
+    "plain headings": ("Findings: Clear lungs.\nImpression: Normal.", CLEAR, NORMAL),
+    "bold markdown": ("**Findings:**\nClear lungs.\n\n**Impression:**\nNormal.", CLEAR, NORMAL),
+    "bold name, colon after": ("**Findings**: Clear lungs.\n**Impression**: Normal.", CLEAR, NORMAL),
+    "upper case lines": ("FINDINGS\nClear lungs.\n\nIMPRESSION\nNormal.", CLEAR, NORMAL),
+    "markdown titles": ("## Findings\nClear lungs.\n### Impressions\nNormal.", CLEAR, NORMAL),
+    "conclusion is the impression": ("Findings: Clear lungs.\nConclusion: Normal.", CLEAR, NORMAL),
+    "no headings": (UNHEADED, UNHEADED, None),
     "preamble kept": (
         "Here is a draft:\nFindings: Clear.\nImpression: Normal.",
         "Here is a draft:\n\nClear.",
-        "Normal.",
+        NORMAL,
     ),
-    "impression only": ("Impression: Normal.", "", "Normal."),
+    "impression only": ("Impression: Normal.", "", NORMAL),
     "bullets kept": (
         "Findings:\n* Clear lungs\n* No effusion\nImpression: Normal.",
         "* Clear lungs\n* No effusion",
-        "Normal.",
+        NORMAL,
     ),
     "emphasis in text kept": ("Findings: **No** effusion.", "**No** effusion.", None),
     "chat artefacts": ("Findings: Clear.<end_of_turn>\n<start_of_turn>user\nThanks", "Clear.", None),
     "other headings stay": (
         "Technique: PA view.\nFindings: Clear.\nRecommendation: none.\nImpression: Normal.",
         "Technique: PA view.\n\nClear.\nRecommendation: none.",
-        "Normal.",
+        NORMAL,
     ),
 }
 
@@ -313,20 +308,14 @@ def test_clean_report_text_removes_what_dicom_text_cannot_hold():
 
 
 @requires_pixelmed
-def test_report_srs_pass_pixelmed(ct_case, prompts, tmp_path):
+def test_report_srs_pass_pixelmed(ct_case, real_cr_case):
     """The TID 2000 report of a CT and of pydicom-data's real chest CR, in one JVM."""
     series, request, result = ct_case
-    documents = [build_report_sr(series, result, request, RANDOM_MODEL, ALGORITHM)]
-    found = get_testdata_file("RG1_UNCI.dcm")
-    if found is None:
-        pytest.skip("pydicom-data's RG1_UNCI.dcm (real chest CR) is not available")
-    dataset = pydicom.dcmread(str(found))
-    template = make_cr_series().frames[0]
-    frame = ImageFrame(Path(str(found)), dataset, 1, template.values, template.display, "test")
-    cr = Series(str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID), "CR", "CHEST", [frame])
-    cr_request = build_report_request(cr, prompts, settings=GenerationSettings())
-    cr_result = _result(cr_request, "The lungs are clear.")
-    documents.append(build_report_sr(cr, cr_result, cr_request, REAL_MODEL, ALGORITHM))
+    cr, cr_request, cr_result = real_cr_case
+    documents = [
+        build_report_sr(series, result, request, RANDOM_MODEL, ALGORITHM),
+        build_report_sr(cr, cr_result, cr_request, REAL_MODEL, ALGORITHM),
+    ]
     reports = assert_pixelmed_clean(documents)
     assert [report.validator for report in reports] == ["DicomSRValidator"] * 2
 

@@ -29,17 +29,7 @@ from medgemma_deploy.operators.writers.seg import SEGMENT_DESCRIPTION, build_rel
 from tests.support.dciodvfy import assert_dciodvfy_clean, requires_dciodvfy
 from tests.support.inputs import ALGORITHM, read_testdata, series_from
 from tests.support.pixelmed import assert_pixelmed_clean, requires_pixelmed
-
-
-@pytest.fixture
-def enhanced_ct_series():
-    """pydicom-data's real 2-frame Enhanced CT (eCT_Supplemental), both frames classified."""
-    path, dataset = read_testdata("eCT_Supplemental.dcm")
-    series = series_from([dataset], [path])
-    first = series.frames[0]
-    series.frames.append(dataclasses.replace(first, frame_number=2))
-    return series
-
+from tests.support.writer_errors import COMMON_VALUE_ERRORS
 
 #: name -> (series fixture, expected number of SEG instances, has a frame of reference)
 CASES = {
@@ -231,6 +221,7 @@ def _resize_frame(c):
 
 
 VALUE_ERRORS = {
+    **COMMON_VALUE_ERRORS,
     "map-key-not-in-label-set": (
         lambda c: c.relevance_maps.update(atelectasis=c.relevance_maps["pneumothorax"]),
         {},
@@ -251,19 +242,12 @@ VALUE_ERRORS = {
     "map-nan": (_set_map("pneumothorax", lambda m: np.where(m > 0.5, np.nan, m)), {}, "NaN"),
     "map-above-one": (_set_map("pneumothorax", lambda m: m * 2), {}, r"in \[0, 1\]"),
     "map-below-zero": (_set_map("pneumothorax", lambda m: m - 1), {}, r"in \[0, 1\]"),
-    "series-number-zero": (None, {"series_number": 0}, "series_number"),
-    "series-number-bool": (None, {"series_number": True}, "series_number"),
-    "result-version-zero": (None, {"result_version": 0}, "result_version"),
-    "no-frames": (lambda c: c.series.frames.clear(), {}, "frames is empty"),
 }
 
 
-@pytest.mark.parametrize("case", list(VALUE_ERRORS), ids=list(VALUE_ERRORS))
-def test_invalid_input_raises_value_error_naming_it(case, ct_series, make_classification):
-    mutate, kwargs, message = VALUE_ERRORS[case]
-    classification = make_classification(ct_series)
-    if mutate is not None:
-        mutate(classification)
+@pytest.mark.parametrize(("damage", "kwargs", "message"), list(VALUE_ERRORS.values()), ids=list(VALUE_ERRORS))
+def test_invalid_input_raises_value_error_naming_it(damage, kwargs, message, damaged_ct_classification):
+    classification = damaged_ct_classification(damage)
     with pytest.raises(ValueError, match=message):
         build_relevance_segmentations(classification, ALGORITHM, **kwargs)
 
