@@ -27,6 +27,7 @@ from monai.deploy.core import Application
 
 from medgemma_deploy.engine import PipelineEngine, check_input_path
 from medgemma_deploy.errors import UsageError
+from medgemma_deploy.logs import configure_logging
 from medgemma_deploy.operators.dicom_input.operator import DicomStudyLoaderOperator
 from medgemma_deploy.operators.operator import PortOperator
 from medgemma_deploy.results import EXIT_USAGE, RunResults
@@ -134,7 +135,7 @@ def run_app(app_class: type, module: str, argv: Sequence[str] | None = None) -> 
     argv = list(sys.argv[1:] if argv is None else argv)
     ensure_stack_size(module, argv)
     ours, rest = _our_arguments().parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    configure_logging(_log_level(rest))
     app: ModelApp | None = None
     try:
         settings = resolve_settings(vars(ours))
@@ -151,6 +152,17 @@ def run_app(app_class: type, module: str, argv: Sequence[str] | None = None) -> 
         print(f"{module}: error: the pipeline produced no results", file=sys.stderr)
         return 1
     return results.exit_code
+
+
+def _log_level(argv: Sequence[str]) -> int:
+    """MONAI Deploy's ``-l/--log-level`` (it sets the root logger's): our lines follow it too.
+
+    Read without taking it out of ``argv``; a value MONAI Deploy refuses leaves ours at INFO.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-l", "--log-level", type=str.upper, default="INFO")
+    level = logging.getLevelName(parser.parse_known_args(argv)[0].log_level)
+    return level if isinstance(level, int) else logging.INFO
 
 
 def input_and_output(app_context: object) -> tuple[Path, Path]:

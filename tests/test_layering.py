@@ -49,7 +49,17 @@ HEAVY = ("torch", "transformers", "grpc", "grpc_health", "grpc_reflection", "goo
 #: modules the base modules may import: each other, and the root package (``__version__``)
 BASE = tuple(
     f"{PKG}.{name}"
-    for name in ("errors", "exports", "precision", "domain", "settings", "triage", "results", "model_dir")
+    for name in (
+        "errors",
+        "exports",
+        "precision",
+        "domain",
+        "settings",
+        "triage",
+        "results",
+        "logs",
+        "model_dir",
+    )
 )
 #: the base modules the base rule is checked on (``model_dir`` is allowed as a target)
 BASE_CHECKED = BASE[:-1]
