@@ -4,7 +4,8 @@
   INFO, or DEBUG with ``-v``.
 - Library warnings (pydicom's on every odd value) become log records, shown only at DEBUG: raw on
   stderr they bury the one line per rejected input that matters, and they name no input.
-- Third-party chatter (transformers' progress bars and notices) stays off unless asked for.
+- Third-party chatter (transformers' progress bars and notices, highdicom's INFO lines) stays off
+  unless asked for.
 - A long-running service (``service=True``) stamps each line with its time and logger, and owns the
   process's logging: other libraries' records (WARNING and up, or whatever level a caller gave one of
   their loggers) come out through the same handler.
@@ -22,7 +23,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
-__all__ = ["BATCH_FORMAT", "PACKAGE", "SERVICE_FORMAT", "configure_logging"]
+__all__ = ["BATCH_FORMAT", "CHATTY_LIBRARIES", "PACKAGE", "SERVICE_FORMAT", "configure_logging"]
 
 #: the logger every module of ours logs under (``logging.getLogger(__name__)``)
 PACKAGE = "medgemma_deploy"
@@ -30,6 +31,9 @@ PACKAGE = "medgemma_deploy"
 BATCH_FORMAT = "%(levelname)s %(message)s"
 #: a service's lines: when, and from which logger
 SERVICE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: libraries whose INFO lines are chatter wherever a root handler would show them (a MONAI Deploy
+#: app's, at INFO): highdicom narrates every attribute it copies. WARNING unless at DEBUG.
+CHATTY_LIBRARIES = ("highdicom", "PIL", "urllib3", "filelock")
 
 
 class _CurrentStderrHandler(logging.StreamHandler):
@@ -64,16 +68,20 @@ def configure_logging(level: int = logging.INFO, *, service: bool = False) -> Ca
     handler.setFormatter(logging.Formatter(SERVICE_FORMAT if service else BATCH_FORMAT))
     undo: list[Callable[[], None]] = []
 
-    def attach(logger: logging.Logger, logger_level: int, *, propagate: bool) -> None:
-        saved = (logger.level, logger.propagate)
-        logger.addHandler(handler)
+    def set_level(logger: logging.Logger, logger_level: int) -> None:
+        saved = logger.level
         logger.setLevel(logger_level)
+        undo.append(lambda: logger.setLevel(saved))
+
+    def attach(logger: logging.Logger, logger_level: int, *, propagate: bool) -> None:
+        set_level(logger, logger_level)
+        saved_propagate = logger.propagate
+        logger.addHandler(handler)
         logger.propagate = propagate
 
         def detach() -> None:
             logger.removeHandler(handler)
-            logger.setLevel(saved[0])
-            logger.propagate = saved[1]
+            logger.propagate = saved_propagate
 
         undo.append(detach)
 
@@ -84,6 +92,9 @@ def configure_logging(level: int = logging.INFO, *, service: bool = False) -> Ca
     attach(logging.getLogger("py.warnings"), logging.DEBUG if debug else logging.ERROR, propagate=False)
     if service:
         attach(logging.getLogger(), logging.WARNING, propagate=True)
+    if not debug:
+        for name in CHATTY_LIBRARIES:
+            set_level(logging.getLogger(name), logging.WARNING)
     undo.append(_quiet_transformers(debug))
 
     def restore() -> None:

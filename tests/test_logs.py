@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,10 +14,14 @@ from types import SimpleNamespace
 import pytest
 from transformers.utils import logging as transformers_logging
 
-from medgemma_deploy.logs import BATCH_FORMAT, PACKAGE, SERVICE_FORMAT, configure_logging
+from medgemma_deploy.logs import BATCH_FORMAT, CHATTY_LIBRARIES, PACKAGE, SERVICE_FORMAT, configure_logging
 
 #: the loggers the set-up touches: ours, captured warnings, and the root (services only)
 TOUCHED = (PACKAGE, "py.warnings", None)
+
+
+def _chatty_levels() -> tuple[int, ...]:
+    return tuple(logging.getLogger(name).level for name in CHATTY_LIBRARIES)
 
 
 def logging_state() -> dict[str, object]:
@@ -26,6 +31,7 @@ def logging_state() -> dict[str, object]:
         for name in TOUCHED
         for logger in [logging.getLogger(name)]
     }
+    state["chatty"] = _chatty_levels()
     state["warnings"] = warnings.showwarning
     state["transformers"] = (
         transformers_logging.get_verbosity(),
@@ -53,6 +59,7 @@ def setup_seen() -> dict[str, object]:
             warnings.showwarning.__module__,
         ),
         "root": (logging.getLogger().level, ours(None)),
+        "chatty": _chatty_levels(),
         "transformers": transformers_logging.get_verbosity(),
     }
 
@@ -71,6 +78,8 @@ def restored_logging():
             logger.removeHandler(handler)
         _, level, logger.propagate = before[name or "root"]
         logger.setLevel(level)  # (not ``logger.level =``: setLevel clears the loggers' level caches)
+    for name, level in zip(CHATTY_LIBRARIES, before["chatty"], strict=True):
+        logging.getLogger(name).setLevel(level)
     if before["warnings"] is not warnings.showwarning:
         logging.captureWarnings(False)
         warnings.showwarning = before["warnings"]
@@ -132,13 +141,33 @@ def test_library_warnings_are_hidden_without_v_and_shown_with_it(capsys):
 
 
 def test_third_party_chatter_is_quiet_without_v():
+    untouched = _chatty_levels()
     with configured(logging.INFO):
         assert transformers_logging.get_verbosity() == logging.ERROR
         assert not transformers_logging.is_progress_bar_enabled()
         assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        assert _chatty_levels() == (logging.WARNING,) * len(CHATTY_LIBRARIES)
     with configured(logging.DEBUG):
         assert transformers_logging.get_verbosity() < logging.ERROR  # its notices come back with -v
         assert not transformers_logging.is_progress_bar_enabled()
+        assert _chatty_levels() == untouched
+
+
+def test_highdicom_chatter_stays_off_even_under_a_root_handler_at_info(capsys):
+    # A MONAI Deploy app: its SDK puts a handler on the root logger at INFO (or its -l level).
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    saved = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with configured(logging.INFO):
+            logging.getLogger("highdicom.base").info('copy attributes of module "Patient"')
+            logging.getLogger("highdicom.base").warning("a real problem")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved)
+    assert capsys.readouterr().err.splitlines() == ["a real problem"]
 
 
 def test_a_command_leaves_other_libraries_and_the_root_logger_alone(capsys):
