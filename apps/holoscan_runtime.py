@@ -18,22 +18,25 @@ import os
 import resource
 import sys
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Protocol
 
+from holoscan.conditions import CountCondition
 from monai.deploy.core import Application
 
-from medgemma_deploy.engine import EngineOptions, PipelineEngine, check_input_path
+from medgemma_deploy.engine import PipelineEngine, check_input_path
 from medgemma_deploy.errors import UsageError
+from medgemma_deploy.logs import configure_logging
+from medgemma_deploy.operators.dicom_input.operator import DicomStudyLoaderOperator
+from medgemma_deploy.operators.operator import PortOperator
 from medgemma_deploy.results import EXIT_USAGE, RunResults
 from medgemma_deploy.settings import RunSettings, resolve_settings
-from medgemma_deploy.steps.classify import ClassifyOptions
 
 __all__ = [
     "HOLOSCAN_STACK_BYTES",
     "ModelApp",
     "ModelApplication",
-    "classify_options",
     "input_and_output",
     "open_engine",
     "run_app",
@@ -58,8 +61,9 @@ class ModelApp(Protocol):
 class ModelApplication(Application):
     """Base of our MONAI Deploy apps: settings in, engine loaded in ``compose``, results out.
 
-    Subclasses load the engine with :func:`open_engine` in ``compose`` and set ``final_writer`` to
-    the operator that writes ``results.json`` (it keeps the run's results as ``last_results``).
+    Subclasses start ``compose`` with :meth:`open_study`, string the chains of
+    :mod:`medgemma_deploy.apps.chains` together and set ``final_writer`` to the operator that writes
+    ``results.json`` (it keeps the run's results as ``last_results``).
     """
 
     def __init__(self, *args: object, settings: RunSettings | None = None, **kwargs: object) -> None:
@@ -71,12 +75,22 @@ class ModelApplication(Application):
     def final_results(self) -> RunResults | None:
         return getattr(self.final_writer, "last_results", None)
 
-    def open_models(self, pipeline: str) -> tuple[PipelineEngine, Path, Path]:
-        """Resolve the app context (flags or HOLOSCAN_*), check the input, load the models once."""
+    def open_study(self, pipeline: str) -> tuple[PipelineEngine, DicomStudyLoaderOperator, Path]:
+        """The engine, the first operator and the output folder of the app.
+
+        Resolves the app context (flags or HOLOSCAN_*), checks the input, loads the pipeline's models
+        once and makes the operator that reads the input study, once.
+        """
         app_context = Application.init_app_context(self.argv)
         input_path, output_dir = input_and_output(app_context)
         self.engine = open_engine(self.settings, app_context.model_path, pipeline)
-        return self.engine, input_path, output_dir
+        loader = DicomStudyLoaderOperator(self, CountCondition(self, 1), name="loader", input_path=input_path)
+        return self.engine, loader, output_dir
+
+    def chain(self, *operators: PortOperator) -> None:
+        """Connect each operator's output port to the next one's input port, in order."""
+        for upstream, downstream in pairwise(operators):
+            self.add_flow(upstream, downstream, {(upstream.OUTPUT_NAME, downstream.INPUT_NAME)})
 
 
 def ensure_stack_size(module: str, argv: Sequence[str]) -> None:
@@ -116,17 +130,12 @@ def open_engine(settings: RunSettings, model_path: str | Path, pipeline: str) ->
     return PipelineEngine.from_settings(pipeline, Path(model_path), settings).open()
 
 
-def classify_options(settings: RunSettings) -> ClassifyOptions:
-    """The classify operators' options: the ones every engine gets (:class:`EngineOptions`)."""
-    return EngineOptions.from_settings(settings).classify_options
-
-
 def run_app(app_class: type, module: str, argv: Sequence[str] | None = None) -> int:
     """Run a MONAI Deploy app class with our flags split off; return the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ensure_stack_size(module, argv)
     ours, rest = _our_arguments().parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    configure_logging(_log_level(rest))
     app: ModelApp | None = None
     try:
         settings = resolve_settings(vars(ours))
@@ -143,6 +152,17 @@ def run_app(app_class: type, module: str, argv: Sequence[str] | None = None) -> 
         print(f"{module}: error: the pipeline produced no results", file=sys.stderr)
         return 1
     return results.exit_code
+
+
+def _log_level(argv: Sequence[str]) -> int:
+    """MONAI Deploy's ``-l/--log-level`` (it sets the root logger's): our lines follow it too.
+
+    Read without taking it out of ``argv``; a value MONAI Deploy refuses leaves ours at INFO.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-l", "--log-level", type=str.upper, default="INFO")
+    level = logging.getLevelName(parser.parse_known_args(argv)[0].log_level)
+    return level if isinstance(level, int) else logging.INFO
 
 
 def input_and_output(app_context: object) -> tuple[Path, Path]:

@@ -12,17 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from holoscan.conditions import CountCondition
-
-from medgemma_deploy.apps.holoscan_runtime import (
-    ModelApplication,
-    classify_options,
-    run_app,
-)
-from medgemma_deploy.operators.dicom_input.operator import DicomStudyLoaderOperator
-from medgemma_deploy.operators.medsiglip.operator import MedSigLIPClassifierOperator
-from medgemma_deploy.operators.writers.seg_operator import RelevanceSegWriterOperator
-from medgemma_deploy.operators.writers.sr_operator import FindingsSRWriterOperator
+from medgemma_deploy.apps.chains import add_findings
+from medgemma_deploy.apps.holoscan_runtime import ModelApplication, run_app
 
 __all__ = ["ClassifyApp", "main"]
 
@@ -31,27 +22,8 @@ class ClassifyApp(ModelApplication):
     """Loader → MedSigLIP → SEG writer → SR writer; the model is loaded once, in ``compose``."""
 
     def compose(self) -> None:
-        engine, input_path, output_dir = self.open_models("classify")
-        options = classify_options(self.settings)
-
-        loader = DicomStudyLoaderOperator(self, CountCondition(self, 1), input_path=input_path, name="loader")
-        classifier = MedSigLIPClassifierOperator(
-            self,
-            scorer=engine.medsiglip,
-            model=engine.medsiglip.identity,
-            label_sets=engine.label_sets,
-            options=options,
-            name="medsiglip",
-        )
-        seg_writer = RelevanceSegWriterOperator(
-            self, output_dir=output_dir, options=options, name="seg_writer"
-        )
-        self.final_writer = FindingsSRWriterOperator(
-            self, output_dir=output_dir, options=options, name="sr_writer"
-        )
-        self.add_flow(loader, classifier, {(loader.OUTPUT_NAME, classifier.INPUT_NAME)})
-        self.add_flow(classifier, seg_writer, {(classifier.OUTPUT_NAME, seg_writer.INPUT_NAME)})
-        self.add_flow(seg_writer, self.final_writer, {(seg_writer.OUTPUT_NAME, self.final_writer.INPUT_NAME)})
+        engine, loader, output_dir = self.open_study("classify")
+        self.final_writer = add_findings(self, engine, loader, output_dir, finalize=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,16 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from holoscan.conditions import CountCondition
-
-from medgemma_deploy.apps.holoscan_runtime import (
-    ModelApplication,
-    classify_options,
-    run_app,
-)
-from medgemma_deploy.operators.dicom_input.operator import DicomStudyLoaderOperator
-from medgemma_deploy.operators.medgemma.operator import MedGemmaReportOperator, ReportSRWriterOperator
-from medgemma_deploy.operators.medsiglip.operator import MedSigLIPClassifierOperator
+from medgemma_deploy.apps.chains import add_classifier, add_report
+from medgemma_deploy.apps.holoscan_runtime import ModelApplication, run_app
 
 __all__ = ["ReportApp", "main"]
 
@@ -29,38 +21,11 @@ __all__ = ["ReportApp", "main"]
 class ReportApp(ModelApplication):
     """Loader → [MedSigLIP, for grounding] → MedGemma → report SR writer; models loaded once."""
 
-    command = "report"
-
     def compose(self) -> None:
-        engine, input_path, output_dir = self.open_models("report")
-
-        loader = DicomStudyLoaderOperator(self, CountCondition(self, 1), input_path=input_path, name="loader")
-        reporter = MedGemmaReportOperator(
-            self,
-            generator=engine.medgemma,
-            prompts=engine.prompts,
-            options=engine.report_options,
-            command=self.command,
-            name="medgemma",
-        )
-        self.final_writer = ReportSRWriterOperator(
-            self, output_dir=output_dir, options=engine.report_options, name="report_writer"
-        )
-        if engine.medsiglip is not None:  # grounded on findings: classify first, write nothing of it
-            classifier = MedSigLIPClassifierOperator(
-                self,
-                scorer=engine.medsiglip,
-                model=engine.medsiglip.identity,
-                label_sets=engine.label_sets,
-                options=classify_options(self.settings),
-                command=self.command,
-                name="medsiglip",
-            )
-            self.add_flow(loader, classifier, {(loader.OUTPUT_NAME, classifier.INPUT_NAME)})
-            self.add_flow(classifier, reporter, {(classifier.OUTPUT_NAME, reporter.INPUT_NAME)})
-        else:
-            self.add_flow(loader, reporter, {(loader.OUTPUT_NAME, reporter.INPUT_NAME)})
-        self.add_flow(reporter, self.final_writer, {(reporter.OUTPUT_NAME, self.final_writer.INPUT_NAME)})
+        engine, loader, output_dir = self.open_study("report")
+        # Grounded on findings (--with-findings): classify first, write nothing of it.
+        source = loader if engine.medsiglip is None else add_classifier(self, engine, loader)
+        self.final_writer = add_report(self, engine, source, output_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

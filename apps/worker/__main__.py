@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from medgemma_deploy.cli.worker import add_arguments, run
 from medgemma_deploy.errors import UsageError
+from medgemma_deploy.logs import configure_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,11 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s %(message)s"
-    )
-    for noisy in ("transformers", "PIL", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO, service=True)
     try:
         return run(args)
     except UsageError as exc:

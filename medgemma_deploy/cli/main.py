@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from medgemma_deploy.backends.local import BACKEND_HELP
 from medgemma_deploy.errors import ServiceError, UsageError
+from medgemma_deploy.logs import configure_logging
 from medgemma_deploy.precision import PRECISION_HELP, PRECISIONS
 from medgemma_deploy.results import EXIT_SERVICE_UNAVAILABLE
 
@@ -29,6 +29,8 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "medgemma_deploy.cli.jobs",
     "medgemma_deploy.cli.search",
 )
+#: Subcommands that run until stopped: their log lines carry the time and the logger.
+_SERVICE_COMMANDS = ("listen", "worker")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +153,9 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    restore_logging = _configure_logging(args.verbose)
+    restore_logging = configure_logging(
+        logging.DEBUG if args.verbose else logging.INFO, service=args.command in _SERVICE_COMMANDS
+    )
     try:
         if args.command in ("classify", "report", "study"):
             return _run_pipeline(args)
@@ -264,62 +268,6 @@ def _optional_command(module_name: str) -> object | None:
             return None
         logger.debug("subcommand %s unavailable: %s", module_name, exc)
         return None
-
-
-class _CurrentStderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at emit time (a host may swap it, as pytest does)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property  # type: ignore[override]
-    def stream(self) -> object:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: object) -> None:  # the base class assigns it; the property ignores it
-        pass
-
-
-def _configure_logging(verbose: bool) -> Callable[[], None]:
-    """Send our log lines (progress, one line per rejected file) to stderr for one command.
-
-    Returns the function that puts the package logger back as it was, so that calling ``main``
-    from a host program (or a test) leaves its logging untouched.
-    """
-    package_logger = logging.getLogger("medgemma_deploy")
-    saved = (package_logger.level, package_logger.propagate)
-    handler = _CurrentStderrHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    package_logger.addHandler(handler)
-    package_logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    package_logger.propagate = False
-    # Library warnings (pydicom's on every odd value) become log records, shown only with -v: raw on
-    # stderr they bury the one line per rejected input that matters, and they name no input.
-    warnings_logger = logging.getLogger("py.warnings")
-    saved_warnings = (warnings_logger.level, warnings_logger.propagate)
-    logging.captureWarnings(True)
-    warnings_logger.addHandler(handler)
-    warnings_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
-    warnings_logger.propagate = False
-    # Third-party chatter (transformers' progress bars, highdicom) stays off unless asked for.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    if not verbose:
-        transformers_logging.set_verbosity_error()
-
-    def restore() -> None:
-        package_logger.removeHandler(handler)
-        package_logger.setLevel(saved[0])
-        package_logger.propagate = saved[1]
-        logging.captureWarnings(False)
-        warnings_logger.removeHandler(handler)
-        warnings_logger.setLevel(saved_warnings[0])
-        warnings_logger.propagate = saved_warnings[1]
-
-    return restore
 
 
 if __name__ == "__main__":

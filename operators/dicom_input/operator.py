@@ -9,16 +9,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core import ExecutionContext, Fragment, InputContext, OutputContext
 
 from medgemma_deploy.operators.dicom_input.reader import load_study_input
+from medgemma_deploy.operators.operator import PortOperator
 
 __all__ = ["DicomStudyLoaderOperator"]
 
 logger = logging.getLogger(__name__)
 
 
-class DicomStudyLoaderOperator(Operator):
+class DicomStudyLoaderOperator(PortOperator):
     """Reads every DICOM file under ``input_path`` and emits one ``StudyInput`` on ``study_input``."""
 
     OUTPUT_NAME = "study_input"
@@ -28,10 +29,7 @@ class DicomStudyLoaderOperator(Operator):
         # The SDK's rule: the base class constructor comes last.
         super().__init__(fragment, *args, **kwargs)
 
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.output(self.OUTPUT_NAME)
-
-    def compute(self, op_input: object, op_output: object, context: object) -> None:
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         study_input = load_study_input(self.input_path)
         logger.info(
             "loaded %d studies (%d rejected, %d skipped) from %s",

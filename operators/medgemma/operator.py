@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core import ExecutionContext, Fragment, InputContext, OutputContext
 
 from medgemma_deploy.domain import ReportModel, StudyInput
 from medgemma_deploy.operators.medgemma.prompts import PromptBook
+from medgemma_deploy.operators.operator import PortOperator, WriterOperator
 from medgemma_deploy.operators.ports import receive_typed
 from medgemma_deploy.operators.writers.common import AI_DISCLAIMER
 from medgemma_deploy.results import RunResults
@@ -22,7 +21,7 @@ from medgemma_deploy.steps.report import (
 __all__ = ["MedGemmaReportOperator", "ReportSRWriterOperator"]
 
 
-class MedGemmaReportOperator(Operator):
+class MedGemmaReportOperator(PortOperator):
     """Receives ``study`` and emits ``reports`` (a ReportOutcome).
 
     ``study`` is a ``StudyInput`` (report app), or the ``ClassificationOutcome`` of the MedSigLIP
@@ -50,11 +49,7 @@ class MedGemmaReportOperator(Operator):
         self.command = command
         super().__init__(fragment, *args, **kwargs)
 
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input(self.INPUT_NAME)
-        spec.output(self.OUTPUT_NAME)
-
-    def compute(self, op_input: object, op_output: object, context: object) -> None:
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         received = receive_typed(op_input, self.INPUT_NAME, (StudyInput, ClassificationOutcome))
         if isinstance(received, ClassificationOutcome):
             results, study_input = received.results, received.study_input
@@ -71,24 +66,15 @@ class MedGemmaReportOperator(Operator):
         op_output.emit(ReportOutcome(results, reports), self.OUTPUT_NAME)
 
 
-class ReportSRWriterOperator(Operator):
+class ReportSRWriterOperator(WriterOperator):
     """Receives ``reports`` (a ReportOutcome); writes the report SRs and the run's ``results.json``."""
 
     INPUT_NAME = "reports"
+    options: ReportOptions
+    #: The results of the last run, for the app's exit code.
+    last_results: RunResults | None = None
 
-    def __init__(
-        self, fragment: Fragment, *args: object, output_dir: Path, options: ReportOptions, **kwargs: object
-    ) -> None:
-        self.output_dir = Path(output_dir)
-        self.options = options
-        #: The results of the last run, for the app's exit code.
-        self.last_results: RunResults | None = None
-        super().__init__(fragment, *args, **kwargs)
-
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input(self.INPUT_NAME)
-
-    def compute(self, op_input: object, op_output: object, context: object) -> None:
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         outcome = receive_typed(op_input, self.INPUT_NAME, ReportOutcome)
         write_report_srs(outcome.reports, self.output_dir, self.options, outcome.results)
         outcome.results.write(self.output_dir)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core import ExecutionContext, Fragment, InputContext, OutputContext
 
 from medgemma_deploy.domain import ImageModel, LabelSet, ModelIdentity, StudyInput
+from medgemma_deploy.operators.operator import PortOperator
 from medgemma_deploy.operators.ports import receive_typed
 from medgemma_deploy.operators.writers.common import AI_DISCLAIMER
 from medgemma_deploy.results import RunResults
@@ -20,7 +21,7 @@ from medgemma_deploy.steps.classify import (
 __all__ = ["MedSigLIPClassifierOperator"]
 
 
-class MedSigLIPClassifierOperator(Operator):
+class MedSigLIPClassifierOperator(PortOperator):
     """Receives ``study_input`` (StudyInput), emits ``classifications`` (ClassificationOutcome).
 
     The scorer (a loaded ``MedSigLIPRunner``, or a remote client with the same methods) is given at
@@ -48,11 +49,7 @@ class MedSigLIPClassifierOperator(Operator):
         self.command = command
         super().__init__(fragment, *args, **kwargs)
 
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input(self.INPUT_NAME)
-        spec.output(self.OUTPUT_NAME)
-
-    def compute(self, op_input: object, op_output: object, context: object) -> None:
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         study_input = receive_typed(op_input, self.INPUT_NAME, StudyInput)
         results = RunResults(command=self.command, disclaimer=AI_DISCLAIMER, models=[self.model])
         record_input(study_input, results)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from monai.deploy.core import ExecutionContext, InputContext, OutputContext
 
-from monai.deploy.core import Fragment, Operator, OperatorSpec
-
+from medgemma_deploy.operators.operator import WriterOperator
 from medgemma_deploy.operators.ports import receive_typed
 from medgemma_deploy.steps.classify import (
     ClassificationOutcome,
@@ -17,7 +16,7 @@ from medgemma_deploy.steps.classify import (
 __all__ = ["RelevanceSegWriterOperator"]
 
 
-class RelevanceSegWriterOperator(Operator):
+class RelevanceSegWriterOperator(WriterOperator):
     """Receives and emits a ``ClassificationOutcome``; fills in the SEGs and Parametric Maps it wrote.
 
     Which of the two it writes is ``options.relevance_format`` (seg, pmap or both).
@@ -25,19 +24,9 @@ class RelevanceSegWriterOperator(Operator):
 
     INPUT_NAME = "classifications"
     OUTPUT_NAME = "segmented"
+    options: ClassifyOptions
 
-    def __init__(
-        self, fragment: Fragment, *args: object, output_dir: Path, options: ClassifyOptions, **kwargs: object
-    ) -> None:
-        self.output_dir = Path(output_dir)
-        self.options = options
-        super().__init__(fragment, *args, **kwargs)
-
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input(self.INPUT_NAME)
-        spec.output(self.OUTPUT_NAME)
-
-    def compute(self, op_input: object, op_output: object, context: object) -> None:
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         outcome = receive_typed(op_input, self.INPUT_NAME, ClassificationOutcome)
         outcome.segmentations = write_segmentations(
             outcome.classifications, self.output_dir, self.options, outcome.results

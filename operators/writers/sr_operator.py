@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from monai.deploy.core import ExecutionContext, Fragment, InputContext, OutputContext
 
-from monai.deploy.core import Fragment, Operator, OperatorSpec
-
+from medgemma_deploy.operators.operator import WriterOperator
 from medgemma_deploy.operators.ports import receive_typed
 from medgemma_deploy.results import RunResults
 from medgemma_deploy.steps.classify import (
@@ -17,7 +16,7 @@ from medgemma_deploy.steps.classify import (
 __all__ = ["FindingsSRWriterOperator"]
 
 
-class FindingsSRWriterOperator(Operator):
+class FindingsSRWriterOperator(WriterOperator):
     """Receives ``segmented`` (a ClassificationOutcome with its SEGs) and writes the findings SRs.
 
     As the last operator of an app (``finalize=True``, the classify app) it also writes the run's
@@ -27,29 +26,18 @@ class FindingsSRWriterOperator(Operator):
 
     INPUT_NAME = "segmented"
     OUTPUT_NAME = "findings"
+    options: ClassifyOptions
+    #: The results of the last run, for the app's exit code (set when ``finalize``).
+    last_results: RunResults | None = None
 
-    def __init__(
-        self,
-        fragment: Fragment,
-        *args: object,
-        output_dir: Path,
-        options: ClassifyOptions,
-        finalize: bool = True,
-        **kwargs: object,
-    ) -> None:
-        self.output_dir = Path(output_dir)
-        self.options = options
+    def __init__(self, fragment: Fragment, *args: object, finalize: bool = True, **kwargs: object) -> None:
         self.finalize = finalize
-        #: The results of the last run, for the app's exit code (set when ``finalize``).
-        self.last_results: RunResults | None = None
         super().__init__(fragment, *args, **kwargs)
 
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input(self.INPUT_NAME)
-        if not self.finalize:
-            spec.output(self.OUTPUT_NAME)
+    def emits(self) -> bool:
+        return not self.finalize
 
-    def compute(self, op_input: object, op_output: object, context: object) -> None:
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         outcome = receive_typed(op_input, self.INPUT_NAME, ClassificationOutcome)
         write_findings_reports(
             outcome.classifications,
