@@ -28,7 +28,7 @@ from typing import Any
 
 from medgemma_deploy.errors import UsageError
 
-__all__ = ["ENV_PREFIX", "build_config", "main", "register", "run"]
+__all__ = ["ENV_PREFIX", "build_config", "main", "register", "resolve_option", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -235,35 +235,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def resolve_option(name: str, flag: Any, environ: Mapping[str, str]) -> Any:
+    """One option from its flag (not None), else ``MEDGEMMA_LISTENER_<OPTION>``, else its default.
+
+    ``medgemma-deploy jobs`` finds the spool this way too, so the two commands never disagree on it.
+
+    Raises
+    ------
+    UsageError
+        The environment value cannot be converted (naming the variable and the value).
+    """
+    convert, default = _OPTIONS[name]
+    if flag is not None:
+        return tuple(flag) if name in _LIST_OPTIONS else flag
+    variable = ENV_PREFIX + name.upper()
+    raw = environ.get(variable, "")
+    if raw == "":
+        return default
+    try:
+        if name in _LIST_OPTIONS:
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
+        return convert(raw)
+    except ValueError as exc:
+        raise UsageError(f"{variable}={raw!r}: {exc}") from exc
+
+
 def resolve_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
-    """Each option from the flag, else ``MEDGEMMA_LISTENER_<OPTION>``, else its default.
+    """Every option by :func:`resolve_option`.
 
     Raises
     ------
     UsageError
         An environment value cannot be converted (naming the variable and the value).
     """
-    values: dict[str, Any] = {}
-    for name, (convert, default) in _OPTIONS.items():
-        flag = getattr(args, name, None)
-        if flag is not None:
-            values[name] = tuple(flag) if name in _LIST_OPTIONS else flag
-            continue
-        variable = ENV_PREFIX + name.upper()
-        raw = environ.get(variable, "")
-        if raw == "":
-            values[name] = default
-            continue
-        try:
-            if name in _LIST_OPTIONS:
-                values[name] = tuple(item.strip() for item in raw.split(",") if item.strip())
-            else:
-                values[name] = convert(raw)
-        except ValueError as exc:
-            raise UsageError(f"{variable}={raw!r}: {exc}") from exc
-    if args.prompts is None and environ.get("MEDGEMMA_DEPLOY_PROMPTS"):
-        values["prompts"] = Path(environ["MEDGEMMA_DEPLOY_PROMPTS"])
-    return values
+    return {name: resolve_option(name, getattr(args, name, None), environ) for name in _OPTIONS}
 
 
 def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Any:
