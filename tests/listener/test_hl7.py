@@ -24,24 +24,28 @@ CREATED = datetime(2026, 12, 3, 10, 0, 0)
 IDENTITY = Hl7Identity(sending_facility="RADIOLOGY", receiving_application="RIS", receiving_facility="HOSP")
 
 
-def header(**overrides: str) -> Dataset:
+#: The study header an ORU is built from: patient, study and order attributes.
+HEADER = {
+    "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.1",
+    "PatientID": "MRN|42^7",
+    "IssuerOfPatientID": "HOSP",
+    "PatientName": "Müller^Anna&Lena^^Dr^PhD",
+    "PatientBirthDate": "19700102",
+    "PatientSex": "F",
+    "StudyDate": "20261203",
+    "StudyTime": "101112.123",
+    "Modality": "CR",
+    "AccessionNumber": "ACC-0001",
+    "PlacerOrderNumberImagingServiceRequest": "PLACER-7",
+    "FillerOrderNumberImagingServiceRequest": "FILLER-9",
+}
+
+
+def header(**overrides: str | None) -> Dataset:
+    """:data:`HEADER` with ``overrides``; an override of None leaves the attribute out."""
     ds = Dataset()
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-    ds.PatientID = "MRN|42^7"
-    ds.IssuerOfPatientID = "HOSP"
-    ds.PatientName = "Müller^Anna&Lena^^Dr^PhD"
-    ds.PatientBirthDate = "19700102"
-    ds.PatientSex = "F"
-    ds.StudyDate = "20261203"
-    ds.StudyTime = "101112.123"
-    ds.Modality = "CR"
-    ds.AccessionNumber = "ACC-0001"
-    ds.PlacerOrderNumberImagingServiceRequest = "PLACER-7"
-    ds.FillerOrderNumberImagingServiceRequest = "FILLER-9"
-    for keyword, value in overrides.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
+    for keyword, value in {**HEADER, **overrides}.items():
+        if value is not None:
             setattr(ds, keyword, value)
     return ds
 
