@@ -196,10 +196,10 @@ def test_mllp_failures_raise_with_the_endpoint_and_reason(receiver, script, ackn
     assert "Müller" not in str(caught.value)
 
 
-def test_unreachable_endpoint_raises_naming_it(unused_tcp_port):
+def test_unreachable_endpoint_raises_naming_it(unused_port):
     er7, control_id = _message()
-    with pytest.raises(Hl7DeliveryError, match=f"mllp://127.0.0.1:{unused_tcp_port}: "):
-        send_message(Hl7Endpoint("127.0.0.1", unused_tcp_port, timeout_s=2), er7, control_id)
+    with pytest.raises(Hl7DeliveryError, match=f"mllp://127.0.0.1:{unused_port}: "):
+        send_message(Hl7Endpoint("127.0.0.1", unused_port, timeout_s=2), er7, control_id)
 
 
 @pytest.mark.parametrize("text", ["host", "host:0", "host:70000", ":2575", "host:abc"])
@@ -214,12 +214,3 @@ def test_endpoint_text_parses_ipv4_and_ipv6():
         2575,
     )
     assert Hl7Endpoint.parse("[::1]:2575").host == "::1"
-
-
-@pytest.fixture
-def unused_tcp_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -38,18 +38,6 @@ def _instance(spool: Spool, sop: str, content: bytes = b"x", study: str = STUDY)
     )
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "spool", min_free_bytes=0)
-
-
-@pytest.fixture
-def store(spool: Spool):
-    store = JobStore(spool.root / "jobs.sqlite")
-    yield store
-    store.close()
-
-
 # -- spool --------------------------------------------------------------------------------------
 
 
