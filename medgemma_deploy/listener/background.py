@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 class DueWorkThreads:
     """Threads that call ``step`` until stopped.
 
+    A step that raises is logged and the thread carries on: a database hiccup must not stop the
+    work for good.
+
     Parameters
     ----------
     names:
@@ -30,9 +33,6 @@ class DueWorkThreads:
         The epoch time at which the next piece of work falls due, or None.
     idle_poll_s:
         The longest an idle thread sleeps before looking again.
-
-    A step that raises is logged and the thread carries on: a database hiccup must not stop the
-    work for good.
     """
 
     def __init__(
