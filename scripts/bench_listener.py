@@ -46,8 +46,9 @@ sys.path.insert(0, str(REPO))
 import pydicom  # noqa: E402
 
 from medgemma_deploy.listener.jobstore import JobStore  # noqa: E402
-from tests.support.listener import ListenerProcess, all_finished, no_delay, wait_until  # noqa: E402
+from tests.support.listener import ListenerProcess, all_finished, no_delay, read_job_store  # noqa: E402
 from tests.support.orthanc import free_port, orthanc_available, running_orthanc  # noqa: E402
+from tests.support.polling import wait_until  # noqa: E402
 
 logger = logging.getLogger("bench_listener")
 
@@ -133,13 +134,7 @@ def _sender_process(port: int, groups: Sequence[Sequence[str]], result_file: str
 
 
 def _spooled(spool: Path) -> int:
-    if not (spool / "jobs.sqlite").exists():
-        return 0
-    store = JobStore(spool / "jobs.sqlite", read_only=True)
-    try:
-        return store.count_instances()
-    finally:
-        store.close()
+    return read_job_store(spool, JobStore.count_instances, 0)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medgemma_deploy.cli.listen import resolve_option
 from medgemma_deploy.errors import UsageError
 from medgemma_deploy.listener.jobmodel import JobState
 
@@ -67,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
     """Print the jobs (or retry one); 2 with one line on stderr for a missing spool or bad job id."""
     from medgemma_deploy.listener.jobstore import JobStore
 
-    spool = args.spool or Path(os.environ.get("MEDGEMMA_LISTENER_SPOOL") or DEFAULT_SPOOL)
-    database = spool / "jobs.sqlite"
     try:
+        # The spool the listener would use (--spool, else MEDGEMMA_LISTENER_SPOOL), resolved by the
+        # listener's own rule so the two commands never disagree; ours alone has a default.
+        spool = resolve_option("spool", args.spool, os.environ) or DEFAULT_SPOOL
+        database = spool / "jobs.sqlite"
         if args.retry is not None:
             store = JobStore(database, read_only=False) if database.is_file() else None
             if store is None:

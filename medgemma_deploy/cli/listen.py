@@ -28,7 +28,7 @@ from typing import Any
 
 from medgemma_deploy.errors import UsageError
 
-__all__ = ["ENV_PREFIX", "build_config", "main", "register", "run"]
+__all__ = ["ENV_PREFIX", "build_config", "main", "register", "resolve_option", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,21 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "hl7_processing_id": (str, "P"),
 }
 _LIST_OPTIONS = frozenset({"destination", "allow"})
+#: The "spool and jobs" flags: option, metavar, help; type and default (named in the help) come
+#: from :data:`_OPTIONS`, so the help cannot drift from what the listener uses.
+_SPOOL_AND_JOB_OPTIONS = (
+    ("spool", "DIR", "spool folder (required)"),
+    ("quiet_seconds", "S", "a study is complete after S seconds without a new instance"),
+    ("concurrency", "N", "job worker threads"),
+    ("max_attempts", "N", "attempts before a job fails"),
+    ("backoff_seconds", "S", "first retry delay, doubled each time"),
+    ("max_backoff_seconds", "S", "longest retry delay"),
+    ("min_free_mb", "MB", "refuse instances (0xA700) when less would stay free"),
+    ("retention_hours", "H", "delete finished studies' files after H hours; 0 keeps them"),
+    ("drain_seconds", "S", "on SIGTERM, wait for running jobs"),
+    ("audit_log", "FILE", "JSON-lines audit log (default SPOOL/audit.jsonl)"),
+    ("metrics_port", "PORT", "Prometheus /metrics port (default off)"),
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -135,44 +150,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     work = parser.add_argument_group("spool and jobs")
-    work.add_argument("--spool", type=Path, metavar="DIR", help="spool folder (required)")
-    work.add_argument(
-        "--quiet-seconds",
-        type=float,
-        metavar="S",
-        help="a study is complete after S seconds without a new instance (default 30)",
-    )
-    work.add_argument("--concurrency", type=int, metavar="N", help="job worker threads (default 2)")
-    work.add_argument(
-        "--max-attempts", type=int, metavar="N", help="attempts before a job fails (default 10)"
-    )
-    work.add_argument(
-        "--backoff-seconds", type=float, metavar="S", help="first retry delay, doubled each time (default 5)"
-    )
-    work.add_argument(
-        "--max-backoff-seconds", type=float, metavar="S", help="longest retry delay (default 600)"
-    )
-    work.add_argument(
-        "--min-free-mb",
-        type=int,
-        metavar="MB",
-        help="refuse instances (0xA700) when less would stay free (default 256)",
-    )
-    work.add_argument(
-        "--retention-hours",
-        type=float,
-        metavar="H",
-        help="delete finished studies' files after H hours; 0 keeps them (default 72)",
-    )
-    work.add_argument(
-        "--drain-seconds", type=float, metavar="S", help="on SIGTERM, wait for running jobs (default 60)"
-    )
-    work.add_argument(
-        "--audit-log", type=Path, metavar="FILE", help="JSON-lines audit log (default SPOOL/audit.jsonl)"
-    )
-    work.add_argument(
-        "--metrics-port", type=int, metavar="PORT", help="Prometheus /metrics port (default off)"
-    )
+    for name, metavar, text in _SPOOL_AND_JOB_OPTIONS:
+        convert, default = _OPTIONS[name]
+        work.add_argument(
+            "--" + name.replace("_", "-"),
+            type=convert,
+            metavar=metavar,
+            help=text if default is None else f"{text} (default {default:g})",
+        )
 
     pipe = parser.add_argument_group("pipeline and delivery")
     pipe.add_argument(
@@ -235,35 +220,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def resolve_option(name: str, flag: Any, environ: Mapping[str, str]) -> Any:
+    """One option from its flag (not None), else ``MEDGEMMA_LISTENER_<OPTION>``, else its default.
+
+    ``medgemma-deploy jobs`` finds the spool this way too, so the two commands never disagree on it.
+
+    Raises
+    ------
+    UsageError
+        The environment value cannot be converted (naming the variable and the value).
+    """
+    convert, default = _OPTIONS[name]
+    if flag is not None:
+        return tuple(flag) if name in _LIST_OPTIONS else flag
+    variable = ENV_PREFIX + name.upper()
+    raw = environ.get(variable, "")
+    if raw == "":
+        return default
+    try:
+        if name in _LIST_OPTIONS:
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
+        return convert(raw)
+    except ValueError as exc:
+        raise UsageError(f"{variable}={raw!r}: {exc}") from exc
+
+
 def resolve_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
-    """Each option from the flag, else ``MEDGEMMA_LISTENER_<OPTION>``, else its default.
+    """Every option by :func:`resolve_option`.
 
     Raises
     ------
     UsageError
         An environment value cannot be converted (naming the variable and the value).
     """
-    values: dict[str, Any] = {}
-    for name, (convert, default) in _OPTIONS.items():
-        flag = getattr(args, name, None)
-        if flag is not None:
-            values[name] = tuple(flag) if name in _LIST_OPTIONS else flag
-            continue
-        variable = ENV_PREFIX + name.upper()
-        raw = environ.get(variable, "")
-        if raw == "":
-            values[name] = default
-            continue
-        try:
-            if name in _LIST_OPTIONS:
-                values[name] = tuple(item.strip() for item in raw.split(",") if item.strip())
-            else:
-                values[name] = convert(raw)
-        except ValueError as exc:
-            raise UsageError(f"{variable}={raw!r}: {exc}") from exc
-    if args.prompts is None and environ.get("MEDGEMMA_DEPLOY_PROMPTS"):
-        values["prompts"] = Path(environ["MEDGEMMA_DEPLOY_PROMPTS"])
-    return values
+    return {name: resolve_option(name, getattr(args, name, None), environ) for name in _OPTIONS}
 
 
 def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Any:

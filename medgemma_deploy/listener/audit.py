@@ -21,7 +21,10 @@ import logging
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from medgemma_deploy.listener.jobmodel import Job
 
 __all__ = ["AUDIT_FIELDS", "AuditLog"]
 
@@ -102,6 +105,13 @@ class AuditLog:
                 return
             self._file.write(line + "\n")
             self._file.flush()
+
+    def job_event(self, name: str, job: Job, **fields: Any) -> None:
+        """Write one event about a study version: its ``job_id``, ``study_instance_uid`` and
+        ``version``, then ``fields`` (as :meth:`event`)."""
+        self.event(
+            name, job_id=job.id, study_instance_uid=job.study_instance_uid, version=job.version, **fields
+        )
 
     def close(self) -> None:
         with self._lock:

@@ -84,11 +84,9 @@ class StudyCompletion:
                 job.version,
                 job.n_instances,
             )
-            self.audit.event(
+            self.audit.job_event(
                 "study-complete",
-                job_id=job.id,
-                study_instance_uid=job.study_instance_uid,
-                version=job.version,
+                job,
                 n_instances=job.n_instances,
             )
         if completed and self.on_complete is not None:

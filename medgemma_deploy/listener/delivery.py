@@ -14,7 +14,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -56,6 +56,24 @@ class PermanentDeliveryError(DeliveryError):
 
 
 @dataclass(frozen=True)
+class DeliveryItem:
+    """One file to deliver."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+class Destination(Protocol):
+    """Where results go. ``name`` is stable across restarts (it keys the delivery records)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def deliver(self, items: Sequence[DeliveryItem], on_delivered: Callable[[list[str]], None]) -> None: ...
+
+
+@dataclass(frozen=True)
 class DicomNode:
     """A DICOM application entity on the network: ``AET@HOST:PORT``."""
 
@@ -93,22 +111,6 @@ class DicomNode:
 
 
 @dataclass(frozen=True)
-class DeliveryItem:
-    """One file to deliver."""
-
-    path: Path
-    sop_class_uid: str
-    sop_instance_uid: str
-
-
-class Destination(Protocol):
-    """Where results go. ``name`` is stable across restarts (it keys the delivery records)."""
-
-    name: str
-
-    def deliver(self, items: Sequence[DeliveryItem], on_delivered: Callable[[list[str]], None]) -> None: ...
-
-
 class CStoreDestination:
     """C-STORE SCU to one PACS node; one association per delivery, contexts from the files.
 
@@ -124,19 +126,15 @@ class CStoreDestination:
         DICOM TLS (PS3.15 Annex B.1) towards the PACS, or ``None`` for plain TCP.
     """
 
-    def __init__(
-        self,
-        node: DicomNode,
-        *,
-        calling_aet: str,
-        timeout_s: float = 30.0,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        self.node = node
-        self.calling_aet = calling_aet
-        self.timeout_s = timeout_s
-        self.ssl_context = ssl_context
-        self.name = f"dicom:{node}"
+    node: DicomNode
+    _: KW_ONLY
+    calling_aet: str
+    timeout_s: float = 30.0
+    ssl_context: ssl.SSLContext | None = None
+
+    @property
+    def name(self) -> str:
+        return f"dicom:{self.node}"
 
     def deliver(self, items: Sequence[DeliveryItem], on_delivered: Callable[[list[str]], None]) -> None:
         from pynetdicom import AE

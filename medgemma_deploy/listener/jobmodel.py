@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
@@ -290,16 +290,8 @@ class OutputRecord:
 
 
 def instance_from_row(row: sqlite3.Row) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=row["sop_instance_uid"],
-        study_instance_uid=row["study_instance_uid"],
-        series_instance_uid=row["series_instance_uid"],
-        sop_class_uid=row["sop_class_uid"],
-        path=row["path"],
-        sha256=row["sha256"],
-        size=row["size"],
-        version=row["version"],
-    )
+    """The record from an ``instances`` row (which has more columns than the record keeps)."""
+    return InstanceRecord(**{f.name: row[f.name] for f in fields(InstanceRecord)})
 
 
 def job_from_row(row: sqlite3.Row) -> Job:

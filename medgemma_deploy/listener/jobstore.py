@@ -330,13 +330,8 @@ class JobStore:
         ``queued`` (its classification stage is done, its reports wait their turn by priority)."""
         now = time.time()
         state_change = "state = 'queued', not_before = 0, " if requeue else ""
-        with self._transaction():
-            row = self._db.execute(
-                f"UPDATE jobs SET {state_change}priority = ?, triage = ?, updated_at = ? "
-                "WHERE id = ? RETURNING *",
-                (int(priority), reasons_json, now, job_id),
-            ).fetchone()
-        return job_from_row(row)
+        assignments = f"{state_change}priority = ?, triage = ?, updated_at = ?"
+        return self._update_job(job_id, assignments, (int(priority), reasons_json, now))
 
     def release(self, job_id: int) -> None:
         with self._lock:
@@ -403,13 +398,9 @@ class JobStore:
 
     def finish_delivered(self, job_id: int) -> Job:
         now = time.time()
-        with self._transaction():
-            row = self._db.execute(
-                "UPDATE jobs SET state = 'delivered', delivered_at = ?, updated_at = ?, last_error = NULL "
-                "WHERE id = ? RETURNING *",
-                (now, now, job_id),
-            ).fetchone()
-        return job_from_row(row)
+        return self._update_job(
+            job_id, "state = 'delivered', delivered_at = ?, updated_at = ?, last_error = NULL", (now, now)
+        )
 
     def retry_later(self, job_id: int, error: str, *, delay_s: float, max_attempts: int) -> Job:
         """Count a failed attempt; retry after ``delay_s``, or fail once ``max_attempts`` is reached.
@@ -436,13 +427,9 @@ class JobStore:
 
     def fail(self, job_id: int, error: str) -> Job:
         now = time.time()
-        with self._transaction():
-            row = self._db.execute(
-                "UPDATE jobs SET state = 'failed', attempts = attempts + 1, last_error = ?, updated_at = ? "
-                "WHERE id = ? RETURNING *",
-                (error, now, job_id),
-            ).fetchone()
-        return job_from_row(row)
+        return self._update_job(
+            job_id, "state = 'failed', attempts = attempts + 1, last_error = ?, updated_at = ?", (error, now)
+        )
 
     def recover(self, *, max_attempts: int) -> list[Job]:
         """After a restart: jobs left ``running`` count one failed attempt and go back to ``queued``.
@@ -642,6 +629,14 @@ class JobStore:
                 "DELETE FROM instances WHERE study_instance_uid = ? RETURNING path", (study_instance_uid,)
             ).fetchall()
         return [r[0] for r in rows]
+
+    def _update_job(self, job_id: int, assignments: str, parameters: Sequence[object]) -> Job:
+        """``UPDATE jobs SET <assignments>`` of one job, in a transaction of its own; the job as it now is."""
+        with self._transaction():
+            row = self._db.execute(
+                f"UPDATE jobs SET {assignments} WHERE id = ? RETURNING *", (*parameters, job_id)
+            ).fetchone()
+        return job_from_row(row)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

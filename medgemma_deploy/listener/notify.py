@@ -27,8 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,6 +34,7 @@ from pathlib import Path
 
 from medgemma_deploy.domain import SeriesClassification, TriagePriority
 from medgemma_deploy.listener.audit import AuditLog
+from medgemma_deploy.listener.background import DueWorkThreads
 from medgemma_deploy.listener.hl7 import Hl7Identity, build_oru
 from medgemma_deploy.listener.jobmodel import Job, Notification, NotificationState
 from medgemma_deploy.listener.jobstore import JobStore
@@ -72,13 +71,19 @@ class Hl7Outbox:
 
     Parameters
     ----------
-    store, spool, audit, metrics:
-        The listener's job store, spool, audit log and metrics.
+    store:
+        The listener's job store, which holds the outbox rows (one per study version).
+    spool:
+        The listener's spool, whose ``hl7`` folder holds the queued ER7 files.
+    audit, metrics:
+        Where each queued, sent, retried and failed message is recorded and counted.
     settings:
         Endpoint, MSH identity and which priorities are sent.
     max_attempts, backoff:
         Attempts before a message is ``failed``; ``backoff(n)`` the seconds to wait after the n-th
         failure (the listener passes its :class:`~medgemma_deploy.listener.worker_loop.RetryPolicy`).
+    idle_poll_s:
+        The longest the idle sender sleeps before looking for due messages again.
     send:
         The MLLP client (tests may pass another).
     """
@@ -102,11 +107,10 @@ class Hl7Outbox:
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.metrics = metrics or ListenerMetrics()
-        self.idle_poll_s = idle_poll_s
         self._send = send
-        self._wake = threading.Condition()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._sender = DueWorkThreads(
+            ["hl7-sender"], self.send_due, store.next_notification_due, idle_poll_s=idle_poll_s
+        )
 
     # -- queueing -------------------------------------------------------------------------------
 
@@ -137,11 +141,9 @@ class Hl7Outbox:
             job.id, message.control_id, str(self.settings.endpoint), relative, int(triage.priority)
         )
         if queued:
-            self.audit.event(
+            self.audit.job_event(
                 "hl7-queued",
-                job_id=job.id,
-                study_instance_uid=job.study_instance_uid,
-                version=job.version,
+                job,
                 control_id=message.control_id,
                 priority=triage.priority.name,
                 destination=str(self.settings.endpoint),
@@ -160,35 +162,13 @@ class Hl7Outbox:
     # -- sending --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="hl7-sender", daemon=True)
-        self._thread.start()
+        self._sender.start()
 
     def wake(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
+        self._sender.wake()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        self._stopping.set()
-        self.wake()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                worked = self.send_due()
-            except Exception:  # keep sending: a database hiccup must not stop notifications
-                logger.exception("HL7 sender iteration failed")
-                worked = False
-            if not worked:
-                due = self.store.next_notification_due()
-                wait = self.idle_poll_s
-                if due is not None:
-                    wait = min(wait, max(0.01, due - time.time()))
-                with self._wake:
-                    if not self._stopping.is_set():
-                        self._wake.wait(wait)
+        self._sender.stop(timeout_s)
 
     def send_due(self) -> bool:
         """Send the next due message, if any; True when one was attempted."""

@@ -96,16 +96,7 @@ class InstanceReceiver:
 
     def refuse(self, request: StoreRequest, status: StoreStatus, reason: str) -> Dataset:
         """Answer ``status`` without storing anything, and audit it."""
-        self.audit.event(
-            "instance-refused",
-            sop_instance_uid=request.sop_instance_uid,
-            sop_class_uid=request.sop_class_uid,
-            calling_aet=request.calling_aet,
-            address=request.address,
-            status=f"0x{int(status):04X}",
-            reason=reason,
-        )
-        return self._response(status, reason)
+        return self._refusal("instance-refused", request, status, reason)
 
     def receive(self, request: StoreRequest, header: bytes, stream: bytes) -> Dataset:
         """Store one instance: ``header`` is preamble + file meta, ``stream`` the encoded data set."""
@@ -233,16 +224,20 @@ class InstanceReceiver:
             logger.error("cannot quarantine %s: %s", request.sop_instance_uid, exc)
             return self.refuse(request, StoreStatus.OUT_OF_RESOURCES, f"cannot store: {reason}")
         logger.warning("quarantined %s from %s: %s", request.sop_instance_uid, request.calling_aet, reason)
+        return self._refusal("instance-quarantined", request, StoreStatus.CANNOT_UNDERSTAND, reason)
+
+    def _refusal(self, event: str, request: StoreRequest, status: StoreStatus, reason: str) -> Dataset:
+        """Audit ``event`` for an instance not stored, and answer ``status`` with ``reason``."""
         self.audit.event(
-            "instance-quarantined",
+            event,
             sop_instance_uid=request.sop_instance_uid,
             sop_class_uid=request.sop_class_uid,
             calling_aet=request.calling_aet,
             address=request.address,
-            status=f"0x{int(StoreStatus.CANNOT_UNDERSTAND):04X}",
+            status=f"0x{int(status):04X}",
             reason=reason,
         )
-        return self._response(StoreStatus.CANNOT_UNDERSTAND, reason)
+        return self._response(status, reason)
 
     def _audit_received(
         self,

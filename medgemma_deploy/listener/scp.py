@@ -23,25 +23,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pydicom import uid
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    HTJ2K,
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
@@ -56,7 +39,9 @@ logger = logging.getLogger(__name__)
 
 #: Image Storage SOP classes (PS3.4 B.5) the listener processes; other storage classes get 0x0122.
 IMAGE_STORAGE_SOP_CLASSES: frozenset[str] = frozenset(
-    uid for name, uid in _STORAGE_CLASSES.items() if "Image" in name or name == "EnhancedUSVolumeStorage"
+    sop_class
+    for name, sop_class in _STORAGE_CLASSES.items()
+    if "Image" in name or name == "EnhancedUSVolumeStorage"
 )
 
 #: Maximum P-DATA PDU length we accept (PS3.8 D.1): the sender may send up to this much per PDU.
@@ -67,22 +52,22 @@ MAX_PDU_BYTES = 1024 * 1024
 #: (say) JPEG 2000 lossless files never has to decompress them (dcmtk's storescu cannot, and fails);
 #: lossy ones come after the uncompressed ones, so we never make a sender compress lossily.
 STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    JPEG2000Lossless,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-    JPEGLSLossless,
-    JPEGLosslessSV1,
-    JPEGLossless,
-    RLELossless,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLSNearLossless,
-    JPEG2000,
-    HTJ2K,
+    uid.JPEG2000Lossless,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.JPEGLSLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLossless,
+    uid.RLELossless,
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000,
+    uid.HTJ2K,
 )
 
 
@@ -167,7 +152,7 @@ class StorageSCP:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
         ae.require_called_aet = True
         ae.require_calling_aet = self.allow_list.required_titles()
-        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_supported_context(Verification, [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian])
         # Every storage class is negotiated, so a non-image one gets a proper 0x0122 status
         # instead of a silently rejected presentation context.
         for sop_class in sorted(_STORAGE_CLASSES.values()):

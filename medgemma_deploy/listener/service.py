@@ -175,11 +175,9 @@ class Listener:
         self.audit = AuditLog(config.audit_log or config.spool / "audit.jsonl")
         self.store = JobStore(config.spool / "jobs.sqlite")
         for job in self.store.recover(max_attempts=config.retry.max_attempts):
-            self.audit.event(
+            self.audit.job_event(
                 "job-recovered",
-                job_id=job.id,
-                study_instance_uid=job.study_instance_uid,
-                version=job.version,
+                job,
                 state=job.state.value,
                 attempts=job.attempts,
             )

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 from medgemma_deploy.domain import Rejection, SeriesClassification, TriagePriority
 from medgemma_deploy.errors import InputError, UsageError
 from medgemma_deploy.listener.audit import AuditLog
+from medgemma_deploy.listener.background import DueWorkThreads
 from medgemma_deploy.listener.delivery import DeliveryError, DeliveryItem, Destination
 from medgemma_deploy.listener.jobmodel import InstanceRecord, Job, JobState, OutputRecord, RejectedInput
 from medgemma_deploy.listener.jobstore import JobStore
@@ -119,6 +120,8 @@ class WorkerLoop:
         Worker threads (pipeline runs are still one at a time; the others deliver meanwhile).
     retry:
         Backoff and attempt limit.
+    idle_poll_s:
+        The longest an idle thread sleeps before looking for due jobs again.
     outbox:
         The HL7 ORU outbox, or None when no ``--hl7`` endpoint is configured.
     aging_s:
@@ -153,55 +156,31 @@ class WorkerLoop:
         self.metrics = metrics or ListenerMetrics()
         self.concurrency = concurrency
         self.retry = retry or RetryPolicy()
-        self.idle_poll_s = idle_poll_s
         self.outbox = outbox
         self.aging_s = aging_s
         #: Classification is a stage of its own, run on every queued study before any report.
         self.triage_queue = triage_queue
         self.staged = triage_queue and bool(getattr(pipeline, "classifies_first", False))
         self._processing = threading.Semaphore(1)
-        self._wake = threading.Condition()
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._workers = DueWorkThreads(
+            [f"job-worker-{index}" for index in range(concurrency)],
+            self._run_one,
+            store.next_due,
+            idle_poll_s=idle_poll_s,
+        )
 
     def start(self) -> None:
-        for index in range(self.concurrency):
-            thread = threading.Thread(target=self._run, name=f"job-worker-{index}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._workers.start()
 
     def wake(self, *_: object) -> None:
         """Tell idle threads that new work may be due."""
-        with self._wake:
-            self._wake.notify_all()
+        self._workers.wake()
 
     def stop(self, timeout_s: float = 60.0) -> bool:
         """Claim nothing new; wait up to ``timeout_s`` for running jobs. True if all threads ended."""
-        self._stopping.set()
-        self.wake()
-        deadline = time.monotonic() + timeout_s
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(thread.is_alive() for thread in self._threads)
+        return self._workers.stop(timeout_s)
 
-    # -- loop -----------------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                worked = self._run_one()
-            except Exception:  # keep the thread alive: a database hiccup must not stop delivery
-                logger.exception("job worker iteration failed")
-                worked = False
-            if not worked:
-                self._idle()
-
-    def _idle(self) -> None:
-        due = self.store.next_due()
-        wait = self.idle_poll_s if due is None else min(self.idle_poll_s, max(0.01, due - time.time()))
-        with self._wake:
-            if not self._stopping.is_set():
-                self._wake.wait(wait)
+    # -- one job --------------------------------------------------------------------------------
 
     def _run_one(self) -> bool:
         have_slot = self._processing.acquire(blocking=False)
@@ -243,10 +222,7 @@ class WorkerLoop:
             self.spool.link_inputs([i.path for i in instances], work / "input")
             staged = self.pipeline.triage(work / "input")  # type: ignore[attr-defined]
         except Exception as exc:
-            if is_transient(exc) or isinstance(exc, (InputError, UsageError)):
-                self._failed(job, "triage", exc)
-            else:
-                self._crashed(job, exc)
+            self._stage_failed(job, "triage", exc)
             return None
         triage = staged.triage
         if triage is None:  # no label set with rules: routine, nothing to notify
@@ -265,11 +241,9 @@ class WorkerLoop:
         except ValueError as exc:  # a header hl7apy refuses: the DICOM results still go out
             reason = " ".join(str(exc).split())
             logger.error("job %d: no HL7 message: %s", job.id, reason)
-            self.audit.event(
+            self.audit.job_event(
                 "hl7-failed",
-                job_id=job.id,
-                study_instance_uid=job.study_instance_uid,
-                version=job.version,
+                job,
                 stage="build",
                 reason=reason,
             )
@@ -283,11 +257,9 @@ class WorkerLoop:
             seconds,
             len(triage.reasons),
         )
-        self.audit.event(
+        self.audit.job_event(
             "job-triaged",
-            job_id=job.id,
-            study_instance_uid=job.study_instance_uid,
-            version=job.version,
+            job,
             priority=triage.priority.name,
             reason="; ".join(f"{r.finding.key} {r.probability:.4f}>={r.threshold:g}" for r in triage.reasons)
             or None,
@@ -299,11 +271,9 @@ class WorkerLoop:
     def _process(self, job: Job) -> Job | None:
         started = time.perf_counter()
         work = self.spool.work_dir(job.study_instance_uid, job.version)
-        self.audit.event(
+        self.audit.job_event(
             "job-started",
-            job_id=job.id,
-            study_instance_uid=job.study_instance_uid,
-            version=job.version,
+            job,
             attempts=job.attempts,
             pipeline=self.pipeline.name,
         )
@@ -315,19 +285,15 @@ class WorkerLoop:
                 self.spool.remove_tree(output_dir)  # a previous attempt's partial output
             run = self.pipeline.process(work / "input", output_dir, result_version=job.version)
         except Exception as exc:
-            if is_transient(exc) or isinstance(exc, (InputError, UsageError)):
-                self._failed(job, "process", exc)
-            else:
-                self._crashed(job, exc)
+            self._stage_failed(job, "process", exc)
             return None
         seconds = time.perf_counter() - started
         self._record_rejected(job, instances, run.rejected)
         self.metrics.pipeline_seconds(seconds)
         for rejection in run.rejected:
-            self.audit.event(
+            self.audit.job_event(
                 "instance-rejected",
-                job_id=job.id,
-                study_instance_uid=job.study_instance_uid,
+                job,
                 series_instance_uid=rejection.series_instance_uid,
                 sop_instance_uid=rejection.sop_instance_uid,
                 stage=rejection.stage,
@@ -372,11 +338,9 @@ class WorkerLoop:
             seconds,
             len(run.rejected),
         )
-        self.audit.event(
+        self.audit.job_event(
             "job-processed",
-            job_id=job.id,
-            study_instance_uid=job.study_instance_uid,
-            version=job.version,
+            job,
             pipeline=self.pipeline.name,
             model=", ".join(run.models) or None,
             n_instances=n_inputs,
@@ -408,6 +372,14 @@ class WorkerLoop:
         if records:
             self.store.record_rejected(list(records.values()))
 
+    def _stage_failed(self, job: Job, stage: str, exc: BaseException) -> None:
+        """A pipeline stage raised: bad input or a transient failure fails (or retries) the job as
+        usual; anything else is a crash of the pipeline itself."""
+        if is_transient(exc) or isinstance(exc, (InputError, UsageError)):
+            self._failed(job, stage, exc)
+        else:
+            self._crashed(job, exc)
+
     def _crashed(self, job: Job, exc: BaseException) -> None:
         """The pipeline itself failed: retry with backoff; once attempts run out, quarantine the inputs."""
         logger.error("job %d process crashed", job.id, exc_info=exc)
@@ -437,11 +409,9 @@ class WorkerLoop:
                 self.store.mark_delivered(job.id, uids, destination.name)
                 self.metrics.delivery(destination.name, "delivered", len(uids))
                 for uid in uids:
-                    self.audit.event(
+                    self.audit.job_event(
                         "delivered",
-                        job_id=job.id,
-                        study_instance_uid=job.study_instance_uid,
-                        version=job.version,
+                        job,
                         sop_instance_uid=uid,
                         destination=destination.name,
                     )
@@ -455,11 +425,9 @@ class WorkerLoop:
         delivered = self.store.finish_delivered(job.id)
         self.metrics.job("delivered")
         logger.info("study %s version %d delivered", job.study_instance_uid, job.version)
-        self.audit.event(
+        self.audit.job_event(
             "job-delivered",
-            job_id=job.id,
-            study_instance_uid=job.study_instance_uid,
-            version=job.version,
+            job,
             n_outputs=delivered.n_outputs,
             destination=", ".join(d.name for d in self.destinations),
         )
@@ -486,11 +454,9 @@ class WorkerLoop:
             logger.error(
                 "job %d (study %s v%d) failed: %s", job.id, job.study_instance_uid, job.version, reason
             )
-            self.audit.event(
+            self.audit.job_event(
                 "job-failed",
-                job_id=job.id,
-                study_instance_uid=job.study_instance_uid,
-                version=job.version,
+                job,
                 attempts=updated.attempts,
                 reason=updated.last_error,
                 destination=destination,
@@ -506,11 +472,9 @@ class WorkerLoop:
             delay,
             reason,
         )
-        self.audit.event(
+        self.audit.job_event(
             "job-retry",
-            job_id=job.id,
-            study_instance_uid=job.study_instance_uid,
-            version=job.version,
+            job,
             attempts=updated.attempts,
             delay_s=round(delay, 2),
             reason=reason,
@@ -523,11 +487,9 @@ class WorkerLoop:
         failed = self.store.fail(job.id, reason)
         self.metrics.job("failed")
         logger.error("job %d (study %s v%d) failed: %s", job.id, job.study_instance_uid, job.version, reason)
-        self.audit.event(
+        self.audit.job_event(
             "job-failed",
-            job_id=job.id,
-            study_instance_uid=job.study_instance_uid,
-            version=job.version,
+            job,
             attempts=failed.attempts,
             reason=reason,
         )

@@ -20,6 +20,7 @@ from tests.support.listener import (
     ListenerProcess,
     all_finished,
     jobs,
+    read_job_store,
     send_files,
     write_small_studies,
 )
@@ -45,13 +46,7 @@ def _listener(
 
 
 def _instance_count(spool: Path) -> int:
-    if not (spool / "jobs.sqlite").exists():
-        return 0
-    store = JobStore(spool / "jobs.sqlite", read_only=True)
-    try:
-        return store.count_instances()
-    finally:
-        store.close()
+    return read_job_store(spool, JobStore.count_instances, 0)
 
 
 def _check_exactly_once(spool: Path, orthanc, acknowledged: set[str]) -> list:

@@ -24,24 +24,28 @@ CREATED = datetime(2026, 12, 3, 10, 0, 0)
 IDENTITY = Hl7Identity(sending_facility="RADIOLOGY", receiving_application="RIS", receiving_facility="HOSP")
 
 
-def header(**overrides: str) -> Dataset:
+#: The study header an ORU is built from: patient, study and order attributes.
+HEADER = {
+    "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.1",
+    "PatientID": "MRN|42^7",
+    "IssuerOfPatientID": "HOSP",
+    "PatientName": "Müller^Anna&Lena^^Dr^PhD",
+    "PatientBirthDate": "19700102",
+    "PatientSex": "F",
+    "StudyDate": "20261203",
+    "StudyTime": "101112.123",
+    "Modality": "CR",
+    "AccessionNumber": "ACC-0001",
+    "PlacerOrderNumberImagingServiceRequest": "PLACER-7",
+    "FillerOrderNumberImagingServiceRequest": "FILLER-9",
+}
+
+
+def header(**overrides: str | None) -> Dataset:
+    """:data:`HEADER` with ``overrides``; an override of None leaves the attribute out."""
     ds = Dataset()
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-    ds.PatientID = "MRN|42^7"
-    ds.IssuerOfPatientID = "HOSP"
-    ds.PatientName = "Müller^Anna&Lena^^Dr^PhD"
-    ds.PatientBirthDate = "19700102"
-    ds.PatientSex = "F"
-    ds.StudyDate = "20261203"
-    ds.StudyTime = "101112.123"
-    ds.Modality = "CR"
-    ds.AccessionNumber = "ACC-0001"
-    ds.PlacerOrderNumberImagingServiceRequest = "PLACER-7"
-    ds.FillerOrderNumberImagingServiceRequest = "FILLER-9"
-    for keyword, value in overrides.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
+    for keyword, value in {**HEADER, **overrides}.items():
+        if value is not None:
             setattr(ds, keyword, value)
     return ds
 
@@ -192,10 +196,10 @@ def test_mllp_failures_raise_with_the_endpoint_and_reason(receiver, script, ackn
     assert "Müller" not in str(caught.value)
 
 
-def test_unreachable_endpoint_raises_naming_it(unused_tcp_port):
+def test_unreachable_endpoint_raises_naming_it(unused_port):
     er7, control_id = _message()
-    with pytest.raises(Hl7DeliveryError, match=f"mllp://127.0.0.1:{unused_tcp_port}: "):
-        send_message(Hl7Endpoint("127.0.0.1", unused_tcp_port, timeout_s=2), er7, control_id)
+    with pytest.raises(Hl7DeliveryError, match=f"mllp://127.0.0.1:{unused_port}: "):
+        send_message(Hl7Endpoint("127.0.0.1", unused_port, timeout_s=2), er7, control_id)
 
 
 @pytest.mark.parametrize("text", ["host", "host:0", "host:70000", ":2575", "host:abc"])
@@ -210,12 +214,3 @@ def test_endpoint_text_parses_ipv4_and_ipv6():
         2575,
     )
     assert Hl7Endpoint.parse("[::1]:2575").host == "::1"
-
-
-@pytest.fixture
-def unused_tcp_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -23,10 +23,9 @@ from medgemma_deploy.dev.synthetic import write_demo_study
 from medgemma_deploy.listener.hl7 import message_control_id
 from medgemma_deploy.listener.jobstore import JobStore
 from tests.support import REPO
-from tests.support.listener import ListenerProcess, all_finished
+from tests.support.listener import ListenerProcess, all_finished, read_job_store, storescu
 from tests.support.orthanc import free_port, running_orthanc
 from tests.support.polling import wait_until
-from tests.support.system_tools import require
 from tests.support.triage import running_mllp_receiver
 
 pytestmark = pytest.mark.network
@@ -35,21 +34,8 @@ COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 def _storescu(port: int, folder: Path) -> None:
-    require("storescu")
-    command = [
-        "storescu",
-        "-aet",
-        "STORESCU",
-        "-aec",
-        "MEDGEMMA",
-        "+sd",
-        "+r",
-        "127.0.0.1",
-        str(port),
-        str(folder),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    sent = storescu(port, folder)
+    assert sent.returncode == 0, sent.stderr
 
 
 def _listener(work: Path, port: int, orthanc_port: int, hl7_port: int, models: Path) -> ListenerProcess:
@@ -67,13 +53,7 @@ def _listener(work: Path, port: int, orthanc_port: int, hl7_port: int, models: P
 
 
 def _notifications(spool: Path) -> list:
-    if not (spool / "jobs.sqlite").exists():
-        return []
-    store = JobStore(spool / "jobs.sqlite", read_only=True)
-    try:
-        return store.notifications()
-    finally:
-        store.close()
+    return read_job_store(spool, JobStore.notifications, [])
 
 
 def _jobs_table(spool: Path) -> str:

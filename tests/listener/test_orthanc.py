@@ -21,10 +21,9 @@ import pytest
 from medgemma_deploy.dev.synthetic import write_bad_inputs, write_demo_study
 from medgemma_deploy.listener.jobstore import JobStore
 from tests.support import REPO
-from tests.support.listener import ListenerProcess, all_finished, jobs, send_as_is
+from tests.support.listener import ListenerProcess, all_finished, jobs, send_as_is, storescu
 from tests.support.orthanc import free_port, running_orthanc
 from tests.support.polling import wait_until
-from tests.support.system_tools import require
 
 # Orthanc, its Python plugin and storescu are checked where they are used (tests.support.system_tools): a
 # missing one fails at once naming its Debian package; ./run tests installs them.
@@ -36,12 +35,9 @@ PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 PLUGIN = REPO / "deploy" / "orthanc" / "medgemma_forward.py"
 
 
-def storescu(port: int, *paths: Path, called: str = "MEDGEMMA") -> subprocess.CompletedProcess:
-    require("storescu")
-    # -nh: go on after a refused instance (storescu halts at the first one by default).
-    command = ["storescu", "-nh", "-aet", "STORESCU", "-aec", called, "-R", "+sd", "+r"]
-    command += ["127.0.0.1", str(port)]
-    return subprocess.run([*command, *map(str, paths)], capture_output=True, text=True, timeout=120)
+#: storescu's options here: -nh goes on after a refused instance (storescu halts at the first one by
+#: default); -R proposes only the SOP classes of the files sent.
+STORESCU_OPTIONS = ("-nh", "-R", "+sd", "+r")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +78,7 @@ def first_study(pacs):
         shutil.copy(bad[case], folder / f"{case}.dcm")
     # storescu proposes uncompressed syntaxes only unless told otherwise: the JPEG 2000 file goes as is.
     assert send_as_is(pacs["listener"].port, bad["undecodable-jpeg2000"]) == 0x0000
-    result = storescu(pacs["listener"].port, folder)
+    result = storescu(pacs["listener"].port, folder, options=STORESCU_OPTIONS)
     study_uid = str(pydicom.dcmread(demo[0]).StudyInstanceUID)
     spool = pacs["listener"].spool
     [job] = wait_until(lambda: all_finished(spool, 1), 120, 0.5, "the first study delivered")
@@ -136,7 +132,7 @@ def test_a_late_instance_produces_a_second_version_with_new_uids(pacs, first_stu
     path = pacs["work"] / "late" / "late.dcm"
     path.parent.mkdir()
     late.save_as(path)
-    assert storescu(pacs["listener"].port, path).returncode == 0
+    assert storescu(pacs["listener"].port, path, options=STORESCU_OPTIONS).returncode == 0
     spool = pacs["listener"].spool
     found = wait_until(lambda: all_finished(spool, 2), 120, 0.5, "version 2 delivered")
     v1, v2 = sorted(
@@ -157,7 +153,10 @@ def test_orthanc_forwards_stable_studies_and_our_results_do_not_loop(pacs):
     orthanc, spool = pacs["orthanc"], pacs["listener"].spool
     demo = write_demo_study(pacs["work"] / "study2", seed=1)
     study_uid = str(pydicom.dcmread(demo[0]).StudyInstanceUID)
-    assert storescu(orthanc.dicom_port, pacs["work"] / "study2", called=orthanc.aet).returncode == 0
+    sent = storescu(
+        orthanc.dicom_port, pacs["work"] / "study2", called_aet=orthanc.aet, options=STORESCU_OPTIONS
+    )
+    assert sent.returncode == 0
 
     def delivered():
         mine = [j for j in jobs(spool) if j.study_instance_uid == study_uid]

@@ -15,10 +15,9 @@ import pytest
 
 from medgemma_deploy.dev.synthetic import write_demo_study
 from tests.support import REPO
-from tests.support.listener import ListenerProcess, all_finished, jobs
+from tests.support.listener import ListenerProcess, all_finished, jobs, storescu
 from tests.support.orthanc import free_port, running_orthanc
 from tests.support.polling import wait_until
-from tests.support.system_tools import require
 
 # Orthanc and storescu are checked where they are used (tests.support.system_tools): a missing one fails at
 # once naming its Debian package; ./run tests installs them.
@@ -53,20 +52,8 @@ class Worker:
 
 
 def _storescu(port: int, folder: Path) -> None:
-    require("storescu")
-    command = [
-        "storescu",
-        "-nh",
-        "-aet",
-        "STORESCU",
-        "-aec",
-        "MEDGEMMA",
-        "+sd",
-        "127.0.0.1",
-        str(port),
-        str(folder),
-    ]
-    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    sent = storescu(port, folder, options=("-nh", "+sd"))
+    assert sent.returncode == 0, sent.stderr
 
 
 def test_listener_on_a_remote_worker_survives_a_worker_outage(tmp_path, tiny_medsiglip_dir):

@@ -4,7 +4,6 @@ v2.5.1 parsing), and the job runner's staging (every study classified before any
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -30,7 +29,7 @@ from medgemma_deploy.listener.pipelines import PipelineOutput, PipelineRun, Pipe
 from medgemma_deploy.listener.spool import Spool
 from medgemma_deploy.listener.worker_loop import RetryPolicy, WorkerLoop
 from medgemma_deploy.triage import triage_study
-from tests.support.listener import PATIENT_ID, PATIENT_NAME, write_small_studies
+from tests.support.listener import PATIENT_ID, PATIENT_NAME, spool_studies, write_small_studies
 from tests.support.polling import wait_until
 from tests.support.triage import classification, running_mllp_receiver
 
@@ -72,77 +71,57 @@ def test_a_version_1_store_is_migrated_in_place_and_keeps_its_jobs(tmp_path):
         store.close()
 
 
-def test_untriaged_work_comes_first_then_priority_with_aging(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+def test_untriaged_work_comes_first_then_priority_with_aging(store):
     now = 10_000.0
-    try:
-        old_routine = _queue(store, "1.1", now - 3 * AGING_S)  # waited longer than 2 × aging
-        routine = _queue(store, "1.2", now - 60)
-        stat = _queue(store, "1.3", now - 10)
-        untriaged = _queue(store, "1.4", now - 1)
-        for job_id, level in ((old_routine, 0), (routine, 0), (stat, 2)):
-            store.set_triage(job_id, level, "[]", requeue=False)
+    old_routine = _queue(store, "1.1", now - 3 * AGING_S)  # waited longer than 2 × aging
+    routine = _queue(store, "1.2", now - 60)
+    stat = _queue(store, "1.3", now - 10)
+    untriaged = _queue(store, "1.4", now - 1)
+    for job_id, level in ((old_routine, 0), (routine, 0), (stat, 2)):
+        store.set_triage(job_id, level, "[]", requeue=False)
 
-        def order() -> list[int]:
-            claimed = []
-            while (job := store.claim_next(allow_processing=True, triage_first=True, now=now)) is not None:
-                claimed.append(job.id)
-            return claimed
+    def order() -> list[int]:
+        claimed = []
+        while (job := store.claim_next(allow_processing=True, triage_first=True, now=now)) is not None:
+            claimed.append(job.id)
+        return claimed
 
-        # The untriaged study is classified first; the stat one overtakes the routine study that
-        # arrived 50 s before it, but not the one that has waited longer than two aging periods.
-        assert order() == [untriaged, old_routine, stat, routine]
-    finally:
-        store.close()
+    # The untriaged study is classified first; the stat one overtakes the routine study that
+    # arrived 50 s before it, but not the one that has waited longer than two aging periods.
+    assert order() == [untriaged, old_routine, stat, routine]
 
 
-def test_without_staging_untriaged_jobs_count_as_routine(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite")
-    try:
-        first = _queue(store, "2.1", 100.0)
-        urgent = _queue(store, "2.2", 200.0)
-        store.set_triage(urgent, 1, "[]", requeue=False)
-        claimed = store.claim_next(allow_processing=True, triage_first=False, aging_s=AGING_S, now=300.0)
-        assert claimed.id == urgent
-        assert store.claim_next(allow_processing=True, now=300.0).id == first
-    finally:
-        store.close()
+def test_without_staging_untriaged_jobs_count_as_routine(store):
+    first = _queue(store, "2.1", 100.0)
+    urgent = _queue(store, "2.2", 200.0)
+    store.set_triage(urgent, 1, "[]", requeue=False)
+    claimed = store.claim_next(allow_processing=True, triage_first=False, aging_s=AGING_S, now=300.0)
+    assert claimed.id == urgent
+    assert store.claim_next(allow_processing=True, now=300.0).id == first
 
 
-def test_with_the_triage_queue_off_the_order_is_first_come_first_served(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite")
-    try:
-        first = _queue(store, "5.1", 100.0)
-        stat = _queue(store, "5.2", 200.0)
-        store.set_triage(stat, 2, "[]", requeue=False)
-        assert store.claim_next(allow_processing=True, by_priority=False, now=300.0).id == first
-    finally:
-        store.close()
+def test_with_the_triage_queue_off_the_order_is_first_come_first_served(store):
+    first = _queue(store, "5.1", 100.0)
+    stat = _queue(store, "5.2", 200.0)
+    store.set_triage(stat, 2, "[]", requeue=False)
+    assert store.claim_next(allow_processing=True, by_priority=False, now=300.0).id == first
 
 
-def test_a_late_instance_has_the_study_triaged_again(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite")
-    try:
-        job_id = _queue(store, "3.1", 100.0)
-        store.set_triage(job_id, 2, '[{"finding": "pneumothorax"}]', requeue=False)
-        store.record_instance(_instance("3.1", 2), now=150.0)
-        job = store.job(job_id)
-        assert (job.state, job.priority, job.triage) == (JobState.RECEIVED, None, None)
-    finally:
-        store.close()
+def test_a_late_instance_has_the_study_triaged_again(store):
+    job_id = _queue(store, "3.1", 100.0)
+    store.set_triage(job_id, 2, '[{"finding": "pneumothorax"}]', requeue=False)
+    store.record_instance(_instance("3.1", 2), now=150.0)
+    job = store.job(job_id)
+    assert (job.state, job.priority, job.triage) == (JobState.RECEIVED, None, None)
 
 
-def test_an_outbox_row_is_added_once_per_study_version(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite")
-    try:
-        job_id = _queue(store, "4.1", 1.0)
-        assert store.add_notification(job_id, "MGD1", "mllp://h:1", "hl7/MGD1.er7", 2)
-        assert not store.add_notification(job_id, "MGD1", "mllp://h:1", "hl7/MGD1.er7", 2)
-        assert len(store.notifications()) == 1
-        with pytest.raises(ValueError, match="no failed HL7 message"):
-            store.requeue_notification(job_id)
-    finally:
-        store.close()
+def test_an_outbox_row_is_added_once_per_study_version(store):
+    job_id = _queue(store, "4.1", 1.0)
+    assert store.add_notification(job_id, "MGD1", "mllp://h:1", "hl7/MGD1.er7", 2)
+    assert not store.add_notification(job_id, "MGD1", "mllp://h:1", "hl7/MGD1.er7", 2)
+    assert len(store.notifications()) == 1
+    with pytest.raises(ValueError, match="no failed HL7 message"):
+        store.requeue_notification(job_id)
 
 
 # -- the outbox against a real MLLP receiver ------------------------------------------------------
@@ -255,15 +234,6 @@ def test_an_unreachable_endpoint_is_retried_then_failed_and_shown_in_jobs(outbox
     assert store.requeue_notification(job.id).state is NotificationState.QUEUED
 
 
-@pytest.fixture
-def unused_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # -- the job runner: classification first, urgent reports first ------------------------------------
 
 
@@ -321,24 +291,6 @@ class Collecting:
             on_delivered([item.sop_instance_uid])
 
 
-def _spooled(spool: Spool, store: JobStore, files: list[Path]) -> dict[str, int]:
-    """Record ``files`` as received and complete their studies; Study Instance UID → job id."""
-    jobs: dict[str, int] = {}
-    for path in files:
-        data = path.read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        relative = spool.instance_path(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), sha)
-        spool.write(relative, [data])
-        outcome = store.record_instance(
-            NewInstance(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), None, str(ds.SOPClassUID), None,
-                        relative, sha, len(data), "T")
-        )  # fmt: skip
-        jobs[str(ds.StudyInstanceUID)] = outcome.job_id
-    store.complete_quiet_studies(time.time() + 1)
-    return jobs
-
-
 def test_every_study_is_classified_before_any_report_and_the_stat_one_is_reported_first(tmp_path):
     spool = Spool(tmp_path / "spool", min_free_bytes=0)
     store = JobStore(spool.root / "jobs.sqlite")
@@ -347,7 +299,7 @@ def test_every_study_is_classified_before_any_report_and_the_stat_one_is_reporte
     studies = [str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files]
     stat_study = studies[-1]  # the last to arrive
     pipeline = StagedPipeline({stat_study: {"pneumothorax": 0.95}})
-    job_ids = _spooled(spool, store, files)
+    job_ids = spool_studies(spool, store, files)
     destination = Collecting()
     with running_mllp_receiver() as receiver:
         hl7 = Hl7Settings(endpoint=Hl7Endpoint("127.0.0.1", receiver.server_address[1], timeout_s=3))
@@ -384,7 +336,7 @@ def test_an_unreachable_interface_engine_never_holds_up_dicom_delivery(tmp_path,
     audit = AuditLog(spool.root / "audit.jsonl")
     files = write_small_studies(tmp_path / "in", 1, 2)
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    [job_id] = _spooled(spool, store, files).values()
+    [job_id] = spool_studies(spool, store, files).values()
     destination = Collecting()
     hl7 = Hl7Settings(endpoint=Hl7Endpoint("127.0.0.1", unused_port, timeout_s=2))
     outbox = Hl7Outbox(store, spool, audit, hl7, max_attempts=50, backoff=lambda n: 0.05)

@@ -38,18 +38,6 @@ def _instance(spool: Spool, sop: str, content: bytes = b"x", study: str = STUDY)
     )
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "spool", min_free_bytes=0)
-
-
-@pytest.fixture
-def store(spool: Spool):
-    store = JobStore(spool.root / "jobs.sqlite")
-    yield store
-    store.close()
-
-
 # -- spool --------------------------------------------------------------------------------------
 
 
@@ -357,6 +345,23 @@ def test_jobs_command_lists_and_retries(spool, store, capsys):
     assert jobs_command.main(["--spool", str(spool.root), "--retry", str(job.id)]) == 2
     assert "only failed jobs" in capsys.readouterr().err
     assert jobs_command.main(["--spool", str(spool.root / "missing")]) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "variable"),
+    [([], "spool"), (["--spool", "spool"], "elsewhere")],
+    ids=["from-environment", "flag-over-environment"],
+)
+def test_jobs_and_listen_resolve_the_same_spool(spool, store, tmp_path, monkeypatch, capsys, argv, variable):
+    store.record_instance(_instance(spool, "1.1"))
+    environ = {"MEDGEMMA_LISTENER_SPOOL": str(tmp_path / variable)}
+    monkeypatch.setenv("MEDGEMMA_LISTENER_SPOOL", environ["MEDGEMMA_LISTENER_SPOOL"])
+    argv = [str(tmp_path / arg) if arg == "spool" else arg for arg in argv]
+    listen_config = listen_command.build_config(_listen_args(*argv, "--destination", "P@h:1"), environ)
+    assert listen_config.spool == spool.root
+    assert jobs_command.main([*argv, "--json"]) == 0
+    [record] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["study_instance_uid"] == STUDY
 
 
 def test_listen_refuses_to_start_with_an_unusable_pipeline(tmp_path, capsys):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,12 +14,12 @@ from medgemma_deploy.domain import Rejection
 from medgemma_deploy.errors import InputError
 from medgemma_deploy.listener.audit import AuditLog
 from medgemma_deploy.listener.delivery import DeliveryItem, TransientDeliveryError
-from medgemma_deploy.listener.jobmodel import JobState, NewInstance
+from medgemma_deploy.listener.jobmodel import JobState
 from medgemma_deploy.listener.jobstore import JobStore
 from medgemma_deploy.listener.pipelines import PipelineOutput, PipelineRun
 from medgemma_deploy.listener.spool import Spool
 from medgemma_deploy.listener.worker_loop import RetryPolicy, WorkerLoop
-from tests.support.listener import write_small_studies
+from tests.support.listener import spool_studies, write_small_studies
 from tests.support.polling import wait_until
 
 STUDY = "1.2.3"
@@ -92,17 +90,7 @@ def setting(tmp_path):
     loops: list[WorkerLoop] = []
 
     def add_study_version(paths=files) -> None:
-        for path in paths:
-            data = path.read_bytes()
-            sha = hashlib.sha256(data).hexdigest()
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            relative = spool.instance_path(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), sha)
-            spool.write(relative, [data])
-            store.record_instance(
-                NewInstance(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), None, str(ds.SOPClassUID), None,
-                            relative, sha, len(data), "T")
-            )  # fmt: skip
-        store.complete_quiet_studies(time.time() + 1)
+        spool_studies(spool, store, paths)
 
     def start(pipeline, destination) -> WorkerLoop:
         loop = WorkerLoop(
@@ -214,7 +202,8 @@ def test_a_crash_is_retried_with_backoff_then_its_instances_quarantined_with_the
     [job] = wait_until(lambda: _finished(setting["store"]), 20, 0.02, "failed after retries")
     assert job.state is JobState.FAILED and pipeline.calls == [1, 1, 1, 1]
     assert "process crashed: KeyError" in job.last_error and "gave up after 4 attempts" in job.last_error
-    rejected = setting["store"].rejected_inputs(job.id)
+    # The job reads failed a moment before its inputs are quarantined (two writes): wait for them.
+    rejected = wait_until(lambda: setting["store"].rejected_inputs(job.id), 5, 0.02, "inputs quarantined")
     assert len(rejected) == 3 and {r.stage for r in rejected} == {"process"}
     quarantined = setting["store"].quarantined()
     assert sorted(q["path"] for q in quarantined) == sorted(r.path for r in rejected)

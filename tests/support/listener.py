@@ -1,4 +1,4 @@
-"""Helpers for the listener tests: a listener subprocess, a DICOM sender, small studies, a fast pipeline.
+"""Helpers for the listener tests: a listener subprocess, DICOM senders, small studies, a fast pipeline.
 
 :class:`MarkerPipeline` (``--pipeline tests.support.listener:make_marker_pipeline``) stands in for
 the model pipelines where a test is about the network and the job machinery, not the models: it
@@ -9,6 +9,7 @@ environment makes it slow, so a test can kill the listener mid-job.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -16,9 +17,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -26,15 +27,19 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from medgemma_deploy.dev.synthetic import write_ct_studies
-from medgemma_deploy.listener.jobmodel import Job
+from medgemma_deploy.listener.jobmodel import Job, NewInstance
 from medgemma_deploy.listener.jobstore import JobStore
 from medgemma_deploy.listener.pipelines import PipelineOptions, PipelineOutput, PipelineRun
+from medgemma_deploy.listener.spool import Spool
 from tests.support import REPO
 from tests.support.polling import wait_until
+from tests.support.system_tools import require
 
 PATIENT_NAME = "DEMO^SYNTHETIC"
 PATIENT_ID = "DEMO-0001"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+T = TypeVar("T")
 
 
 # -- a fast stand-in pipeline -------------------------------------------------------------------
@@ -127,6 +132,25 @@ def write_small_studies(
     )
 
 
+def spool_studies(spool: Spool, store: JobStore, files: Iterable[Path]) -> dict[str, int]:
+    """Record ``files`` as received (written to the spool, as the C-STORE handler does) and complete
+    their studies at once; Study Instance UID → job id."""
+    job_ids: dict[str, int] = {}
+    for path in files:
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        relative = spool.instance_path(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), sha)
+        spool.write(relative, [data])
+        outcome = store.record_instance(
+            NewInstance(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), None, str(ds.SOPClassUID), None,
+                        relative, sha, len(data), "T")
+        )  # fmt: skip
+        job_ids[str(ds.StudyInstanceUID)] = outcome.job_id
+    store.complete_quiet_studies(time.time() + 1)
+    return job_ids
+
+
 # -- a DICOM sender -----------------------------------------------------------------------------
 
 
@@ -173,6 +197,19 @@ def send_files(
         if assoc.is_established:
             assoc.release()
     return statuses
+
+
+def storescu(
+    port: int, *paths: Path, called_aet: str = "MEDGEMMA", options: Sequence[str] = ("+sd", "+r")
+) -> subprocess.CompletedProcess:
+    """dcmtk's storescu as STORESCU from 127.0.0.1 (a missing storescu fails the test, naming its package).
+
+    ``options`` are storescu's own: the default scans the folders given, recursively; add ``-nh``
+    to go on after a refused instance (storescu halts at the first one by default).
+    """
+    require("storescu")
+    command = ["storescu", "-aet", "STORESCU", "-aec", called_aet, *options, "127.0.0.1", str(port)]
+    return subprocess.run([*command, *map(str, paths)], capture_output=True, text=True, timeout=120)
 
 
 def no_delay(assoc: Any) -> None:
@@ -276,14 +313,20 @@ class ListenerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def jobs(spool: Path) -> list[Job]:
+def read_job_store(spool: Path, read: Callable[[JobStore], T], missing: T) -> T:
+    """``read`` on the spool's job store, opened read-only beside the running listener; ``missing``
+    before the listener has created the store."""
     if not (spool / "jobs.sqlite").exists():
-        return []
+        return missing
     store = JobStore(spool / "jobs.sqlite", read_only=True)
     try:
-        return store.jobs()
+        return read(store)
     finally:
         store.close()
+
+
+def jobs(spool: Path) -> list[Job]:
+    return read_job_store(spool, JobStore.jobs, [])
 
 
 def all_finished(spool: Path, expected_jobs: int | None = None) -> list[Job] | None:

@@ -14,42 +14,38 @@ from hl7apy.core import Message
 from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
 
-from medgemma_deploy.domain import (
-    Code,
-    FindingDefinition,
-    FindingScore,
-    LabelSet,
-    ModelIdentity,
-    Series,
-    SeriesClassification,
-    TriagePriority,
-    TriageRule,
-)
+from medgemma_deploy import domain
 from medgemma_deploy.listener.mllp import frame
 
 FINDINGS = (
-    FindingDefinition(
-        "pneumothorax", "Pneumothorax", Code("36118008", "SCT", "Pneumothorax"), ("p",), ("n",)
+    domain.FindingDefinition(
+        "pneumothorax", "Pneumothorax", domain.Code("36118008", "SCT", "Pneumothorax"), ("p",), ("n",)
     ),
-    FindingDefinition(
-        "consolidation", "Consolidation", Code("95436008", "SCT", "Consolidation"), ("p",), ("n",)
+    domain.FindingDefinition(
+        "consolidation", "Consolidation", domain.Code("95436008", "SCT", "Consolidation"), ("p",), ("n",)
     ),
-    FindingDefinition("fracture", "Fracture", Code("125605004", "SCT", "Fracture of bone"), ("p",), ("n",)),
+    domain.FindingDefinition(
+        "fracture", "Fracture", domain.Code("125605004", "SCT", "Fracture of bone"), ("p",), ("n",)
+    ),
 )
 RULES = (
-    TriageRule("pneumothorax", 0.6, TriagePriority.STAT),
-    TriageRule("consolidation", 0.7, TriagePriority.URGENT),
+    domain.TriageRule("pneumothorax", 0.6, domain.TriagePriority.STAT),
+    domain.TriageRule("consolidation", 0.7, domain.TriagePriority.URGENT),
 )
 
 
-def classification(probabilities: dict[str, float], series_uid: str = "1.2.3.1") -> SeriesClassification:
-    label_set = LabelSet("triage-set", "1", ("CR",), (), "softmax", 0.5, FINDINGS, RULES)
-    series = Series("1.2.3", series_uid, "CR", "CHEST", [])
+def classification(
+    probabilities: dict[str, float], series_uid: str = "1.2.3.1"
+) -> domain.SeriesClassification:
+    label_set = domain.LabelSet("triage-set", "1", ("CR",), (), "softmax", 0.5, FINDINGS, RULES)
+    series = domain.Series("1.2.3", series_uid, "CR", "CHEST", [])
     scores = [
-        FindingScore(f, probabilities.get(f.key, 0.0), probabilities.get(f.key, 0.0) >= 0.5, [0.0], 0)
+        domain.FindingScore(f, probabilities.get(f.key, 0.0), probabilities.get(f.key, 0.0) >= 0.5, [0.0], 0)
         for f in FINDINGS
     ]
-    return SeriesClassification(series, label_set, ModelIdentity("medsiglip", "v1", Path("m")), scores)
+    return domain.SeriesClassification(
+        series, label_set, domain.ModelIdentity("medsiglip", "v1", Path("m")), scores
+    )
 
 
 class _Receiver(AbstractHandler):
