@@ -19,6 +19,7 @@ _HOMES = {
     "EmbedWork": "image_service",
     "ImageRunner": "image_service",
     "ImageService": "image_service",
+    "ImageWork": "image_service",
     "TextEmbedWork": "image_service",
     "DecodeBatch": "decode",
     "Prefilled": "decode",

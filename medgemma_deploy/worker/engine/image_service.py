@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +21,15 @@ from medgemma_deploy.domain import LabelSet, ModelIdentity
 from medgemma_deploy.worker.engine.batcher import BatchedRequest, BatchObserver, MicroBatcher
 from medgemma_deploy.worker.engine.errors import BadRequestError
 
-__all__ = ["ClassifyOutcome", "ClassifyWork", "EmbedWork", "ImageRunner", "ImageService", "TextEmbedWork"]
+__all__ = [
+    "ClassifyOutcome",
+    "ClassifyWork",
+    "EmbedWork",
+    "ImageRunner",
+    "ImageService",
+    "ImageWork",
+    "TextEmbedWork",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +91,10 @@ class TextEmbedWork:
     """One EmbedText request after validation: texts through the text tower (search queries)."""
 
     texts: list[str]
+
+
+#: What :meth:`ImageService.submit` queues.
+ImageWork = ClassifyWork | EmbedWork | TextEmbedWork
 
 
 @dataclass
@@ -203,59 +215,22 @@ class ImageService:
             )
         return sorted(matches, key=lambda ls: _version_key(ls.version))[-1]
 
-    def classify(
+    def submit(
         self,
-        work: ClassifyWork,
+        work: ImageWork,
         *,
         deadline: float | None = None,
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> BatchedRequest:
-        """Queue a Classify request; its future resolves to a :class:`ClassifyOutcome`."""
-        key = (
-            "classify",
-            work.label_set.name,
-            work.label_set.version,
-            work.relevance_keys,
-            work.omit_probabilities,
-            work.at_model_input,
-        )
-        return self.batcher.submit(
-            work, cost=len(work.images), group_key=key, deadline=deadline, is_cancelled=is_cancelled
-        )
+        """Queue a Classify, Embed or EmbedText request.
 
-    def embed(
-        self,
-        work: EmbedWork,
-        *,
-        deadline: float | None = None,
-        is_cancelled: Callable[[], bool] = lambda: False,
-    ) -> BatchedRequest:
-        """Queue an Embed request; its future resolves to an ``(n, dim)`` float array."""
-        return self.batcher.submit(
-            work,
-            cost=len(work.images),
-            group_key=("embed", work.at_model_input),
-            deadline=deadline,
-            is_cancelled=is_cancelled,
-        )
-
-    def embed_texts(
-        self,
-        work: TextEmbedWork,
-        *,
-        deadline: float | None = None,
-        is_cancelled: Callable[[], bool] = lambda: False,
-    ) -> BatchedRequest:
-        """Queue an EmbedText request; its future resolves to an ``(n, dim)`` float array.
-
-        Through the batcher like images: only its thread calls the runner.
+        Its future resolves to a :class:`ClassifyOutcome` (Classify) or an ``(n, dim)`` float array
+        (Embed, EmbedText). Texts go through the batcher like images: only its thread calls the
+        runner.
         """
+        cost = len(work.texts) if isinstance(work, TextEmbedWork) else len(work.images)
         return self.batcher.submit(
-            work,
-            cost=len(work.texts),
-            group_key=("embed-text",),
-            deadline=deadline,
-            is_cancelled=is_cancelled,
+            work, cost=cost, group_key=_group_key(work), deadline=deadline, is_cancelled=is_cancelled
         )
 
     def _run_group(self, requests: Sequence[BatchedRequest]) -> list[Any]:
@@ -303,6 +278,22 @@ class ImageService:
                 )
             )
         return outcomes
+
+
+def _group_key(work: ImageWork) -> Hashable:
+    """Requests with equal keys run as one model call: the same kind, label set and outputs."""
+    if isinstance(work, TextEmbedWork):
+        return ("embed-text",)
+    if isinstance(work, EmbedWork):
+        return ("embed", work.at_model_input)
+    return (
+        "classify",
+        work.label_set.name,
+        work.label_set.version,
+        work.relevance_keys,
+        work.omit_probabilities,
+        work.at_model_input,
+    )
 
 
 def _images_of(payload: ClassifyWork | EmbedWork) -> list[np.ndarray]:
