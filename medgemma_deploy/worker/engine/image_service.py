@@ -18,8 +18,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from medgemma_deploy.domain import LabelSet, ModelIdentity
-from medgemma_deploy.worker.engine.batcher import BatchedRequest, BatchObserver, MicroBatcher
+from medgemma_deploy.worker.engine.batcher import BatchedRequest, MicroBatcher
 from medgemma_deploy.worker.engine.errors import BadRequestError
+from medgemma_deploy.worker.engine.model_service import ModelService
+from medgemma_deploy.worker.engine.queue_thread import QueueObserver
 
 __all__ = [
     "ClassifyOutcome",
@@ -105,7 +107,7 @@ class ClassifyOutcome:
     relevance_grids: list[np.ndarray] = field(default_factory=list)
 
 
-class ImageService:
+class ImageService(ModelService):
     """MedSigLIP with dynamic batching and a label-set registry.
 
     Parameters
@@ -118,6 +120,8 @@ class ImageService:
         See :class:`~medgemma_deploy.worker.engine.batcher.MicroBatcher`.
     """
 
+    runner: ImageRunner
+
     def __init__(
         self,
         runner: ImageRunner,
@@ -126,9 +130,8 @@ class ImageService:
         max_batch_size: int = 32,
         max_queue_delay: float = 0.005,
         max_queued_images: int = 1024,
-        observer: BatchObserver | None = None,
+        observer: QueueObserver | None = None,
     ) -> None:
-        self.runner = runner
         self.batcher = MicroBatcher(
             "medsiglip",
             self._run_group,
@@ -137,14 +140,11 @@ class ImageService:
             max_queued=max_queued_images,
             observer=observer,
         )
+        super().__init__(runner, self.batcher)
         self._label_sets: dict[tuple[str, str], LabelSet] = {}
         self._lock = threading.Lock()
         for label_set in label_sets:
             self.register_label_set(label_set)
-
-    @property
-    def identity(self) -> ModelIdentity:
-        return self.runner.identity
 
     @property
     def preprocessor(self) -> Any:
@@ -155,12 +155,6 @@ class ImageService:
     def label_sets(self) -> list[LabelSet]:
         with self._lock:
             return list(self._label_sets.values())
-
-    def start(self) -> None:
-        self.batcher.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self.batcher.stop(timeout)
 
     def warm_up(self) -> None:
         """One small image through the runner, so the first client does not pay for lazy setup."""
