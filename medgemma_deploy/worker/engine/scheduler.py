@@ -120,6 +120,10 @@ class ReportScheduler(QueueThread):
     admission_window_s:
         How long an idle loop waits for requests still being prepared (see step 1); never
         waited while sequences are running.
+
+    The four limits have no defaults here: the
+    :class:`~medgemma_deploy.worker.engine.report_service.ReportService` that builds the scheduler
+    holds them.
     """
 
     observer: SchedulerObserver | None
@@ -131,10 +135,10 @@ class ReportScheduler(QueueThread):
         device: torch.device,
         eos_token_ids: Sequence[int],
         suppress_token_ids: Sequence[int] = (),
-        max_running: int = 32,
-        max_waiting: int = 64,
-        max_cached_tokens: int = 0,
-        max_prefills_per_step: int = 8,
+        max_running: int,
+        max_waiting: int,
+        max_cached_tokens: int,
+        max_prefills_per_step: int,
         pad_token_id: int = 0,
         observer: SchedulerObserver | None = None,
         admission_window_s: float = 0.05,
