@@ -17,7 +17,6 @@ _HOMES = {
     "ClassifyOutcome": "image_service",
     "ClassifyWork": "image_service",
     "EmbedWork": "image_service",
-    "ImageRunner": "image_service",
     "ImageService": "image_service",
     "ImageWork": "image_service",
     "TextEmbedWork": "image_service",

@@ -13,21 +13,23 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medgemma_deploy.domain import LabelSet, ModelIdentity
+from medgemma_deploy.domain import LabelSet
 from medgemma_deploy.worker.engine.batcher import BatchedRequest, MicroBatcher
 from medgemma_deploy.worker.engine.errors import BadRequestError
 from medgemma_deploy.worker.engine.model_service import ModelService
 from medgemma_deploy.worker.engine.queue_thread import QueueObserver
 
+if TYPE_CHECKING:  # the runner module imports torch; the service only calls it
+    from medgemma_deploy.operators.medsiglip.runner import MedSigLIPRunner
+
 __all__ = [
     "ClassifyOutcome",
     "ClassifyWork",
     "EmbedWork",
-    "ImageRunner",
     "ImageService",
     "ImageWork",
     "TextEmbedWork",
@@ -37,33 +39,6 @@ logger = logging.getLogger(__name__)
 
 #: Distinct label sets a worker keeps (each keeps cached text embeddings in the runner).
 MAX_LABEL_SETS = 256
-
-
-class ImageRunner(Protocol):
-    """What the service needs of a MedSigLIP runner (``operators.medsiglip.MedSigLIPRunner``)."""
-
-    identity: ModelIdentity
-
-    def score(
-        self, images: Sequence[np.ndarray], label_set: LabelSet, *, at_model_input: bool = False
-    ) -> Any: ...
-
-    def embed_images(self, images: Sequence[np.ndarray], *, at_model_input: bool = False) -> np.ndarray: ...
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
-
-    def relevance_maps(
-        self, images: Sequence[np.ndarray], label_set: LabelSet, finding_keys: Sequence[str]
-    ) -> list[np.ndarray]: ...
-
-    def relevance_grids(
-        self,
-        images: Sequence[np.ndarray],
-        label_set: LabelSet,
-        finding_keys: Sequence[str],
-        *,
-        at_model_input: bool = False,
-    ) -> list[np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -120,11 +95,11 @@ class ImageService(ModelService):
         See :class:`~medgemma_deploy.worker.engine.batcher.MicroBatcher`.
     """
 
-    runner: ImageRunner
+    runner: MedSigLIPRunner
 
     def __init__(
         self,
-        runner: ImageRunner,
+        runner: MedSigLIPRunner,
         *,
         label_sets: Sequence[LabelSet] = (),
         max_batch_size: int = 32,
