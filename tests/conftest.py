@@ -66,11 +66,21 @@ def ct_series(tmp_path) -> Series:
     return series_from(datasets, [path] * len(datasets))
 
 
+def _one_file_series(name: str) -> Series:
+    path, dataset = read_testdata(name)
+    return series_from([dataset], [path])
+
+
 @pytest.fixture
 def cr_series() -> Series:
     """pydicom-data's real chest CR: MONOCHROME1, PixelSpacing 0\\0, no frame of reference."""
-    path, dataset = read_testdata("RG1_UNCI.dcm")
-    return series_from([dataset], [path])
+    return _one_file_series("RG1_UNCI.dcm")
+
+
+@pytest.fixture
+def ct_without_frame_of_reference() -> Series:
+    """pydicom-data's real 693_UNCI CT: no Frame of Reference UID, PatientIdentityRemoved YES."""
+    return _one_file_series("693_UNCI.dcm")
 
 
 @pytest.fixture
@@ -80,13 +90,6 @@ def cr_two_image_series() -> Series:
     uids = [generate_uid(entropy_srcs=["cr image", str(index)]) for index in range(2)]
     datasets = [_small_copy(dataset, 64, 48, uid) for uid in uids]
     return series_from(datasets, [path, path])
-
-
-@pytest.fixture
-def ct_without_frame_of_reference() -> Series:
-    """pydicom-data's real 693_UNCI CT: no Frame of Reference UID, PatientIdentityRemoved YES."""
-    path, dataset = read_testdata("693_UNCI.dcm")
-    return series_from([dataset], [path])
 
 
 @pytest.fixture
