@@ -26,6 +26,7 @@ from medgemma_deploy.domain import (
     Series,
     SeriesClassification,
 )
+from medgemma_deploy.operators.medsiglip.labels import load_label_sets
 from tests.support.inputs import FINDINGS, read_testdata, series_from
 
 
@@ -90,6 +91,12 @@ def cr_two_image_series() -> Series:
     uids = [generate_uid(entropy_srcs=["cr image", str(index)]) for index in range(2)]
     datasets = [_small_copy(dataset, 64, 48, uid) for uid in uids]
     return series_from(datasets, [path, path])
+
+
+@pytest.fixture(scope="session")
+def chest() -> LabelSet:
+    """The packaged chest X-ray label set (``chest-xray``)."""
+    return next(s for s in load_label_sets(None) if s.name == "chest-xray")
 
 
 @pytest.fixture
