@@ -26,6 +26,7 @@ from medgemma_deploy.domain import (
     Series,
     SeriesClassification,
 )
+from medgemma_deploy.operators.medsiglip.labels import load_label_sets
 from tests.support.inputs import FINDINGS, read_testdata, series_from
 
 
@@ -66,11 +67,21 @@ def ct_series(tmp_path) -> Series:
     return series_from(datasets, [path] * len(datasets))
 
 
+def _one_file_series(name: str) -> Series:
+    path, dataset = read_testdata(name)
+    return series_from([dataset], [path])
+
+
 @pytest.fixture
 def cr_series() -> Series:
     """pydicom-data's real chest CR: MONOCHROME1, PixelSpacing 0\\0, no frame of reference."""
-    path, dataset = read_testdata("RG1_UNCI.dcm")
-    return series_from([dataset], [path])
+    return _one_file_series("RG1_UNCI.dcm")
+
+
+@pytest.fixture
+def ct_without_frame_of_reference() -> Series:
+    """pydicom-data's real 693_UNCI CT: no Frame of Reference UID, PatientIdentityRemoved YES."""
+    return _one_file_series("693_UNCI.dcm")
 
 
 @pytest.fixture
@@ -82,11 +93,10 @@ def cr_two_image_series() -> Series:
     return series_from(datasets, [path, path])
 
 
-@pytest.fixture
-def ct_without_frame_of_reference() -> Series:
-    """pydicom-data's real 693_UNCI CT: no Frame of Reference UID, PatientIdentityRemoved YES."""
-    path, dataset = read_testdata("693_UNCI.dcm")
-    return series_from([dataset], [path])
+@pytest.fixture(scope="session")
+def chest() -> LabelSet:
+    """The packaged chest X-ray label set (``chest-xray``)."""
+    return next(s for s in load_label_sets(None) if s.name == "chest-xray")
 
 
 @pytest.fixture

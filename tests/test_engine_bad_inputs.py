@@ -23,7 +23,7 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
-from medgemma_deploy.domain import Series
+from medgemma_deploy.domain import Rejection, Series
 from medgemma_deploy.engine import EngineOptions, PipelineEngine
 from medgemma_deploy.operators.dicom_input import pixels
 from medgemma_deploy.operators.dicom_input.reader import load_study_input
@@ -45,6 +45,14 @@ def _fresh(dataset: pydicom.Dataset, label: str) -> pydicom.Dataset:
     copied.SeriesInstanceUID = generate_uid(entropy_srcs=["issue 12 series", label])
     copied.file_meta.MediaStorageSOPInstanceUID = copied.SOPInstanceUID
     return copied
+
+
+def _only_rejection(dataset: pydicom.Dataset, folder: Path, keyword: str, value: object) -> Rejection:
+    """The one rejection of a fresh copy of ``dataset`` whose ``keyword`` is set to ``value``."""
+    bad = _fresh(dataset, f"{keyword} {value}")
+    setattr(bad, keyword, value)
+    (entry,) = load_study_input(_save(bad, folder / "bad.dcm")).rejected
+    return entry
 
 
 def _save(dataset: pydicom.Dataset, path: Path) -> Path:
@@ -220,19 +228,13 @@ def test_a_series_beyond_the_budget_is_refused_as_a_whole(ct, monkeypatch, tmp_p
 @pytest.mark.parametrize("uid", ["1.2 3.4", "1.2.3..4", "1.02.3", "1." + "2" * 70, "1.2.\u00e9"])
 @pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"])
 def test_invalid_uids_reject_the_instance(ct, tmp_path, keyword, uid):
-    bad = _fresh(ct, keyword + uid)
-    setattr(bad, keyword, uid)
-    path = _save(bad, tmp_path / "uid.dcm")
-    (entry,) = load_study_input(path).rejected
+    entry = _only_rejection(ct, tmp_path, keyword, uid)
     assert entry.stage == "header" and "is not a valid UID" in entry.reason
 
 
 @pytest.mark.parametrize("orientation", [[0, 0, 0, 0, 0, 0], [1, 0, 0, 1, 0, 0], [1, 0, 0, 2, 0, 0]])
 def test_zero_or_parallel_orientation_is_rejected(ct, tmp_path, orientation):
-    bad = _fresh(ct, str(orientation))
-    bad.ImageOrientationPatient = orientation
-    path = _save(bad, tmp_path / "iop.dcm")
-    (entry,) = load_study_input(path).rejected
+    entry = _only_rejection(ct, tmp_path, "ImageOrientationPatient", orientation)
     assert entry.stage == "header" and "'Image Orientation (Patient)'" in entry.reason
 
 
@@ -267,10 +269,7 @@ def test_nul_in_patient_name_never_reaches_an_output(engine, ct, tmp_path):
     ],
 )
 def test_non_finite_or_absurd_rescale_is_rejected(ct, tmp_path, keyword, value):
-    bad = _fresh(ct, keyword + value)
-    setattr(bad, keyword, value)
-    path = _save(bad, tmp_path / "rescale.dcm")
-    (entry,) = load_study_input(path).rejected
+    entry = _only_rejection(ct, tmp_path, keyword, value)
     assert entry.stage == "pixels" and "Rescale" in entry.reason
 
 

@@ -44,6 +44,19 @@ TLS_ENV = {
     "key": "MEDGEMMA_DEPLOY_TLS_KEY",
     "server_name": "MEDGEMMA_DEPLOY_TLS_SERVER_NAME",
 }
+#: The probe's TLS flags: (flag, its check_grpc_health keyword, the TLS_ENV key of the variable that
+#: gives its default, help).
+_TLS_OPTIONS = (
+    ("--ca", "ca_file", "ca", "CA certificate (PEM): use TLS, verify the worker (env {env})"),
+    ("--cert", "cert_file", "cert", "client certificate (PEM) for mutual TLS (env {env})"),
+    ("--key", "key_file", "key", "client private key (PEM) for mutual TLS (env {env})"),
+    (
+        "--server-name",
+        "server_name",
+        "server_name",
+        "name the worker certificate is for (default: HOST; env {env})",
+    ),
+)
 SERVING_STATUS_NAMES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 _SERVING = 1
 _HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
@@ -219,45 +232,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     grpc_parser = sub.add_parser("grpc", help="grpc.health.v1 Check; healthy when SERVING")
     grpc_parser.add_argument("address", help="HOST:PORT of the worker")
     grpc_parser.add_argument("--service", default="", help="service name to check (default: the server)")
-    env = os.environ
-    grpc_parser.add_argument(
-        "--ca",
-        dest="ca_file",
-        default=env.get(TLS_ENV["ca"]) or None,
-        help=f"CA certificate (PEM): use TLS, verify the worker (env {TLS_ENV['ca']})",
-    )
-    grpc_parser.add_argument(
-        "--cert",
-        dest="cert_file",
-        default=env.get(TLS_ENV["cert"]) or None,
-        help=f"client certificate (PEM) for mutual TLS (env {TLS_ENV['cert']})",
-    )
-    grpc_parser.add_argument(
-        "--key",
-        dest="key_file",
-        default=env.get(TLS_ENV["key"]) or None,
-        help=f"client private key (PEM) for mutual TLS (env {TLS_ENV['key']})",
-    )
-    grpc_parser.add_argument(
-        "--server-name",
-        default=env.get(TLS_ENV["server_name"]) or None,
-        help=f"name the worker certificate is for (default: HOST; env {TLS_ENV['server_name']})",
-    )
+    for flag, dest, setting, help_text in _TLS_OPTIONS:
+        variable = TLS_ENV[setting]
+        grpc_parser.add_argument(
+            flag, dest=dest, default=os.environ.get(variable) or None, help=help_text.format(env=variable)
+        )
     echo_parser = sub.add_parser("echo", help="DICOM C-ECHO; healthy on status 0x0000")
     echo_parser.add_argument("target", help="AET@HOST:PORT of the listener")
     echo_parser.add_argument("--calling-aet", default="HEALTHCHECK")
     args = parser.parse_args(argv)
     try:
         if args.check == "grpc":
-            result = check_grpc_health(
-                args.address,
-                service=args.service,
-                timeout=args.timeout,
-                ca_file=args.ca_file,
-                cert_file=args.cert_file,
-                key_file=args.key_file,
-                server_name=args.server_name,
-            )
+            tls = {dest: getattr(args, dest) for _, dest, _, _ in _TLS_OPTIONS}
+            result = check_grpc_health(args.address, service=args.service, timeout=args.timeout, **tls)
         else:
             result = check_dicom_echo(args.target, calling_aet=args.calling_aet, timeout=args.timeout)
     except (ValueError, OSError) as exc:

@@ -23,6 +23,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless
 __all__ = [
     "DEMO_PATIENT_ID",
     "DEMO_PATIENT_NAME",
+    "save_as_new_instance",
     "write_bad_inputs",
     "write_ct_studies",
     "write_demo_study",
@@ -124,6 +125,18 @@ def write_ct_studies(
     return paths
 
 
+def save_as_new_instance(dataset: Dataset, path: Path, sop_instance_uid: str) -> Path:
+    """Write ``dataset`` to ``path`` as a Part 10 file under a new SOP Instance UID.
+
+    The UID goes into the data set and its file meta information, which must agree, so a copy of
+    one instance (a benchmark's study of many) is never a duplicate of it.
+    """
+    dataset.SOPInstanceUID = sop_instance_uid
+    dataset.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
 def write_bad_inputs(out_dir: Path, good_file: Path) -> dict[str, Path]:
     """Write one broken input per case, derived from ``good_file`` (best a native CT slice).
 
@@ -217,7 +230,17 @@ def _study_attributes(seed: int) -> Dataset:
     return study
 
 
-def _instance(study: Dataset, sop_class: str, sop_instance: str, modality: str) -> Dataset:
+def _series_attributes(series_uid: str, number: int, description: str) -> Dataset:
+    """General Series module (C.7.3.1) basics shared by every instance of one chest series."""
+    series = Dataset()
+    series.SeriesInstanceUID = series_uid
+    series.SeriesNumber = number
+    series.SeriesDescription = description
+    series.BodyPartExamined = "CHEST"
+    return series
+
+
+def _instance(study: Dataset, series: Dataset, sop_class: str, sop_instance: str, modality: str) -> Dataset:
     """SOP Common, General Series, General Equipment, General Acquisition/Image basics."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -228,6 +251,7 @@ def _instance(study: Dataset, sop_class: str, sop_instance: str, modality: str) 
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_instance
     ds.update(study)
+    ds.update(series)
     ds.Modality = modality
     ds.Manufacturer = "medgemma-deploy"
     ds.ManufacturerModelName = "synthetic phantom"
@@ -239,11 +263,8 @@ def _instance(study: Dataset, sop_class: str, sop_instance: str, modality: str) 
 
 
 def _chest_cr(study: Dataset, seed: int, rng: np.random.Generator) -> Dataset:
-    ds = _instance(study, CR_IMAGE_STORAGE, _uid(seed, "cr", "instance"), "CR")
-    ds.SeriesInstanceUID = _uid(seed, "cr", "series")
-    ds.SeriesNumber = 1
-    ds.SeriesDescription = "Synthetic chest PA"
-    ds.BodyPartExamined = "CHEST"
+    series = _series_attributes(_uid(seed, "cr", "series"), 1, "Synthetic chest PA")
+    ds = _instance(study, series, CR_IMAGE_STORAGE, _uid(seed, "cr", "instance"), "CR")
     ds.ViewPosition = "PA"
     ds.InstanceNumber = 1
     ds.PatientOrientation = ["L", "F"]  # rows run to the patient's left, columns to the feet (PA view)
@@ -285,19 +306,15 @@ def _chest_radiograph_density(rows: int, columns: int, rng: np.random.Generator)
 
 
 def _chest_ct(study: Dataset, seed: int, rng: np.random.Generator) -> list[Dataset]:
-    series_uid = _uid(seed, "ct", "series")
+    series = _series_attributes(_uid(seed, "ct", "series"), 2, "Synthetic chest CT")
+    series.PatientPosition = "HFS"
     frame_of_reference = _uid(seed, "ct", "frame-of-reference")
     half_fov = _CT_SIZE * _CT_SPACING_MM / 2
     slices = []
     for index in range(_CT_SLICES):
         number = index + 1
         z = (index - (_CT_SLICES - 1) / 2) * _CT_SLICE_MM
-        ds = _instance(study, CT_IMAGE_STORAGE, _uid(seed, "ct", "instance", str(number)), "CT")
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = 2
-        ds.SeriesDescription = "Synthetic chest CT"
-        ds.BodyPartExamined = "CHEST"
-        ds.PatientPosition = "HFS"
+        ds = _instance(study, series, CT_IMAGE_STORAGE, _uid(seed, "ct", "instance", str(number)), "CT")
         ds.FrameOfReferenceUID = frame_of_reference
         ds.PositionReferenceIndicator = ""
         ds.InstanceNumber = number

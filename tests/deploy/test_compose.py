@@ -314,7 +314,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
+def orthanc(tmp_path_factory, background_process):
     binary = shutil.which("Orthanc")
     if binary is None:
         pytest.skip("Orthanc not installed (Debian package orthanc)")
@@ -332,8 +332,9 @@ def orthanc(tmp_path_factory):
     )
     config_file = folder / "orthanc.json"
     config_file.write_text(json.dumps(config))
-    log = (folder / "orthanc.log").open("w")
-    process = subprocess.Popen([binary, str(config_file)], cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    process, _ = background_process(
+        [binary, str(config_file)], folder / "orthanc.log", stop_timeout_s=15, cwd=folder
+    )
     auth = base64.b64encode(f"orthanc:{SITE_ENV['ORTHANC_PASSWORD']}".encode()).decode()
 
     def get(path: str) -> object:
@@ -342,29 +343,18 @@ def orthanc(tmp_path_factory):
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read())
 
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"Orthanc exited with {process.returncode}: {(folder / 'orthanc.log').read_text()}"
-                )
-            try:
-                get("/system")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("Orthanc did not answer within 30 s")
-                time.sleep(0.2)
-        yield {"dicom_port": dicom_port, "get": get, "aet": config["DicomAet"]}
-    finally:
-        process.terminate()
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"Orthanc exited with {process.returncode}: {(folder / 'orthanc.log').read_text()}")
         try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        log.close()
+            get("/system")
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail("Orthanc did not answer within 30 s")
+            time.sleep(0.2)
+    return {"dicom_port": dicom_port, "get": get, "aet": config["DicomAet"]}
 
 
 def test_orthanc_registers_the_listener_as_a_modality(orthanc, compose):

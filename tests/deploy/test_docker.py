@@ -456,45 +456,43 @@ def certificates(tmp_path_factory):
     return out
 
 
-def test_grpc_probe_over_mutual_tls_with_the_generated_certificates(certificates):
+@pytest.fixture
+def mutual_tls_server(certificates):
+    """A health server that requires a client certificate signed by the generated CA."""
     grpc = pytest.importorskip("grpc", reason="grpcio (the worker extra) is not installed")
     read = lambda name: (certificates / name).read_bytes()  # noqa: E731
     credentials = grpc.ssl_server_credentials(
         [(read("worker.key"), read("worker.crt"))], root_certificates=read("ca.crt"), require_client_auth=True
     )
     server = _HealthServer(credentials)
-    address = f"127.0.0.1:{server.port}"
+    yield server
+    server.stop()
+
+
+def test_grpc_probe_over_mutual_tls_with_the_generated_certificates(certificates, mutual_tls_server):
+    address = f"127.0.0.1:{mutual_tls_server.port}"
     tls = ["--ca", str(certificates / "ca.crt"), "--server-name", "medgemma-worker"]
-    try:
-        # The Kubernetes TLS probes: the worker's own certificate as the client certificate.
-        worker_cert = ["--cert", str(certificates / "worker.crt"), "--key", str(certificates / "worker.key")]
-        proc = _probe("grpc", address, *tls, *worker_cert)
-        assert proc.returncode == 0, proc.stderr
-        listener_cert = [
-            "--cert",
-            str(certificates / "listener.crt"),
-            "--key",
-            str(certificates / "listener.key"),
-        ]
-        assert _probe("grpc", address, *tls, *listener_cert).returncode == 0
-        # Without a client certificate the worker refuses the handshake.
-        refused = _probe("grpc", address, *tls)
-        assert refused.returncode == 1, refused.stdout
-        # A plaintext probe against a TLS port fails too: it does not pass by accident.
-        assert _probe("grpc", address).returncode == 1
-    finally:
-        server.stop()
+    # The Kubernetes TLS probes: the worker's own certificate as the client certificate.
+    worker_cert = ["--cert", str(certificates / "worker.crt"), "--key", str(certificates / "worker.key")]
+    proc = _probe("grpc", address, *tls, *worker_cert)
+    assert proc.returncode == 0, proc.stderr
+    listener_cert = [
+        "--cert",
+        str(certificates / "listener.crt"),
+        "--key",
+        str(certificates / "listener.key"),
+    ]
+    assert _probe("grpc", address, *tls, *listener_cert).returncode == 0
+    # Without a client certificate the worker refuses the handshake.
+    refused = _probe("grpc", address, *tls)
+    assert refused.returncode == 1, refused.stdout
+    # A plaintext probe against a TLS port fails too: it does not pass by accident.
+    assert _probe("grpc", address).returncode == 1
 
 
-def test_grpc_probe_takes_tls_from_the_client_environment(certificates):
+def test_grpc_probe_takes_tls_from_the_client_environment(certificates, mutual_tls_server):
     # An image's HEALTHCHECK has fixed arguments: with TLS it must follow the container's
     # MEDGEMMA_DEPLOY_TLS_* variables, the ones the package's grpcs:// client reads.
-    grpc = pytest.importorskip("grpc", reason="grpcio (the worker extra) is not installed")
-    read = lambda name: (certificates / name).read_bytes()  # noqa: E731
-    credentials = grpc.ssl_server_credentials(
-        [(read("worker.key"), read("worker.crt"))], root_certificates=read("ca.crt"), require_client_auth=True
-    )
-    server = _HealthServer(credentials)
     env = {
         **os.environ,
         "MEDGEMMA_DEPLOY_TLS_CA": str(certificates / "ca.crt"),
@@ -502,17 +500,14 @@ def test_grpc_probe_takes_tls_from_the_client_environment(certificates):
         "MEDGEMMA_DEPLOY_TLS_KEY": str(certificates / "listener.key"),
         "MEDGEMMA_DEPLOY_TLS_SERVER_NAME": "medgemma-worker",
     }
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(HEALTHCHECK), "--timeout", "3", "grpc", f"127.0.0.1:{server.port}"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=env,
-        )
-        assert proc.returncode == 0, proc.stderr
-    finally:
-        server.stop()
+    proc = subprocess.run(
+        [sys.executable, str(HEALTHCHECK), "--timeout", "3", "grpc", f"127.0.0.1:{mutual_tls_server.port}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_probe_and_client_read_the_same_tls_variables():

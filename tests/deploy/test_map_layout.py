@@ -370,19 +370,18 @@ def _backend_flag_available() -> None:
 
 
 @pytest.fixture(scope="module")
-def worker(models_root, tmp_path_factory):
+def worker(models_root, tmp_path_factory, background_process):
     pytest.importorskip("grpc", reason="grpcio (the worker extra) is not installed")
     _worker_available()
     port, metrics_port = _free_port(), _free_port()
-    log = (tmp_path_factory.mktemp("worker") / "worker.log").open("w+")
-    process = subprocess.Popen(
+    process, log = background_process(
         [
             sys.executable, "-m", "medgemma_deploy", "worker", "--listen", f"127.0.0.1:{port}",
             "--medsiglip", str(models_root / "medsiglip"), "--medgemma", str(models_root / "medgemma"),
             "--metrics-port", str(metrics_port),
         ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        tmp_path_factory.mktemp("worker") / "worker.log",
+        stop_timeout_s=30,
         env={**os.environ, "MEDGEMMA_DEPLOY_DEVICE": "cpu"},
     )  # fmt: skip
     address = f"127.0.0.1:{port}"
@@ -394,24 +393,15 @@ def worker(models_root, tmp_path_factory):
         "grpc",
         address,
     ]
-    try:
-        deadline = time.monotonic() + 180
-        while subprocess.run(probe, capture_output=True, timeout=30).returncode != 0:
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"the worker exited with {process.returncode}: {log.read()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("the worker did not become SERVING within 180 s")
-            time.sleep(0.5)
-        yield address
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
+    deadline = time.monotonic() + 180
+    while subprocess.run(probe, capture_output=True, timeout=30).returncode != 0:
+        if process.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"the worker exited with {process.returncode}: {log.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail("the worker did not become SERVING within 180 s")
+        time.sleep(0.5)
+    return address
 
 
 @pytest.mark.holoscan

@@ -76,20 +76,18 @@ def make_study(folder: Path, copies: int) -> list[Path]:
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
 
+    from medgemma_deploy.dev.synthetic import save_as_new_instance
+
     found = get_testdata_file(SOURCE_CR)
     if found is None:
         raise SystemExit(f"{SOURCE_CR} is not available: pip install pydicom-data (part of the dev extra)")
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for index in range(copies):
+    for number in range(1, copies + 1):
         dataset = pydicom.dcmread(found)
         dataset.SeriesInstanceUID = generate_uid()
-        dataset.SOPInstanceUID = generate_uid()
-        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-        dataset.SeriesNumber = index + 1
-        path = folder / f"cr-{index + 1}.dcm"
-        dataset.save_as(path, enforce_file_format=True)
-        written.append(path)
+        dataset.SeriesNumber = number
+        written.append(save_as_new_instance(dataset, folder / f"cr-{number}.dcm", generate_uid()))
     return written
 
 

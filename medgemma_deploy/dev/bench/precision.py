@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medgemma_deploy.dev.bench.markdown import markdown_table
+
 __all__ = ["PrecisionRow", "compare_precisions", "main"]
 
 logger = logging.getLogger(__name__)
@@ -109,20 +111,18 @@ def compare_precisions(
 
 def _format(rows: Sequence[PrecisionRow]) -> str:
     fp32 = rows[0].median_image_s
-    lines = [
-        "| precision | load (s) | score per image, median (s) | speed-up vs fp32 | max probability change | "
-        "min embedding cosine | within 0.02 / 0.99 |",
-        "|---|---:|---:|---:|---:|---:|---|",
-    ]
+    header = (
+        "precision | load (s) | score per image, median (s) | speed-up vs fp32 | max probability change | "
+        "min embedding cosine | within 0.02 / 0.99"
+    )
+    cells = []
     for row in rows:
         change = "—" if row.max_probability_change is None else f"{row.max_probability_change:.4f}"
         cosine = "—" if row.min_embedding_cosine is None else f"{row.min_embedding_cosine:.5f}"
         within = {None: "reference", True: "yes", False: "NO"}[row.within_limits]
-        lines.append(
-            f"| {row.precision} | {row.load_s:.1f} | {row.median_image_s:.2f} | "
-            f"{fp32 / row.median_image_s:.2f}× | {change} | {cosine} | {within} |"
-        )
-    return "\n".join(lines)
+        figures = (f"{row.load_s:.1f}", f"{row.median_image_s:.2f}", f"{fp32 / row.median_image_s:.2f}×")
+        cells.append((row.precision, *figures, change, cosine, within))
+    return markdown_table(header, "lrrrrrl", cells)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -84,15 +84,8 @@ def _text_request(max_new_tokens: int) -> Any:
     from medgemma_deploy.domain import GenerationSettings, ReportRequest
 
     messages = [{"role": "user", "content": [{"type": "text", "text": _BATCH_PROMPT}]}]
-    return ReportRequest(
-        source="benchmark",
-        messages=messages,
-        prompt_id="benchmark-text",
-        prompt_version="",
-        settings=GenerationSettings(max_new_tokens=max_new_tokens),
-        frames=[],
-        modality="",
-    )
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    return ReportRequest.for_chat(messages, settings, source="benchmark", prompt_id="benchmark-text")
 
 
 # -- rows (run in a subprocess each) ----------------------------------------------------------

@@ -37,6 +37,7 @@ import yaml
 from pydicom.uid import ExplicitVRLittleEndian
 
 import medgemma_deploy.config
+from medgemma_deploy.dev.bench.markdown import markdown_table
 
 __all__ = ["BenchResult", "main", "run_mode", "write_triage_label_sets"]
 
@@ -255,18 +256,22 @@ def _wait(predicate: Any, timeout_s: float, what: str) -> None:
 
 
 def format_table(results: Sequence[BenchResult]) -> str:
-    lines = [
-        "| triage queue | routine studies | last instance → ORU (s) | last instance → SR in PACS (s) "
-        "| routine throughput (studies/min) | load average (1/5/15 min) before the run |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for r in results:
-        oru = "-" if r.to_oru_s is None else f"{r.to_oru_s:.2f}"
-        load = "/".join(f"{value:.2f}" for value in r.load_average)
-        lines.append(
-            f"| {'on' if r.triage_queue else 'off'} | {r.n_routine} | {oru} | {r.to_sr_s:.2f} "
-            f"| {r.routine_per_min:.1f} | {load} |"
+    header = (
+        "triage queue | routine studies | last instance → ORU (s) | last instance → SR in PACS (s) "
+        "| routine throughput (studies/min) | load average (1/5/15 min) before the run"
+    )
+    cells = [
+        (
+            "on" if r.triage_queue else "off",
+            r.n_routine,
+            "-" if r.to_oru_s is None else f"{r.to_oru_s:.2f}",
+            f"{r.to_sr_s:.2f}",
+            f"{r.routine_per_min:.1f}",
+            "/".join(f"{value:.2f}" for value in r.load_average),
         )
+        for r in results
+    ]
+    lines = [markdown_table(header, "lrrrrl", cells)]
     by_mode = {r.triage_queue: r for r in results}
     if True in by_mode and False in by_mode:
         on, off = by_mode[True], by_mode[False]

@@ -63,7 +63,7 @@ class _GpuMemoryCollector(Collector):
 
 
 class WorkerMetrics:
-    """The worker's metrics; also the ``BatchObserver``/``SchedulerObserver`` of its queues."""
+    """The worker's metrics; also the ``QueueObserver``/``SchedulerObserver`` of its queues."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()

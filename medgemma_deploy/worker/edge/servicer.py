@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import jinja2
@@ -38,7 +38,13 @@ from medgemma_deploy.worker.engine.errors import (
     RequestCancelledError,
 )
 from medgemma_deploy.worker.engine.events import Admitted
-from medgemma_deploy.worker.engine.image_service import ClassifyWork, EmbedWork, ImageService, TextEmbedWork
+from medgemma_deploy.worker.engine.image_service import (
+    ClassifyWork,
+    EmbedWork,
+    ImageService,
+    ImageWork,
+    TextEmbedWork,
+)
 from medgemma_deploy.worker.engine.report_service import ReportDelta, ReportDone, ReportService
 
 __all__ = [
@@ -87,6 +93,9 @@ _DEADLINE_SLACK_S = 0.1
 #: How often a waiting handler checks that its client is still there.
 _POLL_S = 0.25
 
+
+#: Embed's or EmbedText's response: the same three fields.
+_EmbeddingsResponse = TypeVar("_EmbeddingsResponse", pb.EmbedResponse, pb.EmbedTextResponse)
 
 #: Longest status message (and log line) an error gives: a message quoting a 10 MB field must not
 #: become a 10 MB log line or trailer.
@@ -244,10 +253,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 omit_probabilities=request.omit_probabilities,
                 at_model_input=request.images_at_model_input,
             )
-            queued = service.classify(
-                work, deadline=_deadline(context), is_cancelled=lambda: not context.is_active()
-            )
-            outcome = self._wait(queued, context)
+            queued, outcome = self._run(service, work, context)
             response = pb.ClassifyResponse(
                 model=wire.identity_to_proto(service.identity),
                 label_set_name=label_set.name,
@@ -271,33 +277,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             at_model_input = request.images_at_model_input
             images = self._images(request.images, self.core.limits(), service, at_model_input)
             self.core.metrics.images.labels("Embed").inc(len(images))
-            queued = service.embed(
-                EmbedWork(images, at_model_input=at_model_input),
-                deadline=_deadline(context),
-                is_cancelled=lambda: not context.is_active(),
-            )
-            embeddings = self._wait(queued, context)
-            return pb.EmbedResponse(
-                model=wire.identity_to_proto(service.identity),
-                embeddings=wire.array_to_proto(embeddings),
-                timing=_timing(queued),
-            )
+            work = EmbedWork(images, at_model_input=at_model_input)
+            return self._embeddings(pb.EmbedResponse, service, work, context)
 
     def EmbedText(self, request: pb.EmbedTextRequest, context: grpc.ServicerContext) -> pb.EmbedTextResponse:  # noqa: N802
         with self._rpc("EmbedText", context):
             service = self.core.image_service()
-            texts = check_texts(list(request.texts))
-            queued = service.embed_texts(
-                TextEmbedWork(texts),
-                deadline=_deadline(context),
-                is_cancelled=lambda: not context.is_active(),
-            )
-            embeddings = self._wait(queued, context)
-            return pb.EmbedTextResponse(
-                model=wire.identity_to_proto(service.identity),
-                embeddings=wire.array_to_proto(embeddings),
-                timing=_timing(queued),
-            )
+            work = TextEmbedWork(check_texts(list(request.texts)))
+            return self._embeddings(pb.EmbedTextResponse, service, work, context)
 
     def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:  # noqa: N802
         with self._rpc("ModelInfo", context):
@@ -405,12 +392,33 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 wire.check_model_input_shape(image, preprocessor.size, f"images[{index}]")
         return images
 
-    def _wait(self, queued: BatchedRequest, context: grpc.ServicerContext) -> object:
-        """The queued request's result, giving up when the client goes away or the deadline passes."""
+    def _embeddings(
+        self,
+        response_type: type[_EmbeddingsResponse],
+        service: ImageService,
+        work: EmbedWork | TextEmbedWork,
+        context: grpc.ServicerContext,
+    ) -> _EmbeddingsResponse:
+        """Embed's and EmbedText's answer: the model, the embeddings and how long they took."""
+        queued, embeddings = self._run(service, work, context)
+        return response_type(
+            model=wire.identity_to_proto(service.identity),
+            embeddings=wire.array_to_proto(embeddings),
+            timing=_timing(queued),
+        )
+
+    def _run(
+        self, service: ImageService, work: ImageWork, context: grpc.ServicerContext
+    ) -> tuple[BatchedRequest, Any]:
+        """Queue ``work`` with the call's deadline and wait for its result, giving up when the client
+        goes away or the deadline passes; returns the queued request (for its timing) and the result."""
+        queued = service.submit(
+            work, deadline=_deadline(context), is_cancelled=lambda: not context.is_active()
+        )
         context.add_callback(queued.cancel)
         while True:
             try:
-                return queued.future.result(timeout=_POLL_S)
+                return queued, queued.future.result(timeout=_POLL_S)
             except concurrent.futures.TimeoutError:
                 if not context.is_active():
                     queued.cancel()

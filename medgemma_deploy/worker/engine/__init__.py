@@ -1,25 +1,28 @@
 """The worker's engine core, with no gRPC: what many clients share.
 
-:mod:`.batcher` (dynamic batching of images), :mod:`.image_service` (MedSigLIP behind it),
-:mod:`.decode` (the running sequences as one left-padded KV cache), :mod:`.scheduler` (continuous
-batching) with :mod:`.sampling` and :mod:`.events`, :mod:`.report_service` (MedGemma behind it: the
-one decode core of torch reports, also run in process by ``backends/inproc.py``), :mod:`.errors`
-(what a request can fail with).
+:mod:`.queue_thread` (the lifecycle of a queue and its thread), :mod:`.batcher` (dynamic batching of
+images), :mod:`.image_service` (MedSigLIP behind it), :mod:`.decode` (the running sequences as one
+left-padded KV cache), :mod:`.scheduler` (continuous batching) with :mod:`.sampling` and
+:mod:`.events`, :mod:`.report_service` (MedGemma behind it: the one decode core of torch reports,
+also run in process by ``backends/inproc.py``), :mod:`.model_service` (what the two services share),
+:mod:`.errors` (what a request can fail with).
 """
 
 from medgemma_deploy.exports import public_names
 
 #: public name → the module that defines it
 _HOMES = {
-    "BatchObserver": "batcher",
     "BatchedRequest": "batcher",
     "MicroBatcher": "batcher",
     "ClassifyOutcome": "image_service",
     "ClassifyWork": "image_service",
     "EmbedWork": "image_service",
-    "ImageRunner": "image_service",
     "ImageService": "image_service",
+    "ImageWork": "image_service",
     "TextEmbedWork": "image_service",
+    "ModelService": "model_service",
+    "QueueObserver": "queue_thread",
+    "QueueThread": "queue_thread",
     "DecodeBatch": "decode",
     "Prefilled": "decode",
     "PreparedPrompt": "decode",

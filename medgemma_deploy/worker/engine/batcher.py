@@ -24,13 +24,12 @@ micro-batches).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from medgemma_deploy.worker.engine.errors import (
     DeadlineExpiredError,
@@ -38,20 +37,11 @@ from medgemma_deploy.worker.engine.errors import (
     QueueFullError,
     RequestCancelledError,
 )
+from medgemma_deploy.worker.engine.queue_thread import QueueObserver, QueueThread
 
-__all__ = ["BatchObserver", "BatchedRequest", "MicroBatcher"]
+__all__ = ["BatchedRequest", "MicroBatcher"]
 
 logger = logging.getLogger(__name__)
-
-
-class BatchObserver(Protocol):
-    """What the batcher reports (implemented by the worker's metrics)."""
-
-    def queue_wait(self, queue: str, seconds: float) -> None: ...
-
-    def batch_done(self, queue: str, size: int, seconds: float) -> None: ...
-
-    def queue_depth(self, queue: str, depth: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -79,7 +69,7 @@ class BatchedRequest:
 RunGroup = Callable[[Sequence[BatchedRequest]], Sequence[Any]]
 
 
-class MicroBatcher:
+class MicroBatcher(QueueThread):
     """A bounded request queue and the thread that runs it in batches.
 
     Parameters
@@ -107,7 +97,7 @@ class MicroBatcher:
         max_batch_size: int,
         max_queue_delay: float,
         max_queued: int,
-        observer: BatchObserver | None = None,
+        observer: QueueObserver | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -115,18 +105,13 @@ class MicroBatcher:
             raise ValueError(f"max_queue_delay must be at least 0 s, got {max_queue_delay}")
         if max_queued < 1:
             raise ValueError(f"max_queued must be at least 1, got {max_queued}")
-        self.name = name
+        super().__init__(name, f"batcher-{name}", observer)
         self.run_group = run_group
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay
         self.max_queued = max_queued
-        self.observer = observer
         self._queue: deque[BatchedRequest] = deque()
         self._queued_cost = 0
-        self._condition = threading.Condition()
-        self._accepting = False
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         #: Requests in the previous batch: how many to wait for before the delay is up
         #: (``None`` until a first batch ran).
         self._expected_requests: int | None = None
@@ -136,15 +121,6 @@ class MicroBatcher:
         """Images waiting (not yet in a batch)."""
         with self._condition:
             return self._queued_cost
-
-    def start(self) -> None:
-        with self._condition:
-            if self._thread is not None:
-                return
-            self._accepting = True
-            self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name=f"batcher-{self.name}", daemon=True)
-            self._thread.start()
 
     def submit(
         self,
@@ -172,10 +148,7 @@ class MicroBatcher:
             is_cancelled=is_cancelled,
         )
         with self._condition:
-            if not self._accepting:
-                raise NotReadyError(
-                    f"the {self.name} queue is not accepting work (worker loading or draining)"
-                )
+            self._check_accepting()
             if self._queue and self._queued_cost + request.cost > self.max_queued:
                 raise QueueFullError(self.name, self.max_queued, "images")
             self._queue.append(request)
@@ -191,25 +164,21 @@ class MicroBatcher:
 
         Requests still queued after the timeout fail with ``NotReadyError``.
         """
-        with self._condition:
-            self._accepting = False
-            thread = self._thread
-            self._condition.notify_all()
+        thread = self._stop_accepting()
         if thread is None:
             return
         deadline = time.monotonic() + timeout
         with self._condition:
-            while self._queue and time.monotonic() < deadline:
-                self._condition.wait(timeout=0.05)
-            self._stopping = True
+            self._drain(deadline)
             leftovers = list(self._queue)
             self._queue.clear()
             self._queued_cost = 0
-            self._condition.notify_all()
         for request in leftovers:
             _fail(request, NotReadyError("the worker shut down before this request ran; retry"))
-        thread.join(timeout=max(1.0, deadline - time.monotonic()))
-        self._thread = None
+        self._join(thread, max(1.0, deadline - time.monotonic()))
+
+    def _has_work(self) -> bool:
+        return bool(self._queue)
 
     def _loop(self) -> None:
         while True:

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from medgemma_deploy.worker.engine.queue_thread import QueueObserver
+
 __all__ = [
     "STREAM_MISMATCH_WARNING",
     "Admitted",
@@ -62,14 +64,8 @@ class Failed:
 Event = Admitted | Tokens | Finished | Failed
 
 
-class SchedulerObserver(Protocol):
-    """What the scheduler reports (implemented by the worker's metrics)."""
-
-    def queue_wait(self, queue: str, seconds: float) -> None: ...
-
-    def batch_done(self, queue: str, size: int, seconds: float) -> None: ...
-
-    def queue_depth(self, queue: str, depth: int) -> None: ...
+class SchedulerObserver(QueueObserver, Protocol):
+    """What the scheduler reports (implemented by the worker's metrics): its queue, and tokens."""
 
     def tokens_generated(self, count: int) -> None: ...
 

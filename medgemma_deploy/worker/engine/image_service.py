@@ -11,49 +11,34 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medgemma_deploy.domain import LabelSet, ModelIdentity
-from medgemma_deploy.worker.engine.batcher import BatchedRequest, BatchObserver, MicroBatcher
+from medgemma_deploy.domain import LabelSet
+from medgemma_deploy.worker.engine.batcher import BatchedRequest, MicroBatcher
 from medgemma_deploy.worker.engine.errors import BadRequestError
+from medgemma_deploy.worker.engine.model_service import ModelService
+from medgemma_deploy.worker.engine.queue_thread import QueueObserver
 
-__all__ = ["ClassifyOutcome", "ClassifyWork", "EmbedWork", "ImageRunner", "ImageService", "TextEmbedWork"]
+if TYPE_CHECKING:  # the runner module imports torch; the service only calls it
+    from medgemma_deploy.operators.medsiglip.runner import MedSigLIPRunner
+
+__all__ = [
+    "ClassifyOutcome",
+    "ClassifyWork",
+    "EmbedWork",
+    "ImageService",
+    "ImageWork",
+    "TextEmbedWork",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Distinct label sets a worker keeps (each keeps cached text embeddings in the runner).
 MAX_LABEL_SETS = 256
-
-
-class ImageRunner(Protocol):
-    """What the service needs of a MedSigLIP runner (``operators.medsiglip.MedSigLIPRunner``)."""
-
-    identity: ModelIdentity
-
-    def score(
-        self, images: Sequence[np.ndarray], label_set: LabelSet, *, at_model_input: bool = False
-    ) -> Any: ...
-
-    def embed_images(self, images: Sequence[np.ndarray], *, at_model_input: bool = False) -> np.ndarray: ...
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
-
-    def relevance_maps(
-        self, images: Sequence[np.ndarray], label_set: LabelSet, finding_keys: Sequence[str]
-    ) -> list[np.ndarray]: ...
-
-    def relevance_grids(
-        self,
-        images: Sequence[np.ndarray],
-        label_set: LabelSet,
-        finding_keys: Sequence[str],
-        *,
-        at_model_input: bool = False,
-    ) -> list[np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -85,6 +70,10 @@ class TextEmbedWork:
     texts: list[str]
 
 
+#: What :meth:`ImageService.submit` queues.
+ImageWork = ClassifyWork | EmbedWork | TextEmbedWork
+
+
 @dataclass
 class ClassifyOutcome:
     probabilities: np.ndarray | None
@@ -93,7 +82,7 @@ class ClassifyOutcome:
     relevance_grids: list[np.ndarray] = field(default_factory=list)
 
 
-class ImageService:
+class ImageService(ModelService):
     """MedSigLIP with dynamic batching and a label-set registry.
 
     Parameters
@@ -106,17 +95,18 @@ class ImageService:
         See :class:`~medgemma_deploy.worker.engine.batcher.MicroBatcher`.
     """
 
+    runner: MedSigLIPRunner
+
     def __init__(
         self,
-        runner: ImageRunner,
+        runner: MedSigLIPRunner,
         *,
         label_sets: Sequence[LabelSet] = (),
         max_batch_size: int = 32,
         max_queue_delay: float = 0.005,
         max_queued_images: int = 1024,
-        observer: BatchObserver | None = None,
+        observer: QueueObserver | None = None,
     ) -> None:
-        self.runner = runner
         self.batcher = MicroBatcher(
             "medsiglip",
             self._run_group,
@@ -125,14 +115,11 @@ class ImageService:
             max_queued=max_queued_images,
             observer=observer,
         )
+        super().__init__(runner, self.batcher)
         self._label_sets: dict[tuple[str, str], LabelSet] = {}
         self._lock = threading.Lock()
         for label_set in label_sets:
             self.register_label_set(label_set)
-
-    @property
-    def identity(self) -> ModelIdentity:
-        return self.runner.identity
 
     @property
     def preprocessor(self) -> Any:
@@ -143,12 +130,6 @@ class ImageService:
     def label_sets(self) -> list[LabelSet]:
         with self._lock:
             return list(self._label_sets.values())
-
-    def start(self) -> None:
-        self.batcher.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self.batcher.stop(timeout)
 
     def warm_up(self) -> None:
         """One small image through the runner, so the first client does not pay for lazy setup."""
@@ -203,59 +184,22 @@ class ImageService:
             )
         return sorted(matches, key=lambda ls: _version_key(ls.version))[-1]
 
-    def classify(
+    def submit(
         self,
-        work: ClassifyWork,
+        work: ImageWork,
         *,
         deadline: float | None = None,
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> BatchedRequest:
-        """Queue a Classify request; its future resolves to a :class:`ClassifyOutcome`."""
-        key = (
-            "classify",
-            work.label_set.name,
-            work.label_set.version,
-            work.relevance_keys,
-            work.omit_probabilities,
-            work.at_model_input,
-        )
-        return self.batcher.submit(
-            work, cost=len(work.images), group_key=key, deadline=deadline, is_cancelled=is_cancelled
-        )
+        """Queue a Classify, Embed or EmbedText request.
 
-    def embed(
-        self,
-        work: EmbedWork,
-        *,
-        deadline: float | None = None,
-        is_cancelled: Callable[[], bool] = lambda: False,
-    ) -> BatchedRequest:
-        """Queue an Embed request; its future resolves to an ``(n, dim)`` float array."""
-        return self.batcher.submit(
-            work,
-            cost=len(work.images),
-            group_key=("embed", work.at_model_input),
-            deadline=deadline,
-            is_cancelled=is_cancelled,
-        )
-
-    def embed_texts(
-        self,
-        work: TextEmbedWork,
-        *,
-        deadline: float | None = None,
-        is_cancelled: Callable[[], bool] = lambda: False,
-    ) -> BatchedRequest:
-        """Queue an EmbedText request; its future resolves to an ``(n, dim)`` float array.
-
-        Through the batcher like images: only its thread calls the runner.
+        Its future resolves to a :class:`ClassifyOutcome` (Classify) or an ``(n, dim)`` float array
+        (Embed, EmbedText). Texts go through the batcher like images: only its thread calls the
+        runner.
         """
+        cost = len(work.texts) if isinstance(work, TextEmbedWork) else len(work.images)
         return self.batcher.submit(
-            work,
-            cost=len(work.texts),
-            group_key=("embed-text",),
-            deadline=deadline,
-            is_cancelled=is_cancelled,
+            work, cost=cost, group_key=_group_key(work), deadline=deadline, is_cancelled=is_cancelled
         )
 
     def _run_group(self, requests: Sequence[BatchedRequest]) -> list[Any]:
@@ -303,6 +247,22 @@ class ImageService:
                 )
             )
         return outcomes
+
+
+def _group_key(work: ImageWork) -> Hashable:
+    """Requests with equal keys run as one model call: the same kind, label set and outputs."""
+    if isinstance(work, TextEmbedWork):
+        return ("embed-text",)
+    if isinstance(work, EmbedWork):
+        return ("embed", work.at_model_input)
+    return (
+        "classify",
+        work.label_set.name,
+        work.label_set.version,
+        work.relevance_keys,
+        work.omit_probabilities,
+        work.at_model_input,
+    )
 
 
 def _images_of(payload: ClassifyWork | EmbedWork) -> list[np.ndarray]:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medgemma_deploy.domain import GenerationSettings, ModelIdentity, ReportRequest, ReportResult
+from medgemma_deploy.domain import GenerationSettings, ReportRequest, ReportResult
 from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
 from medgemma_deploy.worker.engine.decode import PreparedPrompt
 from medgemma_deploy.worker.engine.errors import BadRequestError
@@ -52,6 +52,7 @@ from medgemma_deploy.worker.engine.events import (
     SchedulerObserver,
     Tokens,
 )
+from medgemma_deploy.worker.engine.model_service import ModelService
 from medgemma_deploy.worker.engine.scheduler import ReportScheduler
 
 __all__ = [
@@ -134,7 +135,7 @@ class IncrementalDetokenizer:
         return ""
 
 
-class ReportService:
+class ReportService(ModelService):
     """Report generation for many concurrent clients on one loaded MedGemma.
 
     Parameters
@@ -146,6 +147,9 @@ class ReportService:
     default_max_new_tokens, max_new_tokens:
         Budget when a request gives none, and the most a request may ask for.
     """
+
+    runner: MedGemmaRunner
+    stop_timeout = 60.0
 
     def __init__(
         self,
@@ -159,7 +163,6 @@ class ReportService:
         max_new_tokens: int = 2048,
         observer: SchedulerObserver | None = None,
     ) -> None:
-        self.runner = runner
         self.default_max_new_tokens = default_max_new_tokens
         self.max_new_tokens = max_new_tokens
         self.scheduler = ReportScheduler(
@@ -174,20 +177,11 @@ class ReportService:
             pad_token_id=int(runner.processor.tokenizer.pad_token_id or 0),
             observer=observer,
         )
-
-    @property
-    def identity(self) -> ModelIdentity:
-        return self.runner.identity
+        super().__init__(runner, self.scheduler)
 
     @property
     def max_context_tokens(self) -> int:
         return int(self.runner.context_length or 0)
-
-    def start(self) -> None:
-        self.scheduler.start()
-
-    def stop(self, timeout: float = 60.0) -> None:
-        self.scheduler.stop(timeout)
 
     def warm_up(self) -> None:
         """A two-token report with an image, through prefill and one batched decode step."""

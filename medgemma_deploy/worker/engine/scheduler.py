@@ -35,7 +35,6 @@ The bounded waiting queue raises :class:`QueueFullError`; a request that fails i
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -60,6 +59,7 @@ from medgemma_deploy.worker.engine.events import (
     SchedulerObserver,
     Tokens,
 )
+from medgemma_deploy.worker.engine.queue_thread import QueueThread
 from medgemma_deploy.worker.engine.sampling import choose_tokens
 
 __all__ = ["ReportScheduler"]
@@ -69,6 +69,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Job:
+    """One report in the scheduler: queued, then a running row, until it finishes or fails.
+
+    ``generated`` holds its tokens so far; ``batch_size_sum`` / ``steps`` give the mean batch it
+    decoded in.
+    """
+
     prompt: PreparedPrompt
     settings: GenerationSettings
     stream: ReportStream
@@ -86,7 +92,7 @@ class _Job:
         return self.prompt.n_tokens + self.settings.max_new_tokens
 
 
-class ReportScheduler:
+class ReportScheduler(QueueThread):
     """The continuous-batching decode loop of one causal LM, on its own thread.
 
     Parameters
@@ -114,7 +120,13 @@ class ReportScheduler:
     admission_window_s:
         How long an idle loop waits for requests still being prepared (see step 1); never
         waited while sequences are running.
+
+    The four limits have no defaults here: the
+    :class:`~medgemma_deploy.worker.engine.report_service.ReportService` that builds the scheduler
+    holds them.
     """
+
+    observer: SchedulerObserver | None
 
     def __init__(
         self,
@@ -123,10 +135,10 @@ class ReportScheduler:
         device: torch.device,
         eos_token_ids: Sequence[int],
         suppress_token_ids: Sequence[int] = (),
-        max_running: int = 32,
-        max_waiting: int = 64,
-        max_cached_tokens: int = 0,
-        max_prefills_per_step: int = 8,
+        max_running: int,
+        max_waiting: int,
+        max_cached_tokens: int,
+        max_prefills_per_step: int,
         pad_token_id: int = 0,
         observer: SchedulerObserver | None = None,
         admission_window_s: float = 0.05,
@@ -136,6 +148,7 @@ class ReportScheduler:
                 f"max_running ({max_running}), max_waiting ({max_waiting}) and "
                 f"max_prefills_per_step ({max_prefills_per_step}) must be at least 1"
             )
+        super().__init__("report", "report-scheduler", observer)
         self.batch = DecodeBatch(model, device, pad_token_id=pad_token_id)
         self.device = device
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
@@ -144,7 +157,6 @@ class ReportScheduler:
         self.max_waiting = max_waiting
         self.max_cached_tokens = max_cached_tokens
         self.max_prefills_per_step = max_prefills_per_step
-        self.observer = observer
         self._waiting: deque[_Job] = deque()
         self._running: list[_Job] = []  # row order of self.batch
         self._admitting = 0  # taken from the queue, not yet running (counted by stop's drain)
@@ -152,10 +164,6 @@ class ReportScheduler:
         if admission_window_s < 0:
             raise ValueError(f"admission_window_s must be >= 0, got {admission_window_s}")
         self.admission_window_s = admission_window_s
-        self._condition = threading.Condition()
-        self._accepting = False
-        self._stopping = False
-        self._thread: threading.Thread | None = None
 
     @contextmanager
     def arriving(self) -> Iterator[None]:
@@ -177,15 +185,6 @@ class ReportScheduler:
     def waiting(self) -> int:
         with self._condition:
             return len(self._waiting)
-
-    def start(self) -> None:
-        with self._condition:
-            if self._thread is not None:
-                return
-            self._accepting = True
-            self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="report-scheduler", daemon=True)
-            self._thread.start()
 
     def submit(
         self, prompt: PreparedPrompt, settings: GenerationSettings, *, deadline: float | None = None
@@ -212,15 +211,14 @@ class ReportScheduler:
         if settings.do_sample and settings.seed is not None:
             job.generator = torch.Generator(device="cpu").manual_seed(int(settings.seed))
         with self._condition:
-            if not self._accepting:
-                raise NotReadyError("the report queue is not accepting work (worker loading or draining)")
+            self._check_accepting()
             if len(self._waiting) >= self.max_waiting:
-                raise QueueFullError("report", self.max_waiting, "requests")
+                raise QueueFullError(self.name, self.max_waiting, "requests")
             self._waiting.append(job)
             depth = len(self._waiting)
             self._condition.notify_all()
         if self.observer is not None:
-            self.observer.queue_depth("report", depth)
+            self.observer.queue_depth(self.name, depth)
         return job.stream
 
     def stop(self, timeout: float = 60.0) -> None:
@@ -228,20 +226,15 @@ class ReportScheduler:
 
         Reports not finished by then fail with ``NotReadyError`` (the client may retry elsewhere).
         """
-        with self._condition:
-            self._accepting = False
-            thread = self._thread
-            self._condition.notify_all()
+        thread = self._stop_accepting()
         if thread is None:
             return
-        deadline = time.monotonic() + timeout
         with self._condition:
-            while (self._waiting or self._running or self._admitting) and time.monotonic() < deadline:
-                self._condition.wait(timeout=0.05)
-            self._stopping = True
-            self._condition.notify_all()
-        thread.join(timeout=30.0)
-        self._thread = None
+            self._drain(time.monotonic() + timeout)
+        self._join(thread, 30.0)
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._admitting)
 
     # The loop -------------------------------------------------------------------------------
 
@@ -274,7 +267,7 @@ class ReportScheduler:
             self._admitting = len(admitting)
             depth = len(self._waiting)
         if admitting and self.observer is not None:
-            self.observer.queue_depth("report", depth)
+            self.observer.queue_depth(self.name, depth)
         if admitting:
             self._admit(admitting)
         with self._condition:
@@ -311,7 +304,7 @@ class ReportScheduler:
         for job in jobs:
             job.admitted_at = now
             if self.observer is not None:
-                self.observer.queue_wait("report", now - job.enqueued_at)
+                self.observer.queue_wait(self.name, now - job.enqueued_at)
         try:
             prefilled = self.batch.prefill([job.prompt for job in jobs])
         except Exception as exc:  # one request's prefill failing must not stop the others
@@ -374,7 +367,7 @@ class ReportScheduler:
                 finished.append(row)
         self._remove_rows(finished)
         if self.observer is not None:
-            self.observer.batch_done("report", rows, time.monotonic() - started)
+            self.observer.batch_done(self.name, rows, time.monotonic() - started)
             self.observer.tokens_generated(rows)
 
     def _accept_token(self, job: _Job, token: int) -> bool:

@@ -18,7 +18,6 @@ from transformers import SiglipModel
 
 from medgemma_deploy.errors import ModelLoadError
 from medgemma_deploy.operators.medsiglip import onnx_vision
-from medgemma_deploy.operators.medsiglip.labels import load_label_sets
 from medgemma_deploy.operators.medsiglip.runner import MedSigLIPRunner, make_medsiglip_runner
 
 requires_onnxruntime = pytest.mark.skipif(
@@ -29,11 +28,6 @@ requires_onnxruntime = pytest.mark.skipif(
 #: The issue's acceptance limits for a lower precision.
 PROBABILITY_TOLERANCE = 0.02
 MIN_COSINE = 0.99
-
-
-@pytest.fixture(scope="module")
-def chest():
-    return next(s for s in load_label_sets(None) if s.name == "chest-xray")
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medgemma_deploy.operators.medsiglip.labels import load_label_sets
 from medgemma_deploy.operators.medsiglip.runner import MedSigLIPRunner, make_medsiglip_runner
 from medgemma_deploy.operators.medsiglip.text_cache import TextEmbeddingCache, label_set_digest
-
-
-@pytest.fixture(scope="module")
-def chest():
-    return next(s for s in load_label_sets(None) if s.name == "chest-xray")
 
 
 @pytest.fixture(scope="module")
