@@ -27,7 +27,7 @@ from medgemma_deploy.domain import (
     SeriesClassification,
 )
 from medgemma_deploy.operators.medsiglip.labels import load_label_sets
-from tests.support.inputs import FINDINGS, read_testdata, series_from
+from tests.support.inputs import FINDINGS, read_testdata, series_from, testdata_series
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -67,21 +67,16 @@ def ct_series(tmp_path) -> Series:
     return series_from(datasets, [path] * len(datasets))
 
 
-def _one_file_series(name: str) -> Series:
-    path, dataset = read_testdata(name)
-    return series_from([dataset], [path])
-
-
 @pytest.fixture
 def cr_series() -> Series:
     """pydicom-data's real chest CR: MONOCHROME1, PixelSpacing 0\\0, no frame of reference."""
-    return _one_file_series("RG1_UNCI.dcm")
+    return testdata_series("RG1_UNCI.dcm")
 
 
 @pytest.fixture
 def ct_without_frame_of_reference() -> Series:
     """pydicom-data's real 693_UNCI CT: no Frame of Reference UID, PatientIdentityRemoved YES."""
-    return _one_file_series("693_UNCI.dcm")
+    return testdata_series("693_UNCI.dcm")
 
 
 @pytest.fixture

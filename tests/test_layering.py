@@ -58,6 +58,7 @@ BASE = tuple(
         "triage",
         "results",
         "logs",
+        "arrivals",
         "model_dir",
     )
 )

@@ -20,11 +20,11 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from medgemma_deploy.arrivals import Arrivals
 from medgemma_deploy.listener.jobmodel import NewInstance, RecordOutcome
 from medgemma_deploy.listener.jobstore import JobStore
 from medgemma_deploy.listener.spool import PendingFile, Spool
@@ -94,7 +94,7 @@ class GroupCommitter:
         self._queue: deque[_Ticket] = deque()
         self._leading = False
         #: Handlers inside :meth:`writing`: they will call :meth:`commit` soon.
-        self._writers = 0
+        self._writers = Arrivals(self._condition)
 
     @property
     def queued(self) -> int:
@@ -102,17 +102,9 @@ class GroupCommitter:
         with self._condition:
             return len(self._queue)
 
-    @contextmanager
-    def writing(self) -> Iterator[None]:
+    def writing(self) -> AbstractContextManager[None]:
         """Wrap writing a file and committing it, so a leader knows to wait for this handler."""
-        with self._condition:
-            self._writers += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._writers -= 1
-                self._condition.notify_all()
+        return self._writers.coming()
 
     def commit(self, pending: PendingFile, instance: NewInstance) -> RecordOutcome:
         """Make ``pending`` durable and record ``instance``; return once both are on disk.
@@ -147,7 +139,7 @@ class GroupCommitter:
         with self._condition:
             deadline = time.monotonic() + self.window_s
             # Wait while handlers are still writing and have not queued yet; a lone one never waits.
-            while len(self._queue) < min(self._writers, self.max_batch):
+            while len(self._queue) < min(self._writers.count, self.max_batch):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

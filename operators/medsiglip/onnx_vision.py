@@ -40,7 +40,14 @@ import torch
 
 from medgemma_deploy.errors import ModelLoadError
 
-__all__ = ["INT8_EXTRA", "OnnxVisionTower", "VisionTowerGraph", "require_onnxruntime"]
+__all__ = [
+    "INT8_EXTRA",
+    "OnnxVisionTower",
+    "VisionTowerGraph",
+    "export_float_graph",
+    "quantise_weights_int8",
+    "require_onnxruntime",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +187,6 @@ def _verify(path: Path, manifest: Path, key: dict[str, Any]) -> str | None:
 
 
 def _build(model: torch.nn.Module, model_dir: Path, path: Path, manifest: Path, key: dict[str, Any]) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     started = time.perf_counter()
     config = model.config.vision_config
     size = int(config.image_size)
@@ -189,45 +194,9 @@ def _build(model: torch.nn.Module, model_dir: Path, path: Path, manifest: Path, 
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as work:
             float_path = Path(work) / "vision-fp32.onnx"
-            example = torch.zeros((1, 3, size, size), dtype=torch.float32)
-            tower = VisionTowerGraph(model.vision_model).eval()
-            with warnings.catch_warnings(), torch.inference_mode():
-                # The TorchScript exporter: it needs no onnxscript, and it warns about itself.
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    tower,
-                    (example,),
-                    str(float_path),
-                    input_names=["pixel_values"],
-                    output_names=["pooled", "tokens"],
-                    dynamic_axes={
-                        "pixel_values": {0: "batch"},
-                        "pooled": {0: "batch"},
-                        "tokens": {0: "batch"},
-                    },
-                    opset_version=17,
-                    dynamo=False,
-                )
+            export_float_graph(VisionTowerGraph(model.vision_model).eval(), size, float_path)
             quantised = Path(work) / "vision-int8.onnx"
-            logging.getLogger().disabled, previous = True, logging.getLogger().disabled
-            try:
-                # quantize_dynamic logs a pre-processing hint on the root logger at every call.
-                # Weights only (every MatMul/Gemm whose second input is a constant: the projections
-                # and MLPs); attention's activation × activation products stay float32. Weights use 7
-                # bits (reduce_range): with onnxruntime 1.32's u8 × s8 kernels on this AVX-512 CPU,
-                # 8-bit weights saturate the pairwise sums and moved the tiny test model's
-                # probabilities by 0.08 (limit 0.02); 7-bit weights pass the parity tests.
-                quantize_dynamic(
-                    float_path,
-                    quantised,
-                    weight_type=QuantType.QInt8,
-                    per_channel=True,
-                    reduce_range=True,
-                    op_types_to_quantize=["MatMul", "Gemm"],
-                    extra_options={"MatMulConstBOnly": True},
-                )
-            finally:
-                logging.getLogger().disabled = previous
+            quantise_weights_int8(float_path, quantised)
             os.replace(quantised, path)
         manifest.write_text(json.dumps({"key": key, "sha256": _file_digest(path)}, indent=2) + "\n")
     except ModelLoadError:
@@ -239,3 +208,46 @@ def _build(model: torch.nn.Module, model_dir: Path, path: Path, manifest: Path, 
             f"{model_dir}: cannot build the int8 vision tower ({type(exc).__name__}: {reason})"
         ) from exc
     logger.info("int8 vision tower of %s built in %.0f s: %s", model_dir, time.perf_counter() - started, path)
+
+
+def export_float_graph(tower: VisionTowerGraph, image_size: int, path: Path) -> None:
+    """Export ``tower`` as a float32 ONNX graph with a dynamic batch axis."""
+    example = torch.zeros((1, 3, image_size, image_size), dtype=torch.float32)
+    with warnings.catch_warnings(), torch.inference_mode():
+        # The TorchScript exporter: it needs no onnxscript, and it warns about itself.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            tower,
+            (example,),
+            str(path),
+            input_names=["pixel_values"],
+            output_names=["pooled", "tokens"],
+            dynamic_axes={"pixel_values": {0: "batch"}, "pooled": {0: "batch"}, "tokens": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+def quantise_weights_int8(float_path: Path, int8_path: Path) -> None:
+    """The shipped int8 recipe: ``float_path``'s constant weights quantised, per channel, to 7 bits."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().disabled, previous = True, logging.getLogger().disabled
+    try:
+        # quantize_dynamic logs a pre-processing hint on the root logger at every call.
+        # Weights only (every MatMul/Gemm whose second input is a constant: the projections
+        # and MLPs); attention's activation × activation products stay float32. Weights use 7
+        # bits (reduce_range): with onnxruntime 1.32's u8 × s8 kernels on this AVX-512 CPU,
+        # 8-bit weights saturate the pairwise sums and moved the tiny test model's
+        # probabilities by 0.08 (limit 0.02); 7-bit weights pass the parity tests.
+        quantize_dynamic(
+            float_path,
+            int8_path,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            reduce_range=True,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            extra_options={"MatMulConstBOnly": True},
+        )
+    finally:
+        logging.getLogger().disabled = previous

@@ -51,6 +51,12 @@ def read_testdata(name: str) -> tuple[Path, Dataset]:
     return path, pydicom.dcmread(path)
 
 
+def testdata_series(name: str) -> Series:
+    """The pydicom / pydicom-data test file ``name`` as a series of its first frame."""
+    path, dataset = read_testdata(name)
+    return series_from([dataset], [path])
+
+
 def series_from(datasets: Sequence[Dataset], paths: Sequence[Path]) -> Series:
     """A ``Series`` with one ``ImageFrame`` per single-frame dataset (pixel arrays are placeholders)."""
     frames = []

@@ -8,7 +8,8 @@ The survey behind ``--precision`` (``docs/performance.md``, "MedSigLIP precision
 One process, batch 1, three random 448 x 448 inputs after one warm-up call; per backend the
 seconds of each call and the cosine of its pooled embedding and patch tokens to torch float32.
 ``ort-*`` export the tower to ONNX (TorchScript exporter, opset 17) under ``--work`` and quantise it
-with ONNX Runtime's dynamic int8 (per channel); ``ov-*`` compile that ONNX file with OpenVINO
+with the recipe ``--precision int8`` ships (ONNX Runtime's dynamic int8, per channel, 7-bit
+weights); ``ov-*`` compile that ONNX file with OpenVINO
 (``pip install openvino``) at the stated inference precision. Needs the ``cpu-int8`` extra for
 ``ort-*``; a missing package fails that backend alone, named.
 """
@@ -19,14 +20,17 @@ import argparse
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from medgemma_deploy.operators.medsiglip.onnx_vision import VisionTowerGraph
+from medgemma_deploy.operators.medsiglip.onnx_vision import (
+    VisionTowerGraph,
+    export_float_graph,
+    quantise_weights_int8,
+)
 
 __all__ = ["main"]
 
@@ -104,22 +108,9 @@ def _backend(
 
         return autocast
     if name.startswith(("ort", "ov")) and not float_onnx.is_file():
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                tower,
-                (example,),
-                str(float_onnx),
-                input_names=["pixel_values"],
-                output_names=["pooled", "tokens"],
-                dynamic_axes={"pixel_values": {0: "batch"}},
-                opset_version=17,
-                dynamo=False,
-            )
+        export_float_graph(tower, int(example.shape[-1]), float_onnx)
     if name == "ort-int8" and not int8_onnx.is_file():
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(float_onnx, int8_onnx, weight_type=QuantType.QInt8, per_channel=True)
+        quantise_weights_int8(float_onnx, int8_onnx)  # what --precision int8 runs
     if name in ("ort-fp32", "ort-int8"):
         import onnxruntime
 

@@ -37,12 +37,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 
+from medgemma_deploy.arrivals import Arrivals
 from medgemma_deploy.domain import GenerationSettings
 from medgemma_deploy.worker.engine.decode import DecodeBatch, PreparedPrompt
 from medgemma_deploy.worker.engine.errors import (
@@ -160,22 +161,14 @@ class ReportScheduler(QueueThread):
         self._waiting: deque[_Job] = deque()
         self._running: list[_Job] = []  # row order of self.batch
         self._admitting = 0  # taken from the queue, not yet running (counted by stop's drain)
-        self._arriving = 0  # requests being prepared (inside arriving()), not yet submitted
+        self._arriving = Arrivals(self._condition)  # requests being prepared, not yet submitted
         if admission_window_s < 0:
             raise ValueError(f"admission_window_s must be >= 0, got {admission_window_s}")
         self.admission_window_s = admission_window_s
 
-    @contextmanager
-    def arriving(self) -> Iterator[None]:
+    def arriving(self) -> AbstractContextManager[None]:
         """Wrap preparing and submitting a request, so an idle loop knows to wait for it."""
-        with self._condition:
-            self._arriving += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._arriving -= 1
-                self._condition.notify_all()
+        return self._arriving.coming()
 
     @property
     def running(self) -> int:
@@ -257,7 +250,7 @@ class ReportScheduler(QueueThread):
                 # Idle: let requests still being prepared join this prefill (bounded wait).
                 admit_by = self._waiting[0].enqueued_at + self.admission_window_s
                 while (
-                    self._arriving
+                    self._arriving.count
                     and len(self._waiting) < self.max_prefills_per_step
                     and self._accepting
                     and (remaining := admit_by - time.monotonic()) > 0

@@ -34,6 +34,7 @@ from medgemma_deploy.operators.medgemma.runners import make_medgemma_runner
 from medgemma_deploy.operators.writers.report_sr import build_report_sr
 from tests.support.inputs import make_cr_series, make_ct_series
 from tests.support.sr_text import sr_texts
+from tests.support.streaming import assert_streamed_pieces_make_the_text
 
 
 def _lowbit_missing() -> str | None:
@@ -247,11 +248,8 @@ def test_a_batch_larger_than_the_kv_cache_is_decoded_in_rounds(
 
 @needs_lowbit
 def test_streamed_pieces_concatenate_to_the_text(full_precision, prompts):
-    pieces: list[str] = []
     request = build_report_request(make_ct_series(2), prompts, settings=GenerationSettings(max_new_tokens=16))
-    result = full_precision.generate(request, on_token=pieces.append)
-    assert "".join(pieces) == result.text
-    assert len(pieces) > 1
+    assert_streamed_pieces_make_the_text(full_precision, request)
 
 
 @needs_lowbit

@@ -34,6 +34,7 @@ from medgemma_deploy.operators.writers.report_sr import build_report_sr
 from tests.support.dciodvfy import requires_dciodvfy, run_dciodvfy
 from tests.support.inputs import make_cr_series, make_ct_series
 from tests.support.polling import wait_until
+from tests.support.streaming import assert_streamed_pieces_make_the_text
 from tests.support.transformers_reference import plain_greedy
 
 
@@ -176,12 +177,8 @@ def test_the_image_changes_the_report(medgemma, prompts):
 
 
 def test_streamed_pieces_concatenate_to_the_final_text(medgemma, prompts):
-    pieces: list[str] = []
     request = build_report_request(make_ct_series(3), prompts, settings=GenerationSettings(max_new_tokens=24))
-    result = medgemma.generate(request, on_token=pieces.append)
-    assert "".join(pieces) == result.text
-    assert len(pieces) > 1
-    assert all(pieces)
+    result = assert_streamed_pieces_make_the_text(medgemma, request)
     assert result.token_ids == medgemma.generate(request).token_ids  # streaming changes nothing
 
 

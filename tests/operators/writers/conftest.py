@@ -12,13 +12,12 @@ from collections.abc import Callable
 import pytest
 
 from medgemma_deploy.domain import Series, SeriesClassification
-from tests.support.inputs import read_testdata, series_from
+from tests.support.inputs import testdata_series
 
 
 def _both_frames(name: str) -> Series:
     """The two-frame test file ``name`` as one series of its two frames."""
-    path, dataset = read_testdata(name)
-    series = series_from([dataset], [path])
+    series = testdata_series(name)
     series.frames.append(dataclasses.replace(series.frames[0], frame_number=2))
     return series
 
@@ -38,8 +37,7 @@ def two_frame_secondary_capture() -> Series:
 @pytest.fixture
 def mr_series() -> Series:
     """pydicom's real MR_small: one 64x64 slice with a frame of reference."""
-    path, dataset = read_testdata("MR_small.dcm")
-    return series_from([dataset], [path])
+    return testdata_series("MR_small.dcm")
 
 
 @pytest.fixture
