@@ -62,6 +62,7 @@ from medgemma_deploy.operators.medgemma.torch_vision import MedGemmaVision
 from medgemma_deploy.precision import cpu_has_native_bf16
 
 __all__ = [
+    "AMX_FREE_INSTALL",
     "PRECISION_WEIGHT_TYPES",
     "GgufMedGemmaRunner",
     "extra_buffer_types_usable",
@@ -69,6 +70,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: How a site reinstalls llama-cpp-python without ggml's AMX kernels (what ``./run`` does on a
+#: CPU listing AMX): the compiler keeps ``-march=native`` but leaves the AMX instructions out.
+AMX_FREE_INSTALL = (
+    "CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+    "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" "
+    "pip install --force-reinstall --no-deps --no-cache-dir --no-binary llama-cpp-python llama-cpp-python"
+)
 
 #: The GGUF weight type of each precision this runner offers (``f32`` is for parity tests).
 PRECISION_WEIGHT_TYPES = {"int4": "q4_0", "int8": "q8_0", "fp32": "f32"}
@@ -234,6 +243,13 @@ class GgufMedGemmaRunner(MedGemmaRules):
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
         model_params.use_extra_bufts = extra_buffer_types_usable()
+        if not model_params.use_extra_bufts:
+            logger.warning(
+                "this llama-cpp-python build has ggml's AMX kernels, which crash, so llama.cpp's "
+                "repacked fast path is off (prefill and decoding slower, docs/performance.md); "
+                "rebuild it without them: %s",
+                AMX_FREE_INSTALL,
+            )
         if model_params.use_extra_bufts:
             # Repacked weights are copies: mapped, the file's pages would stay resident beside them
             # (peak RSS 4.1 GB instead of 2.4 GB for MedGemma-4B at Q4_0). Read into memory instead.
@@ -591,7 +607,10 @@ def extra_buffer_types_usable() -> bool:
     has AMX kernels: ggml then puts weights in AMX buffers, and its AMX matrix multiply crashed
     (SIGSEGV in ``ggml_backend_amx_mul_mat`` on a Xeon with ``amx_int8``, also on the tiny test
     model), while asking for the repacked layout alone by tensor override fails ggml's scheduler
-    check. docs/performance.md has both machines' measurements.
+    check. A build without the AMX kernels (:data:`AMX_FREE_INSTALL`; ``./run`` builds one on such
+    a CPU) gets the repacked layout back: on that Xeon, MedGemma-4B at Q4_0 decoded 4.3 instead of
+    3.6 tok/s and reached the first token of an image prompt in 17 instead of 25 s
+    (docs/performance.md).
     """
     import llama_cpp
 

@@ -444,3 +444,32 @@ def test_extra_buffer_types_are_off_only_where_llama_cpp_has_amx_kernels(monkeyp
         llama_cpp, "llama_print_system_info", lambda: b"CPU : AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |"
     )
     assert not extra_buffer_types_usable()
+
+
+@needs_lowbit
+def test_a_build_with_amx_kernels_is_named_with_the_command_that_rebuilds_it(
+    medgemma_dir, monkeypatch, caplog
+):
+    """Where the repacked layout is off, the load says why and how to get it back, in one line."""
+    from medgemma_deploy.operators.medgemma import gguf_runner
+
+    monkeypatch.setattr(gguf_runner, "extra_buffer_types_usable", lambda: False)
+    with (
+        caplog.at_level("WARNING", logger=gguf_runner.__name__),
+        gguf_runner.GgufMedGemmaRunner(medgemma_dir, precision="int4", n_threads=1) as runner,
+    ):
+        assert runner.is_loaded
+    (warning,) = [r.getMessage() for r in caplog.records if "AMX" in r.getMessage()]
+    assert gguf_runner.AMX_FREE_INSTALL in warning and "\n" not in warning
+
+
+def test_run_builds_llama_cpp_with_the_flags_the_warning_names():
+    """``./run`` (on a CPU listing AMX) and the runner's advice build llama.cpp the same way."""
+    from medgemma_deploy.operators.medgemma.gguf_runner import AMX_FREE_INSTALL
+
+    script = (Path(__file__).parents[3] / "run").read_text()
+    lines = [line.strip() for line in script.splitlines()]
+    (flags,) = [line.split('"')[1] for line in lines if line.startswith('local flags="')]
+    assert flags.split() == ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+    assert AMX_FREE_INSTALL.count(flags) == 2  # C and C++ flags
+    assert "grep -qw amx_int8 /proc/cpuinfo" in script  # only on a CPU that lists AMX
