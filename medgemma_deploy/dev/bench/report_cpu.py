@@ -351,7 +351,7 @@ def _cell(figures: dict, key: str, digits: int = 1) -> str:
 def _table(results: dict[str, dict], args: argparse.Namespace) -> str:
     lines = [
         f"| path | image → first token (s) | decode tok/s, batch 1 | decode tok/s, batch 4 (total) "
-        f"| {args.max_new_tokens}-token report (s) | peak RSS (GB) | notes |",
+        f"| {args.max_new_tokens}-token report (s) | peak RSS (GiB) | notes |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, figures in results.items():
@@ -374,7 +374,7 @@ def _table(results: dict[str, dict], args: argparse.Namespace) -> str:
         lines.append(
             f"| {name} | {_cell(figures, 'first_token_s')} | {_cell(figures, 'decode_tok_s', 2)} "
             f"| {_cell(figures, 'batch4_tok_s', 2)} | {_cell(figures, 'report_s')} "
-            f"| {_cell(figures, 'peak_rss_gb', 2)} | {notes} |"
+            f"| {_cell(figures, 'peak_rss_gib', 2)} | {notes} |"
         )
     return "\n".join(lines)
 
@@ -427,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         import resource
 
         figures = _run_row(args.row, args.model, args.device, args.max_new_tokens, args.batch)
-        # The row's own peak resident set (Linux reports kilobytes).
-        figures["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        # The row's own peak resident set in GiB (Linux reports kibibytes).
+        figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(json.dumps(figures))
         return 0
 

@@ -14,7 +14,6 @@ machine without them they skip, and with ``CI=true`` they fail instead.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 from pathlib import Path
 
@@ -26,31 +25,16 @@ from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 from medgemma_deploy.dev.testmodels.gemma import make_test_medgemma
 from medgemma_deploy.domain import AlgorithmInfo, GenerationSettings
 from medgemma_deploy.errors import ModelLoadError
-from medgemma_deploy.operators.medgemma.gguf_weights import converter_dir, gguf_weights
+from medgemma_deploy.operators.medgemma.gguf_weights import gguf_weights
 from medgemma_deploy.operators.medgemma.prompts import PromptBook
 from medgemma_deploy.operators.medgemma.request import build_report_request
 from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
 from medgemma_deploy.operators.medgemma.runners import make_medgemma_runner
 from medgemma_deploy.operators.writers.report_sr import build_report_sr
 from tests.support.inputs import make_cr_series, make_ct_series
+from tests.support.lowbit import needs_lowbit
 from tests.support.sr_text import sr_texts
 from tests.support.streaming import assert_streamed_pieces_make_the_text
-
-
-def _lowbit_missing() -> str | None:
-    if importlib.util.find_spec("llama_cpp") is None:
-        return "llama-cpp-python (the lowbit extra) is not installed"
-    try:
-        converter_dir()
-    except ModelLoadError as exc:
-        return str(exc)
-    return None
-
-
-_MISSING = _lowbit_missing()
-if _MISSING and os.environ.get("CI") == "true":
-    raise RuntimeError(f"CI must run the llama.cpp tests: {_MISSING}")
-needs_lowbit = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
 
 
 @pytest.fixture(scope="module")

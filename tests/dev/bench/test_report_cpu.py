@@ -1,0 +1,31 @@
+"""The MedGemma CPU report benchmark (medgemma_deploy/dev/bench/report_cpu.py) on the tiny model.
+
+Not timed: the figures live in docs/performance.md. This checks that each row's subprocess runs
+and that the table carries what it measured (a row that failed shows its error instead of numbers).
+"""
+
+from __future__ import annotations
+
+import re
+
+from medgemma_deploy.dev.bench.report_cpu import main
+from tests.support.lowbit import needs_lowbit
+
+
+@needs_lowbit
+def test_the_table_has_a_measured_line_per_row(tmp_path, capsys):
+    assert (
+        main(["--cache", str(tmp_path / "cache"), "--rows", "int4,llama.cpp,floor", "--max-new-tokens", "8"])
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert "| peak RSS (GiB) |" in table
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    int4 = [cell.strip() for cell in rows["int4"].split("|")[2:-1]]
+    first_token, decode, batch4, report, rss = (float(cell) for cell in int4[:5])
+    assert 0 < first_token <= report and decode > 0 and batch4 > 0 and 0 < rss < 8
+    assert "text-q4_0.gguf" in int4[5]
+    assert float(rows["llama.cpp"].split("|")[3]) > 0
+    floor = rows[next(name for name in rows if name.startswith("bandwidth floor"))]
+    assert re.search(r"\d+(\.\d+)? / \d+(\.\d+)? / \d+(\.\d+)?", floor)
+    assert "error" not in table.lower()
