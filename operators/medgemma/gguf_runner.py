@@ -243,17 +243,17 @@ class GgufMedGemmaRunner(MedGemmaRules):
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
         model_params.use_extra_bufts = extra_buffer_types_usable()
-        if not model_params.use_extra_bufts:
+        if model_params.use_extra_bufts:
+            # Repacked weights are copies: mapped, the file's pages would stay resident beside them
+            # (peak RSS 4.1 GB instead of 2.4 GB for MedGemma-4B at Q4_0). Read into memory instead.
+            model_params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
+        else:
             logger.warning(
                 "this llama-cpp-python build has ggml's AMX kernels, which crash, so llama.cpp's "
                 "repacked fast path is off (prefill and decoding slower, docs/performance.md); "
                 "rebuild it without them: %s",
                 AMX_FREE_INSTALL,
             )
-        if model_params.use_extra_bufts:
-            # Repacked weights are copies: mapped, the file's pages would stay resident beside them
-            # (peak RSS 4.1 GB instead of 2.4 GB for MedGemma-4B at Q4_0). Read into memory instead.
-            model_params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
         model = llama_cpp.llama_model_load_from_file(str(weights.text).encode(), model_params)
         if not model:
             raise ModelLoadError(f"{weights.text}: llama.cpp cannot load this GGUF (see the log above)")
