@@ -407,6 +407,23 @@ def _suppress_whitespace_pieces(model_dir: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _peak_rss_gib() -> float:
+    """This process's own peak resident set, GiB: ``VmHWM`` of ``/proc/self/status`` on Linux.
+
+    Not ``getrusage``: Linux carries the ``ru_maxrss`` of the process that spawned a row across
+    ``exec`` (the old address space's high-water mark is kept), so a row started by a large parent
+    (a test session of 8 GiB) would report the parent's peak instead of its own.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**30  # bytes on macOS
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="MedGemma report benchmark (one table)")
     parser.add_argument(
@@ -424,11 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.row:
-        import resource
-
         figures = _run_row(args.row, args.model, args.device, args.max_new_tokens, args.batch)
-        # The row's own peak resident set in GiB (Linux reports kibibytes).
-        figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        figures["peak_rss_gib"] = _peak_rss_gib()
         print(json.dumps(figures))
         return 0
 
