@@ -18,7 +18,7 @@ from tests.support.lowbit import needs_lowbit
 def test_the_table_has_a_measured_line_per_row(tmp_path, capsys):
     # The parent holds 1.5 GiB while the rows run: each row's memory must be its own (Linux carries
     # a parent's ru_maxrss into the child it spawns; the tiny model's int4 row needs about 0.5 GiB).
-    held = np.ones(3 * 2**27)  # float64: 3 GiB / 2, touched
+    held = np.ones(3 * 2**26)  # 1.5 GiB of float64, touched
     assert (
         main(["--cache", str(tmp_path / "cache"), "--rows", "int4,llama.cpp,floor", "--max-new-tokens", "8"])
         == 0

@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -39,25 +38,46 @@ GOOD_NEIGHBOURS = ("CT_small.dcm", "SC_rgb.dcm")
 _LOG_PREFIXES = ("INFO ", "WARNING ", "ERROR ", "DEBUG ")
 
 
+#: Runs its arguments as a grandchild and writes the grandchild's peak RSS (kB) to the file named
+#: first. Why a launcher: Linux carries the ``ru_maxrss`` of the process that spawns a child across
+#: ``exec``, so a child spawned by this test session (gigabytes after a full run) would report the
+#: session's peak, and the baseline and fuzz runs would compare two copies of it. A grandchild of
+#: this small launcher starts from the launcher's few megabytes and reports its own peak.
+_OWN_PEAK_LAUNCHER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)  # the child's own rusage, which wait() would drop
+child.returncode = code = os.waitstatus_to_exitcode(status)
+with open(sys.argv[1], "w") as peak:
+    peak.write(str(usage.ru_maxrss))
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def _classify(folder: Path, out: Path, models: Path) -> tuple[int, str, int]:
     """Run ``medgemma-deploy classify`` as a child process: exit code, stderr, peak RSS in bytes."""
     env = {**os.environ, "PYTHONWARNINGS": "default"}  # warnings must be shown to be caught leaking
     command = [sys.executable, "-m", "medgemma_deploy", "classify", "-i", str(folder), "-o", str(out)]
-    process = subprocess.Popen(
-        [*command, "-m", str(models), "--device", "cpu"],
+    peak_file = out.parent / f"{out.name}.peak-rss-kb"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _OWN_PEAK_LAUNCHER,
+            str(peak_file),
+            *command,
+            "-m",
+            str(models),
+            "--device",
+            "cpu",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        check=False,
     )
-    chunks: list[str] = []
-    reader = threading.Thread(target=lambda: chunks.append(process.stderr.read()))
-    reader.start()
-    # os.wait4 gives this child's own rusage (peak RSS), which communicate() would throw away.
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    reader.join()
-    return process.returncode, "".join(chunks), usage.ru_maxrss * 1024  # Linux: kilobytes
+    return completed.returncode, completed.stderr, int(peak_file.read_text()) * 1024  # Linux: kilobytes
 
 
 def _accounted(results: dict) -> set[str]:
