@@ -245,7 +245,7 @@ class ReportDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReportFinal(_message.Message):
-    __slots__ = ("text", "token_ids", "n_prompt_tokens", "n_generated_tokens", "finish_reason", "seconds", "tokens_per_second", "warnings", "model", "timing")
+    __slots__ = ("text", "token_ids", "n_prompt_tokens", "n_generated_tokens", "finish_reason", "seconds", "tokens_per_second", "warnings", "model", "timing", "engine_parameters")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     N_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +256,7 @@ class ReportFinal(_message.Message):
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     n_prompt_tokens: int
@@ -266,7 +267,16 @@ class ReportFinal(_message.Message):
     warnings: _containers.RepeatedScalarFieldContainer[str]
     model: ModelRef
     timing: Timing
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., n_prompt_tokens: _Optional[int] = ..., n_generated_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    engine_parameters: _containers.RepeatedCompositeFieldContainer[EngineParameter]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., n_prompt_tokens: _Optional[int] = ..., n_generated_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., engine_parameters: _Optional[_Iterable[_Union[EngineParameter, _Mapping]]] = ...) -> None: ...
+
+class EngineParameter(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class GenerateReportResponse(_message.Message):
     __slots__ = ("admitted", "delta", "final")

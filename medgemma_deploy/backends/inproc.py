@@ -1,16 +1,17 @@
 """MedGemma in this process, through the worker's decode core (vLLM's ``InprocClient``).
 
-:class:`InprocMedGemma` is what ``--backend local`` gives for the torch precisions (fp32, bf16,
-auto). It owns a :class:`~medgemma_deploy.worker.engine.report_service.ReportService` over a
-:class:`~medgemma_deploy.operators.medgemma.runner.MedGemmaRunner`, whose scheduler thread
+:class:`InprocMedGemma` is what ``--backend local`` gives at every precision. It owns a
+:class:`~medgemma_deploy.worker.engine.report_service.ReportService` over a
+:class:`~medgemma_deploy.operators.medgemma.runner.MedGemmaRunner` (torch: auto, fp32, bf16) or a
+:class:`~medgemma_deploy.operators.medgemma.gguf_runner.GgufMedGemmaRunner` (llama.cpp: int8,
+int4), whose scheduler thread
 :meth:`~InprocMedGemma.load` starts and :meth:`~InprocMedGemma.close` stops, and drafts a report
 with the calls the worker's GenerateReport makes: ``prepare``, ``submit``, then
 ``ReportService.outputs`` for the streamed pieces and the result. An in-process report and a worker
 report therefore come from one decode loop and one assembly of the result: parity by construction.
 
 Several threads may call :meth:`~InprocMedGemma.generate` at once; their reports decode together
-in one batch. llama.cpp (``int8``/``int4``) is another engine and keeps its own runner
-(:class:`~medgemma_deploy.operators.medgemma.gguf_runner.GgufMedGemmaRunner`).
+in one batch (on llama.cpp, up to the runner's ``n_parallel``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from contextlib import closing
 import torch
 
 from medgemma_deploy.domain import ModelIdentity, ModelLifecycle, ReportRequest, ReportResult
+from medgemma_deploy.operators.medgemma.gguf_runner import GgufMedGemmaRunner
 from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
 from medgemma_deploy.worker.engine.report_service import ReportDelta, ReportDone, ReportService
 
@@ -34,7 +36,8 @@ class InprocMedGemma(ModelLifecycle):
     Parameters
     ----------
     runner:
-        A ``MedGemmaRunner`` (loaded or not); the client owns it from now on and closes it.
+        A ``MedGemmaRunner`` or ``GgufMedGemmaRunner`` (loaded or not); the client owns it from now
+        on and closes it.
     max_running:
         Reports decoded together when several threads generate at once.
     stop_timeout:
@@ -46,7 +49,13 @@ class InprocMedGemma(ModelLifecycle):
     ...     result = medgemma.generate(request, on_token=print)
     """
 
-    def __init__(self, runner: MedGemmaRunner, *, max_running: int = 8, stop_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        runner: MedGemmaRunner | GgufMedGemmaRunner,
+        *,
+        max_running: int = 8,
+        stop_timeout: float = 30.0,
+    ) -> None:
         self.runner = runner
         self.max_running = max_running
         self.stop_timeout = stop_timeout

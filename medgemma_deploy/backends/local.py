@@ -2,7 +2,7 @@
 
 One interface, two transports (vLLM's ``make_client``): :func:`make_backend` returns a
 :class:`Backend` whose ``medsiglip`` and ``medgemma`` are either in process (``MedSigLIPRunner``;
-``InprocMedGemma``, the worker's decode core over a ``MedGemmaRunner``, or ``GgufMedGemmaRunner``
+``InprocMedGemma``, the worker's decode core over a ``MedGemmaRunner``, or a ``GgufMedGemmaRunner``
 at int8/int4) or their gRPC twins (``RemoteMedSigLIP``, ``RemoteMedGemma``). Both pairs have
 ``load()``, ``close()``, ``identity`` and the same calls, so operators, the CLI and the apps take
 ``--backend local|grpc://HOST:PORT|grpcs://HOST:PORT`` and never branch on it. The models are
@@ -75,23 +75,17 @@ class Backend:
 
     @property
     def medgemma(self) -> ReportModel:
-        """MedGemma (not yet loaded: call ``load()``): the torch runner behind the worker's decode
-        core in this process, llama.cpp's runner (int8/int4, an engine of its own) or the worker's."""
+        """MedGemma (not yet loaded: call ``load()``): the local runner (torch, or llama.cpp at
+        int8/int4) behind the worker's decode core in this process, or the worker's."""
         if self._medgemma is None:
             if self.client is not None:
                 from medgemma_deploy.backends.remote import RemoteMedGemma
 
                 self._medgemma = RemoteMedGemma(self.client)
             else:
-                from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
+                from medgemma_deploy.backends.inproc import InprocMedGemma
 
-                runner = self.medgemma_runner()
-                if isinstance(runner, MedGemmaRunner):
-                    from medgemma_deploy.backends.inproc import InprocMedGemma
-
-                    self._medgemma = InprocMedGemma(runner)
-                else:
-                    self._medgemma = runner
+                self._medgemma = InprocMedGemma(self.medgemma_runner())
         return self._medgemma
 
     def medsiglip_runner(self, **options: Any) -> MedSigLIPRunner:
@@ -117,9 +111,10 @@ class Backend:
             **options,
         )
 
-    def medgemma_runner(self) -> MedGemmaRunner | GgufMedGemmaRunner:
+    def medgemma_runner(self, *, sequences: int = 1) -> MedGemmaRunner | GgufMedGemmaRunner:
         """A new MedGemma runner of the local settings, not loaded (the caller loads and closes it):
-        torch's ``MedGemmaRunner`` at auto/fp32/bf16, llama.cpp's ``GgufMedGemmaRunner`` at int8/int4.
+        torch's ``MedGemmaRunner`` at auto/fp32/bf16, llama.cpp's ``GgufMedGemmaRunner`` at int8/int4
+        (reserving ``sequences`` reports decoded together: the worker's scheduler asks for more).
 
         Raises
         ------
@@ -132,7 +127,10 @@ class Backend:
         from medgemma_deploy.operators.medgemma.runners import make_medgemma_runner
 
         return make_medgemma_runner(
-            resolve_model_dir(self._models_path(), "medgemma"), device=self.device, precision=self.precision
+            resolve_model_dir(self._models_path(), "medgemma"),
+            device=self.device,
+            precision=self.precision,
+            sequences=sequences,
         )
 
     def close(self) -> None:

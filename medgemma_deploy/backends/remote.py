@@ -276,4 +276,7 @@ class RemoteMedGemma(_RemoteModel):
             prompt_version=request.prompt_version,
             preprocess_seconds=0.0,
             warnings=warnings,
+            engine_parameters=tuple(
+                (parameter.name, parameter.value) for parameter in final.engine_parameters
+            ),
         )

@@ -1,12 +1,14 @@
 """MedGemma on llama.cpp (llama-cpp-python): 8- and 4-bit reports on a CPU.
 
-:class:`GgufMedGemmaRunner` is a ``ReportModel`` as the torch path's
-:class:`~medgemma_deploy.backends.inproc.InprocMedGemma` is (``load``, ``generate``, ``close``,
-``identity``; plus ``generate_batch``), has the rules of
-:class:`~medgemma_deploy.operators.medgemma.runner.MedGemmaRunner` (``prepare_inputs``,
-``token_budget``, ``effective_settings``…) and returns the same :class:`ReportResult`; only the
-arithmetic moves to llama.cpp. What stays ours, so that a report is prompted exactly as on the
-torch path:
+:class:`GgufMedGemmaRunner` is the llama.cpp twin of
+:class:`~medgemma_deploy.operators.medgemma.runner.MedGemmaRunner`: it has the same rules
+(``prepare_inputs``, ``token_budget``, ``effective_settings``, stop and suppressed tokens…) and is
+decoded by the same loop, the worker's
+:class:`~medgemma_deploy.worker.engine.scheduler.ReportScheduler` (in process through
+:class:`~medgemma_deploy.backends.inproc.InprocMedGemma`, or in the worker), which drives it
+through a :class:`~medgemma_deploy.worker.engine.gguf_decode.GgufDecodeBatch`; so a report has the
+same sampling, streaming, result and warnings on either engine, and only the arithmetic moves to
+llama.cpp. What stays ours, so that a report is prompted exactly as on the torch path:
 
 * The checkpoint's own processor and chat template build the prompt and the image pixels
   (``apply_chat_template``, as the torch runner). llama.cpp receives token ids, never text: its
@@ -18,8 +20,8 @@ torch path:
   embeddings, decoded with non-causal attention inside the image (Gemma 3's image tokens see each
   other both ways, as transformers' mask and llama.cpp's own ``mtmd`` do), so only the text decoder
   runs on llama.cpp: its prefill of the whole prompt, then decoding.
-* Decoding (greedy, or sampling with the request's settings) runs here on llama.cpp's logits, and
-  the text is decoded with the checkpoint's tokenizer.
+* Choosing tokens (greedy, or sampling with the request's settings) runs in the scheduler on
+  llama.cpp's logits, and the text is decoded with the checkpoint's tokenizer.
 
 The text decoder's weights come from
 :func:`~medgemma_deploy.operators.medgemma.gguf_weights.gguf_weights` (llama.cpp's own converter,
@@ -27,9 +29,9 @@ cached next to the model with a SHA-256 digest); the result records the engine, 
 decoder's digest and the vision tower's (its dtype and the digest of its tensors), and the SR writes
 them into its algorithm identification.
 
-``generate_batch`` decodes up to ``n_parallel`` requests as one llama.cpp batch (one sequence
-each), which is what makes concurrent reports cheaper than one after the other on a CPU: each
-decode step reads the weights once for all of them.
+Up to ``n_parallel`` reports decode together, each a sequence of llama.cpp's one KV cache, one
+token each per llama.cpp batch: that is what makes concurrent reports cheaper than one after the
+other on a CPU, each decode step reading the weights once for all of them.
 """
 
 from __future__ import annotations
@@ -39,8 +41,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,8 @@ from typing import Any
 import numpy as np
 
 from medgemma_deploy.domain import (
-    FinishReason,
-    GenerationSettings,
     ModelIdentity,
     ReportRequest,
-    ReportResult,
 )
 from medgemma_deploy.errors import InputError, ModelLoadError
 from medgemma_deploy.model_dir import model_identity, resolve_model_dir
@@ -86,29 +84,6 @@ PRECISION_WEIGHT_TYPES = {"int4": "q4_0", "int8": "q8_0", "fp32": "f32"}
 _GGML_F32, _GGML_F16 = 0, 1
 
 
-@dataclass
-class _Sequence:
-    """One request's prompt and decoding state inside a batch."""
-
-    index: int
-    request: ReportRequest
-    settings: GenerationSettings
-    budget: int
-    prompt_ids: list[int]
-    images: list[np.ndarray]
-    position: int
-    warnings: list[str]
-    preprocess_seconds: float
-    on_token: Callable[[str], None] | None = None
-    seq_id: int = 0
-    rng: np.random.Generator | None = None
-    token_ids: list[int] = field(default_factory=list)
-    streamed: str = ""
-    done: bool = False
-    started: float = 0.0
-    first_token_seconds: float = 0.0
-
-
 class GgufMedGemmaRunner(MedGemmaRules):
     """Loads a MedGemma as GGUF into llama.cpp once and drafts reports with it.
 
@@ -128,12 +103,12 @@ class GgufMedGemmaRunner(MedGemmaRules):
     n_threads:
         llama.cpp threads; None uses every core this process may run on.
     n_parallel:
-        Most requests decoded together by ``generate_batch``.
+        Most reports decoded together (llama.cpp sequence ids).
     n_ctx:
-        KV cache cells, one cache shared by the sequences of a batch (a request alone may use all of
+        KV cache cells, one cache shared by the running sequences (a request alone may use all of
         them: it is the context a prompt must fit); None takes the model's context, capped at 8,192
-        tokens. ``generate_batch`` decodes together the requests whose prompts and token budgets
-        fit the cache together, in rounds when they do not.
+        tokens. The scheduler admits a report only while the prompts and token budgets of the
+        running ones fit (:attr:`kv_cells`).
 
     Raises
     ------
@@ -327,138 +302,144 @@ class GgufMedGemmaRunner(MedGemmaRules):
 
     # -- run ---------------------------------------------------------------------------------
 
-    def generate(
-        self, request: ReportRequest, *, on_token: Callable[[str], None] | None = None
-    ) -> ReportResult:
-        """Generate the report text of one request (as ``InprocMedGemma.generate``)."""
-        if not isinstance(request, ReportRequest):
-            raise TypeError(f"request must be a ReportRequest, got {type(request).__name__}")
-        with self._lock:
-            self._require_loaded()
-            (result,) = self._run([request], [on_token])
-        if isinstance(result, InputError):
-            raise result
-        return result
-
-    def generate_batch(self, requests: Sequence[ReportRequest]) -> list[ReportResult | InputError]:
-        """One result per request, in order; up to ``n_parallel`` decode together."""
-        results: list[ReportResult | InputError] = []
-        with self._lock:
-            self._require_loaded()
-            for start in range(0, len(requests), self.n_parallel):
-                group = list(requests[start : start + self.n_parallel])
-                results.extend(self._run(group, [None] * len(group)))
-        for result in results:
-            if isinstance(result, InputError):
-                logger.warning("report for %s not generated: %s", result.source, result.reason)
-        return results
-
     def teacher_forced_logits(self, request: ReportRequest, token_ids: Sequence[int]) -> np.ndarray:
         """Logits before each of ``token_ids`` when the model is fed exactly those tokens.
 
         Row ``i`` scores the token at position ``i`` of the continuation given the prompt and
         ``token_ids[:i]``: comparing rows with another engine's, on the same tokens, measures how far
         two engines (or precisions) are apart without one divergence changing everything after it.
+        Uses sequence 0: not while a scheduler drives this runner.
         """
+        inputs = self.prepare_inputs(request)
+        prompt_ids = [int(token) for token in inputs["input_ids"][0]]
+        pixels = inputs.get("pixel_values")
+        images = [] if pixels is None else list(np.asarray(pixels, dtype=np.float32))
+        rows = [self.prefill_sequence(0, prompt_ids, images, source=request.source)]
+        position = len(prompt_ids)
+        for token in list(token_ids)[:-1]:
+            rows.append(self.decode_step([int(token)], [position], [0])[0])
+            position += 1
+        self.forget_sequence(0)
+        return np.stack(rows)
+
+    # -- stepping: what the report scheduler drives ------------------------------------------
+    #
+    # The ReportScheduler (the one decode loop of every report, in process and in the worker)
+    # admits reports between decode steps and retires them at any step. These calls are what it
+    # needs of llama.cpp (through medgemma_deploy/worker/engine/gguf_decode.py): each report is one
+    # llama.cpp sequence id, below ``n_parallel``, in the one KV cache; choosing tokens, stopping
+    # and assembling the result stay with the scheduler and the ReportService, as on torch.
+
+    @property
+    def kv_cells(self) -> int:
+        """Cells of the one KV cache (``n_ctx``), shared by the running sequences; 0 until loaded."""
+        return self._n_ctx
+
+    @property
+    def suppress_token_ids(self) -> tuple[int, ...]:
+        """Token ids never chosen (the checkpoint's ``suppress_tokens``, as transformers applies them)."""
+        return tuple(int(token) for token in self._suppressed)
+
+    def prefill_sequence(
+        self,
+        seq_id: int,
+        prompt_ids: Sequence[int],
+        images: Sequence[np.ndarray],
+        *,
+        source: str = "a report",
+    ) -> np.ndarray:
+        """Prefill one prompt as sequence ``seq_id`` from position 0 (whatever the id held before is
+        dropped); returns the logits of its last position (a copy, ``(vocab,)``).
+
+        ``images`` are the processor's pixels, one ``(3, H, W)`` array per image run of the prompt.
+
+        Raises
+        ------
+        ValueError
+            ``seq_id`` is not below ``n_parallel``.
+        InputError
+            The prompt's image runs and ``images`` differ in number.
+        """
+        runs = self._prompt_runs([int(token) for token in prompt_ids], len(images), source)
+        with self._lock:
+            self._require_loaded()
+            self._check_seq_id(seq_id)
+            self._forget(seq_id)
+            self._feed_prompt(seq_id, runs, list(images), source)
+            return self._logits(-1).copy()
+
+    def decode_step(
+        self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]
+    ) -> np.ndarray:
+        """Feed one token per sequence (token ``tokens[i]`` at ``positions[i]`` of ``seq_ids[i]``) in
+        one llama.cpp batch; returns the next-token logits, ``(len(tokens), vocab)`` (a copy)."""
+        import llama_cpp
+
+        if not len(tokens) == len(positions) == len(seq_ids) > 0:
+            raise ValueError("decode_step needs one position and one sequence id per token, and a token")
+        with self._lock:
+            self._require_loaded()
+            for seq_id in seq_ids:
+                self._check_seq_id(seq_id)
+            batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+            try:
+                self._step(batch, tokens, positions, seq_ids)
+            finally:
+                llama_cpp.llama_batch_free(batch)
+            return np.stack([self._logits(row) for row in range(len(tokens))])
+
+    def forget_sequence(self, seq_id: int) -> None:
+        """Free sequence ``seq_id``'s KV cells (a finished or cancelled report)."""
+        with self._lock:
+            self._require_loaded()
+            self._forget(seq_id)
+
+    def forget_all(self) -> None:
+        """Free every sequence's KV cells."""
         import llama_cpp
 
         with self._lock:
             self._require_loaded()
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._context), True)
-            sequence = self._prepare(0, request, None)
-            self._prefill(sequence, pick=False)
-            rows = [self._logits(-1).copy()]
-            for token in list(token_ids)[:-1]:
-                self._eval_tokens(sequence, [int(token)], logits_last=True)
-                rows.append(self._logits(-1).copy())
-        return np.stack(rows)
 
-    def _run(
-        self, requests: list[ReportRequest], callbacks: list[Callable[[str], None] | None]
-    ) -> list[ReportResult | InputError]:
-        """Prefill the requests in order while their prompts and token budgets fit the KV cache
-        together, decode those, and start again with the rest (one round when they all fit). Each
-        request is prepared just before its prefill, so one request's pixels are held at a time."""
+    def _check_seq_id(self, seq_id: int) -> None:
+        if not 0 <= seq_id < self.n_parallel:
+            raise ValueError(f"sequence id {seq_id} is outside 0..{self.n_parallel - 1} (n_parallel)")
+
+    def _forget(self, seq_id: int) -> None:
         import llama_cpp
 
-        outcomes: list[ReportResult | InputError | None] = [None] * len(requests)
-        waiting = list(enumerate(zip(requests, callbacks, strict=True)))
-        held: _Sequence | None = None  # prepared, but it did not fit the last round
-        while waiting or held is not None:
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._context), True)
-            running: list[_Sequence] = []
-            used = 0
-            while held is not None or waiting:
-                if held is None:
-                    index, (request, on_token) = waiting.pop(0)
-                    try:
-                        held = self._prepare(index, request, on_token)
-                    except InputError as exc:
-                        outcomes[index] = exc
-                        continue
-                need = len(held.prompt_ids) + held.budget
-                if running and used + need > self._n_ctx:
-                    break  # the next round's first (alone, a request's budget always fits)
-                sequence, held = held, None
-                sequence.seq_id = len(running)
-                self._prefill(sequence)
-                running.append(sequence)
-                used += need
-            self._decode(running)
-            for sequence in running:
-                outcomes[sequence.index] = self._result(sequence)
-        return [outcome for outcome in outcomes if outcome is not None]
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._context), seq_id, -1, -1)
 
-    def _prepare(
-        self, index: int, request: ReportRequest, on_token: Callable[[str], None] | None
-    ) -> _Sequence:
-        """The processor's prompt and pixels, settings and token budget of one request."""
-        started = time.perf_counter()
-        inputs = self.prepare_inputs(request)
-        token_ids = [int(token) for token in inputs["input_ids"][0]]
-        settings = self.effective_settings(request.settings)
-        warnings = list(request.warnings)
-        budget = self.token_budget(request, len(token_ids), warnings)
-        pixel_values = inputs.get("pixel_values")
-        images = [] if pixel_values is None else list(np.asarray(pixel_values, dtype=np.float32))
+    def _prompt_runs(self, token_ids: list[int], n_images: int, source: str) -> list[tuple[str, list[int]]]:
+        """The prompt's text and image runs, checked against the number of images it comes with."""
         runs = _split_image_runs(token_ids, self._image_token_id)
         n_image_runs = sum(1 for kind, _ in runs if kind == "image")
-        if n_image_runs != len(images):
-            raise InputError(
-                request.source, f"the prompt has {n_image_runs} image runs for {len(images)} images"
-            )
-        return _Sequence(
-            index=index,
-            request=request,
-            settings=settings,
-            budget=budget,
-            prompt_ids=token_ids,
-            images=images,
-            position=0,
-            warnings=warnings,
-            preprocess_seconds=time.perf_counter() - started,
-            on_token=on_token,
-            rng=np.random.default_rng(settings.seed) if settings.do_sample else None,
-        )
+        if n_image_runs != n_images:
+            raise InputError(source, f"the prompt has {n_image_runs} image runs for {n_images} images")
+        return runs
 
-    def _prefill(self, sequence: _Sequence, *, pick: bool = True) -> None:
-        """The prompt into llama.cpp (text as tokens, each image as its embeddings), then the first
-        token picked from the last position's logits."""
-        sequence.started = time.perf_counter()
-        runs = _split_image_runs(sequence.prompt_ids, self._image_token_id)
-        images = iter(sequence.images)
-        for position, (kind, run) in enumerate(runs):
-            last = position == len(runs) - 1
+    def _feed_prompt(
+        self, seq_id: int, runs: list[tuple[str, list[int]]], images: list[np.ndarray], source: str
+    ) -> int:
+        """A prompt's runs into sequence ``seq_id`` from position 0 (text as tokens, each image as
+        its embeddings), logits at the last position; returns the next position."""
+        position = 0
+        pixels = iter(images)
+        for index, (kind, run) in enumerate(runs):
+            last = index == len(runs) - 1
             if kind == "image":
-                self._eval_image(sequence, next(images), len(run), logits_last=last)
+                position = self._eval_image(
+                    seq_id, position, next(pixels), len(run), logits_last=last, source=source
+                )
             else:
-                self._eval_tokens(sequence, run, logits_last=last)
-        sequence.images = []  # the pixels are no longer needed
-        sequence.first_token_seconds = time.perf_counter() - sequence.started
-        if pick:
-            self._accept(sequence, self._pick(sequence, self._logits(-1)))
+                position = self._eval_tokens(seq_id, position, run, logits_last=last, source=source)
+        return position
 
-    def _eval_tokens(self, sequence: _Sequence, tokens: list[int], *, logits_last: bool) -> None:
+    def _eval_tokens(
+        self, seq_id: int, position: int, tokens: list[int], *, logits_last: bool, source: str = "a report"
+    ) -> int:
+        """Text tokens into sequence ``seq_id`` from ``position``; returns the next position."""
         import llama_cpp
 
         for start in range(0, len(tokens), self._n_batch):
@@ -466,21 +447,30 @@ class GgufMedGemmaRunner(MedGemmaRules):
             batch = llama_cpp.llama_batch_init(len(piece), 0, 1)
             try:
                 for offset, token in enumerate(piece):
-                    _batch_add(batch, offset, token, sequence.position + offset, sequence.seq_id, False)
+                    _batch_add(batch, offset, token, position + offset, seq_id, False)
                 batch.n_tokens = len(piece)
                 if logits_last and start + len(piece) == len(tokens):
                     batch.logits[len(piece) - 1] = 1
                 if llama_cpp.llama_decode(self._context, batch) != 0:
-                    raise RuntimeError(f"llama.cpp could not decode the prompt of {sequence.request.source}")
+                    raise RuntimeError(f"llama.cpp could not decode the prompt of {source}")
             finally:
                 llama_cpp.llama_batch_free(batch)
-            sequence.position += len(piece)
+            position += len(piece)
+        return position
 
     def _eval_image(
-        self, sequence: _Sequence, pixels: np.ndarray, n_tokens: int, *, logits_last: bool
-    ) -> None:
+        self,
+        seq_id: int,
+        position: int,
+        pixels: np.ndarray,
+        n_tokens: int,
+        *,
+        logits_last: bool,
+        source: str = "a report",
+    ) -> int:
         """One image: its embeddings from the torch vision tower, decoded by llama.cpp in one batch
-        with non-causal attention (each image token sees the whole image, as in transformers)."""
+        with non-causal attention (each image token sees the whole image, as in transformers);
+        returns the next position."""
         import llama_cpp
 
         assert self._vision is not None
@@ -495,9 +485,9 @@ class GgufMedGemmaRunner(MedGemmaRules):
         try:
             ctypes.memmove(batch.embd, embeddings.ctypes.data, embeddings.nbytes)
             for offset in range(n_tokens):
-                batch.pos[offset] = sequence.position + offset
+                batch.pos[offset] = position + offset
                 batch.n_seq_id[offset] = 1
-                batch.seq_id[offset][0] = sequence.seq_id
+                batch.seq_id[offset][0] = seq_id
                 batch.logits[offset] = 0
             batch.logits[n_tokens - 1] = int(logits_last)
             batch.n_tokens = n_tokens
@@ -509,94 +499,28 @@ class GgufMedGemmaRunner(MedGemmaRules):
             finally:
                 llama_cpp.llama_set_causal_attn(self._context, True)
             if status != 0:
-                raise RuntimeError(f"llama.cpp could not decode an image of {sequence.request.source}")
+                raise RuntimeError(f"llama.cpp could not decode an image of {source}")
         finally:
             llama_cpp.llama_batch_free(batch)
-        sequence.position += n_tokens
+        return position + n_tokens
 
-    def _decode(self, sequences: list[_Sequence]) -> None:
-        """Decode every live sequence one token per step, all in one llama.cpp batch."""
+    def _step(
+        self, batch: Any, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]
+    ) -> None:
+        """One decode step: token ``i`` at ``positions[i]`` of ``seq_ids[i]``, logits for every row."""
         import llama_cpp
 
-        batch = llama_cpp.llama_batch_init(max(1, len(sequences)), 0, 1)
-        try:
-            while live := [sequence for sequence in sequences if not sequence.done]:
-                for slot, sequence in enumerate(live):
-                    _batch_add(batch, slot, sequence.token_ids[-1], sequence.position, sequence.seq_id, True)
-                batch.n_tokens = len(live)
-                if llama_cpp.llama_decode(self._context, batch) != 0:
-                    raise RuntimeError("llama.cpp could not decode a step")
-                for slot, sequence in enumerate(live):
-                    sequence.position += 1
-                    self._accept(sequence, self._pick(sequence, self._logits(slot)))
-        finally:
-            llama_cpp.llama_batch_free(batch)
+        for slot, (token, position, seq_id) in enumerate(zip(tokens, positions, seq_ids, strict=True)):
+            _batch_add(batch, slot, int(token), int(position), int(seq_id), True)
+        batch.n_tokens = len(tokens)
+        if llama_cpp.llama_decode(self._context, batch) != 0:
+            raise RuntimeError("llama.cpp could not decode a step")
 
     def _logits(self, index: int) -> np.ndarray:
         import llama_cpp
 
         pointer = llama_cpp.llama_get_logits_ith(self._context, index)
         return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
-
-    def _pick(self, sequence: _Sequence, logits: np.ndarray) -> int:
-        settings = sequence.settings
-        if self._suppressed.size:
-            logits = logits.copy()
-            logits[self._suppressed] = -np.inf
-        if settings.repetition_penalty is not None and sequence.token_ids:
-            logits = logits.copy()
-            seen = np.unique(np.asarray(sequence.token_ids))
-            values = logits[seen]
-            logits[seen] = np.where(
-                values > 0, values / settings.repetition_penalty, values * settings.repetition_penalty
-            )
-        if not settings.do_sample:
-            return int(np.argmax(logits))
-        return _sample(logits, settings, sequence.rng)
-
-    def _accept(self, sequence: _Sequence, token: int) -> None:
-        sequence.token_ids.append(token)
-        if token in self.eos_token_ids or len(sequence.token_ids) >= sequence.budget:
-            sequence.done = True
-        if sequence.on_token is not None:
-            text = self._processor.tokenizer.decode(sequence.token_ids, skip_special_tokens=True)
-            complete = sequence.done or not text.endswith("\ufffd")
-            if complete and len(text) > len(sequence.streamed) and text.startswith(sequence.streamed):
-                piece, sequence.streamed = text[len(sequence.streamed) :], text
-                sequence.on_token(piece)
-
-    def _result(self, sequence: _Sequence) -> ReportResult:
-        seconds = time.perf_counter() - sequence.started
-        token_ids = sequence.token_ids
-        text = self._processor.tokenizer.decode(token_ids, skip_special_tokens=True)
-        stopped = bool(token_ids) and token_ids[-1] in self.eos_token_ids
-        finish_reason: FinishReason = "stop" if stopped else "length"
-        warnings = sequence.warnings
-        if sequence.on_token is not None and sequence.streamed != text:
-            warnings.append("the streamed text differs from the final text; use the final text")
-        if not text.strip():
-            warnings.append(
-                f"MedGemma generated no text ({len(token_ids)} token(s), finish reason {finish_reason}); "
-                "there is no draft to report"
-            )
-        if finish_reason == "length":
-            warnings.append(f"cut off at max_new_tokens={sequence.budget}: the draft may be incomplete")
-        return ReportResult(
-            text=text,
-            token_ids=list(token_ids),
-            n_prompt_tokens=len(sequence.prompt_ids),
-            n_generated_tokens=len(token_ids),
-            finish_reason=finish_reason,
-            seconds=seconds,
-            tokens_per_second=len(token_ids) / seconds if seconds > 0 else 0.0,
-            settings=sequence.settings,
-            prompt_id=sequence.request.prompt_id,
-            prompt_version=sequence.request.prompt_version,
-            preprocess_seconds=sequence.preprocess_seconds,
-            warnings=warnings,
-            engine_parameters=self.engine_parameters,
-            first_token_seconds=sequence.first_token_seconds,
-        )
 
 
 def extra_buffer_types_usable() -> bool:
@@ -693,22 +617,3 @@ def _split_image_runs(token_ids: list[int], image_token_id: int | None) -> list[
         else:
             runs.append((kind, [token]))
     return runs
-
-
-def _sample(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator | None) -> int:
-    """Temperature, top-k and top-p sampling, in transformers' order."""
-    scores = logits.astype(np.float64) / max(float(settings.temperature or 1.0), 1e-5)
-    if settings.top_k:
-        cutoff = np.partition(scores, -settings.top_k)[-settings.top_k]
-        scores = np.where(scores < cutoff, -np.inf, scores)
-    probabilities = np.exp(scores - scores.max())
-    probabilities /= probabilities.sum()
-    if settings.top_p is not None and settings.top_p < 1.0:
-        order = np.argsort(-probabilities)
-        cumulative = np.cumsum(probabilities[order])
-        keep = order[: int(np.searchsorted(cumulative, settings.top_p)) + 1]
-        mask = np.zeros_like(probabilities)
-        mask[keep] = probabilities[keep]
-        probabilities = mask / mask.sum()
-    generator = rng or np.random.default_rng()
-    return int(generator.choice(len(probabilities), p=probabilities))

@@ -75,12 +75,17 @@ def test_medsiglip_path_names_medsiglip_beside_a_medgemma_directory(tiny_models_
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="the lowbit extra is not installed")
-def test_low_bit_medgemma_is_llama_cpps_runner_used_as_it_is(tiny_models_root):
+def test_low_bit_medgemma_is_llama_cpps_runner_behind_the_same_decode_core(tiny_models_root):
+    from medgemma_deploy.backends.inproc import InprocMedGemma
     from medgemma_deploy.operators.medgemma.gguf_runner import GgufMedGemmaRunner
 
     backend = make_backend("local", tiny_models_root, "cpu", precision="int4")
-    assert isinstance(backend.medgemma_runner(), GgufMedGemmaRunner)
-    assert isinstance(backend.medgemma, GgufMedGemmaRunner)
+    runner = backend.medgemma_runner()
+    assert isinstance(runner, GgufMedGemmaRunner) and runner.n_parallel == 1  # one report at a time
+    assert backend.medgemma_runner(sequences=3).n_parallel == 3  # the worker's scheduler asks for more
+    assert backend.medgemma_runner(sequences=64).n_parallel == 4  # capped: LOW_BIT_MAX_SEQUENCES
+    medgemma = backend.medgemma
+    assert isinstance(medgemma, InprocMedGemma) and isinstance(medgemma.runner, GgufMedGemmaRunner)
 
 
 def test_without_a_models_path_no_runner_is_built():

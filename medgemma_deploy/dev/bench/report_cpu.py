@@ -92,14 +92,23 @@ def _text_request(max_new_tokens: int) -> Any:
 
 
 def _row_torch(model_dir: Path, precision: str, device: str, max_new_tokens: int, batch: bool) -> dict:
-    """Our torch path (``--backend local``: the worker's decode core in process): image → first
-    token and decode from ``on_token``; batch 4 as four threads drafting at once (decoded together)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Our torch path (``--backend local``: the worker's decode core in process)."""
     from medgemma_deploy.backends.local import make_backend
 
     backend = make_backend("local", model_dir, device, precision=precision)
     medgemma = backend.medgemma
+    figures = _row_ours(medgemma, max_new_tokens, batch)
+    figures["dtype"] = str(medgemma.runner.model.dtype).removeprefix("torch.")
+    backend.close()
+    return figures
+
+
+def _row_ours(medgemma: Any, max_new_tokens: int, batch: bool) -> dict:
+    """One of our engines behind the worker's decode core in process (``InprocMedGemma``): image →
+    first token and decode from ``on_token``; batch 4 as four threads drafting at once (decoded
+    together), its tokens after each one's first over the slowest one's decode time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     medgemma.load()
     request = _cr_request(max_new_tokens)
     first: list[float] = []
@@ -109,17 +118,15 @@ def _row_torch(model_dir: Path, precision: str, device: str, max_new_tokens: int
     )
     total = time.perf_counter() - started
     figures = _figures(result.n_generated_tokens, total, (first[0] - started) if first else total)
-    figures["dtype"] = str(medgemma.runner.model.dtype).removeprefix("torch.")
+    figures["text_chars"] = len(result.text.strip())
     if batch:
         requests = [_text_request(_BATCH_NEW_TOKENS) for _ in range(_BATCH)]
         medgemma.service.scheduler.eos_token_ids = frozenset()  # each runs to _BATCH_NEW_TOKENS
         medgemma.generate(_text_request(2))  # warm
         with ThreadPoolExecutor(_BATCH) as pool:
-            batch_started = time.perf_counter()
             results = list(pool.map(medgemma.generate, requests))
-        seconds = time.perf_counter() - batch_started
-        figures["batch4_tok_s"] = sum(r.n_generated_tokens for r in results) / seconds
-    backend.close()
+        decode = [r.seconds - r.first_token_seconds for r in results]
+        figures["batch4_tok_s"] = sum(r.n_generated_tokens - 1 for r in results) / max(decode)
     return figures
 
 
@@ -167,31 +174,18 @@ def _row_model_card(model_dir: Path, device: str, max_new_tokens: int) -> dict:
 
 
 def _row_llama(model_dir: Path, precision: str, max_new_tokens: int, batch: bool) -> dict:
-    """Our llama.cpp runner: the same request through ``generate``; batch 4 through ``generate_batch``."""
+    """Our llama.cpp runner behind the same decode core, reserving a sequence per batched report."""
+    from medgemma_deploy.backends.inproc import InprocMedGemma
     from medgemma_deploy.operators.medgemma.gguf_runner import GgufMedGemmaRunner
 
-    runner = GgufMedGemmaRunner(model_dir, precision=precision, n_parallel=_BATCH).load()
-    request = _cr_request(max_new_tokens)
-    started = time.perf_counter()
-    result = runner.generate(request)
-    total = time.perf_counter() - started
-    figures = _figures(
-        result.n_generated_tokens, total, result.preprocess_seconds + result.first_token_seconds
-    )
+    runner = GgufMedGemmaRunner(model_dir, precision=precision, n_parallel=_BATCH if batch else 1)
+    with InprocMedGemma(runner) as medgemma:
+        figures = _row_ours(medgemma, max_new_tokens, batch)
     assert runner.weights is not None
     figures["weights"] = (
         f"{runner.weights.text.name} ({runner.weights.text.stat().st_size / 2**30:.2f} GiB), "
         f"vision on torch {runner.vision_dtype}"
     )
-    figures["text_chars"] = len(result.text.strip())
-    if batch:
-        requests = [_text_request(_BATCH_NEW_TOKENS) for _ in range(_BATCH)]
-        runner.generate_batch(requests[:1])  # warm
-        results = runner.generate_batch(requests)
-        decode = [r.seconds - r.first_token_seconds for r in results if not isinstance(r, Exception)]
-        tokens = sum(r.n_generated_tokens - 1 for r in results if not isinstance(r, Exception))
-        # The four sequences decode in the same steps: the slowest one's decode time is the batch's.
-        figures["batch4_tok_s"] = tokens / max(decode)
     return figures
 
 

@@ -357,18 +357,9 @@ class WorkerServer:
         slot.service = service
 
     def _load_medgemma(self, slot: _ModelSlot) -> None:
-        from medgemma_deploy.errors import ModelLoadError
-        from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
-
         c = self.config
-        runner = self._runners.medgemma_runner()
-        if not isinstance(runner, MedGemmaRunner):
-            # The worker's continuous-batching scheduler drives a torch model step by step; the
-            # llama.cpp runner batches inside itself and has no scheduler adapter yet.
-            raise ModelLoadError(
-                f"{slot.path}: the worker serves MedGemma with --precision fp32 or bf16; {runner.precision} "
-                "(llama.cpp) runs in-process: medgemma-deploy report/listen without --backend"
-            )
+        # torch (auto/fp32/bf16) or llama.cpp (int8/int4): the same scheduler decodes either.
+        runner = self._runners.medgemma_runner(sequences=c.report_max_running)
         slot.runner = runner
         runner.load()
         slot.device, slot.dtype = _device_and_dtype(runner)

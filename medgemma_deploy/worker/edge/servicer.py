@@ -468,6 +468,9 @@ def _report_final(done: ReportDone, model: ModelIdentity) -> pb.ReportFinal:
             compute_seconds=result.seconds,
             batch_size=round(done.mean_batch_size),
         ),
+        engine_parameters=[
+            pb.EngineParameter(name=name, value=value) for name, value in result.engine_parameters
+        ],
     )
 
 

@@ -37,12 +37,13 @@ import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-__all__ = ["DecodeBatch", "Prefilled", "PreparedPrompt"]
+__all__ = ["DecodeBatch", "Prefilled", "PrefilledRows", "PreparedPrompt", "SequenceBatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,30 @@ class Prefilled:
     logits: torch.Tensor  # (n, vocab) float32
     attention_mask: torch.Tensor  # (n, width)
     lengths: list[int]
+
+
+class PrefilledRows(Protocol):
+    """What a batch's ``prefill`` returns: at least the last logits of each new sequence."""
+
+    logits: torch.Tensor  # (n, vocab) float32
+
+
+class SequenceBatch(Protocol):
+    """The running sequences of one engine, as the scheduler drives them: :class:`DecodeBatch` on
+    torch, :class:`~medgemma_deploy.worker.engine.gguf_decode.GgufDecodeBatch` on llama.cpp."""
+
+    @property
+    def rows(self) -> int: ...
+
+    def prefill(self, prompts: Sequence[PreparedPrompt]) -> PrefilledRows: ...
+
+    def join(self, prefilled: PrefilledRows, rows: Sequence[int] | None = None) -> None: ...
+
+    def step(self, next_tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def remove(self, rows: list[int]) -> None: ...
+
+    def reset(self) -> None: ...
 
 
 class DecodeBatch:

@@ -40,8 +40,9 @@ import torch
 from PIL import Image
 
 from medgemma_deploy.domain import GenerationSettings, ReportRequest, ReportResult
+from medgemma_deploy.operators.medgemma.gguf_runner import GgufMedGemmaRunner
 from medgemma_deploy.operators.medgemma.runner import MedGemmaRunner
-from medgemma_deploy.worker.engine.decode import PreparedPrompt
+from medgemma_deploy.worker.engine.decode import DecodeBatch, PreparedPrompt, SequenceBatch
 from medgemma_deploy.worker.engine.errors import BadRequestError
 from medgemma_deploy.worker.engine.events import (
     STREAM_MISMATCH_WARNING,
@@ -52,6 +53,7 @@ from medgemma_deploy.worker.engine.events import (
     SchedulerObserver,
     Tokens,
 )
+from medgemma_deploy.worker.engine.gguf_decode import GgufDecodeBatch
 from medgemma_deploy.worker.engine.model_service import ModelService
 from medgemma_deploy.worker.engine.scheduler import ReportScheduler
 
@@ -141,19 +143,23 @@ class ReportService(ModelService):
     Parameters
     ----------
     runner:
-        A loaded ``MedGemmaRunner``: its model, processor, stop tokens and rules.
+        A loaded ``MedGemmaRunner`` (torch: its model decodes in a ``DecodeBatch``) or
+        ``GgufMedGemmaRunner`` (llama.cpp, ``--precision int4|int8``: a ``GgufDecodeBatch``); its
+        processor, stop tokens and rules either way.
     max_running, max_waiting, max_cached_tokens, max_prefills_per_step:
-        See :class:`~medgemma_deploy.worker.engine.scheduler.ReportScheduler`.
+        See :class:`~medgemma_deploy.worker.engine.scheduler.ReportScheduler`. On llama.cpp,
+        ``max_running`` is capped at the runner's ``n_parallel`` (its sequence ids) and
+        ``max_cached_tokens`` at its KV cache (``n_ctx`` cells, shared by all sequences).
     default_max_new_tokens, max_new_tokens:
         Budget when a request gives none, and the most a request may ask for.
     """
 
-    runner: MedGemmaRunner
+    runner: MedGemmaRunner | GgufMedGemmaRunner
     stop_timeout = 60.0
 
     def __init__(
         self,
-        runner: MedGemmaRunner,
+        runner: MedGemmaRunner | GgufMedGemmaRunner,
         *,
         max_running: int = 32,
         max_waiting: int = 64,
@@ -165,16 +171,25 @@ class ReportService(ModelService):
     ) -> None:
         self.default_max_new_tokens = default_max_new_tokens
         self.max_new_tokens = max_new_tokens
+        device = torch.device(runner.device or "cpu")
+        batch: SequenceBatch
+        if isinstance(runner, MedGemmaRunner):
+            pad_token_id = int(runner.processor.tokenizer.pad_token_id or 0)
+            batch = DecodeBatch(runner.model, device, pad_token_id=pad_token_id)
+        else:
+            batch = GgufDecodeBatch(runner)
+            max_running = min(max_running, runner.n_parallel)
+            cells = runner.kv_cells
+            max_cached_tokens = min(max_cached_tokens, cells) if max_cached_tokens else cells
         self.scheduler = ReportScheduler(
-            runner.model,
-            device=torch.device(runner.device or "cpu"),
+            batch,
+            device=device,
             eos_token_ids=runner.eos_token_ids,
             suppress_token_ids=runner.suppress_token_ids,
             max_running=max_running,
             max_waiting=max_waiting,
             max_cached_tokens=max_cached_tokens,
             max_prefills_per_step=max_prefills_per_step,
-            pad_token_id=int(runner.processor.tokenizer.pad_token_id or 0),
             observer=observer,
         )
         super().__init__(runner, self.scheduler)
@@ -209,8 +224,8 @@ class ReportService(ModelService):
         """
         started = time.perf_counter()
         inputs = dict(self.runner.prepare_inputs(request))
-        input_ids = inputs.pop("input_ids")
-        if "pixel_values" in inputs:
+        input_ids = torch.as_tensor(inputs.pop("input_ids"))
+        if "pixel_values" in inputs and isinstance(self.runner, MedGemmaRunner):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.runner.model.dtype)
         warnings = list(request.warnings)
         budget = self.runner.token_budget(request, int(input_ids.shape[1]), warnings)

@@ -15,7 +15,10 @@ Why a scheduler of our own and not transformers' continuous-batching manager
 So the loop below is built on transformers' *cache* machinery instead: each prompt is prefilled
 alone by the model's own forward (images, masks and positions exactly as ``generate`` computes
 them), and the running sequences decode together in one :class:`DecodeBatch` (a left-padded
-``DynamicCache``). Each iteration:
+``DynamicCache``). The loop only sees that batch's five calls (``SequenceBatch``: prefill, join,
+step, remove, reset), so the low-bit engine runs under the same loop: at ``--precision int4|int8``
+the batch is a ``GgufDecodeBatch``, each report a sequence of llama.cpp's one KV cache. Each
+iteration:
 
 1. **admit** up to ``max_prefills_per_step`` waiting requests while fewer than ``max_running``
    decode and the cache budget allows, prefilled together in one padded forward (a new request
@@ -45,7 +48,7 @@ import torch
 
 from medgemma_deploy.arrivals import Arrivals
 from medgemma_deploy.domain import GenerationSettings
-from medgemma_deploy.worker.engine.decode import DecodeBatch, PreparedPrompt
+from medgemma_deploy.worker.engine.decode import PreparedPrompt, SequenceBatch
 from medgemma_deploy.worker.engine.errors import (
     DeadlineExpiredError,
     NotReadyError,
@@ -98,8 +101,10 @@ class ReportScheduler(QueueThread):
 
     Parameters
     ----------
-    model:
-        The loaded model (Gemma 3 conditional generation), in eval mode.
+    batch:
+        The running sequences of the loaded model (empty): a
+        :class:`~medgemma_deploy.worker.engine.decode.DecodeBatch` over a torch model, or a
+        :class:`~medgemma_deploy.worker.engine.gguf_decode.GgufDecodeBatch` over llama.cpp.
     device:
         The model's device.
     eos_token_ids:
@@ -116,8 +121,6 @@ class ReportScheduler(QueueThread):
     max_prefills_per_step:
         Prompts prefilled together per iteration (one padded forward), so a burst of arrivals is
         prefilled in batches and cannot stall running decodes for long.
-    pad_token_id:
-        Token id of the left padding of batched prefills.
     admission_window_s:
         How long an idle loop waits for requests still being prepared (see step 1); never
         waited while sequences are running.
@@ -131,7 +134,7 @@ class ReportScheduler(QueueThread):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        batch: SequenceBatch,
         *,
         device: torch.device,
         eos_token_ids: Sequence[int],
@@ -140,7 +143,6 @@ class ReportScheduler(QueueThread):
         max_waiting: int,
         max_cached_tokens: int,
         max_prefills_per_step: int,
-        pad_token_id: int = 0,
         observer: SchedulerObserver | None = None,
         admission_window_s: float = 0.05,
     ) -> None:
@@ -150,7 +152,7 @@ class ReportScheduler(QueueThread):
                 f"max_prefills_per_step ({max_prefills_per_step}) must be at least 1"
             )
         super().__init__("report", "report-scheduler", observer)
-        self.batch = DecodeBatch(model, device, pad_token_id=pad_token_id)
+        self.batch = batch
         self.device = device
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.suppress_token_ids = tuple(int(t) for t in suppress_token_ids)

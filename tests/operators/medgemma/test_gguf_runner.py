@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
+from medgemma_deploy.backends.inproc import InprocMedGemma
 from medgemma_deploy.dev.testmodels.gemma import make_test_medgemma
 from medgemma_deploy.domain import AlgorithmInfo, GenerationSettings
 from medgemma_deploy.errors import ModelLoadError
@@ -49,10 +51,26 @@ def prompts() -> PromptBook:
 
 @pytest.fixture(scope="module")
 def full_precision(medgemma_dir):
+    """The fp32 llama.cpp runner behind the one decode core, as ``--backend local`` runs it (three
+    sequences, so that concurrent reports decode together)."""
     from medgemma_deploy.operators.medgemma.gguf_runner import GgufMedGemmaRunner
 
-    with GgufMedGemmaRunner(medgemma_dir, precision="fp32", n_threads=1) as runner:
-        yield runner
+    runner = GgufMedGemmaRunner(medgemma_dir, precision="fp32", n_threads=1, n_parallel=3)
+    with InprocMedGemma(runner) as medgemma:
+        yield medgemma
+
+
+def _decoded_rows(monkeypatch, runner) -> list[int]:
+    """Records how many sequences each llama.cpp decode step of ``runner`` carries."""
+    rows: list[int] = []
+    step = runner.decode_step
+
+    def counted(tokens, positions, seq_ids):
+        rows.append(len(tokens))
+        return step(tokens, positions, seq_ids)
+
+    monkeypatch.setattr(runner, "decode_step", counted)
+    return rows
 
 
 #: Largest difference allowed between llama.cpp's F32 logits and transformers' (logits of the tiny
@@ -168,7 +186,7 @@ def test_full_precision_matches_transformers_token_by_token(full_precision, medg
         assert request.n_images == 3  # three slices, each rendered in the three CT windows
     expected, expected_logits = _plain_generate(medgemma_dir, request.messages, 24)
     assert len(expected) == 24
-    forced = torch.from_numpy(full_precision.teacher_forced_logits(request, expected))
+    forced = torch.from_numpy(full_precision.runner.teacher_forced_logits(request, expected))
     assert forced.shape == expected_logits.shape
     assert float((forced - expected_logits).abs().max()) < LOGIT_TOLERANCE
     top2 = expected_logits.topk(2, dim=-1).values
@@ -179,14 +197,16 @@ def test_full_precision_matches_transformers_token_by_token(full_precision, medg
     first_tie = int(decisive.logical_not().nonzero()[0]) if not bool(decisive.all()) else len(expected)
     assert result.token_ids[:first_tie] == expected[:first_tie]
     assert result.text.startswith(
-        full_precision.processor.tokenizer.decode(expected[:first_tie], skip_special_tokens=True)
+        full_precision.runner.processor.tokenizer.decode(expected[:first_tie], skip_special_tokens=True)
     )
-    assert result.n_prompt_tokens == full_precision.prepare_inputs(request)["input_ids"].shape[1]
+    assert result.n_prompt_tokens == full_precision.runner.prepare_inputs(request)["input_ids"].shape[1]
     assert dict(result.engine_parameters)["precision"] == "fp32"
 
 
 @needs_lowbit
-def test_a_batch_decodes_as_each_request_alone(full_precision, prompts):
+def test_concurrent_reports_decode_together_as_each_alone(full_precision, prompts, monkeypatch):
+    """Reports drafted at once share llama.cpp decode steps (one sequence each in one batch), and
+    each gets the tokens it gets alone."""
     requests = [
         build_report_request(series, prompts, settings=GenerationSettings(max_new_tokens=n))
         for series, n in (
@@ -196,37 +216,35 @@ def test_a_batch_decodes_as_each_request_alone(full_precision, prompts):
         )
     ]
     alone = [full_precision.generate(request).token_ids for request in requests]
-    together = [result.token_ids for result in full_precision.generate_batch(requests)]
+    rows = _decoded_rows(monkeypatch, full_precision.runner)
+    with ThreadPoolExecutor(3) as pool:
+        together = [result.token_ids for result in pool.map(full_precision.generate, requests)]
     assert together == alone
     assert [len(tokens) for tokens in together] == [10, 16, 12]
+    assert max(rows) >= 2  # decoded together, not one after the other
 
 
 @needs_lowbit
-def test_a_batch_larger_than_the_kv_cache_is_decoded_in_rounds(
+def test_reports_wait_while_the_kv_cache_is_full_and_each_decodes_as_alone(
     medgemma_dir, full_precision, prompts, monkeypatch
 ):
-    """One KV cache serves every sequence of a batch; requests whose prompts and budgets do not fit
-    it together wait for the next round, and each still decodes as it does alone."""
-    from medgemma_deploy.operators.medgemma import gguf_runner
+    """One KV cache serves every running report; a report whose prompt and budget do not fit
+    beside the running ones waits for one to finish, and each still decodes as it does alone."""
+    from medgemma_deploy.operators.medgemma.gguf_runner import GgufMedGemmaRunner
 
     settings = GenerationSettings(max_new_tokens=8)
     requests = [
         build_report_request(make_cr_series(grey=g), prompts, settings=settings) for g in (0.2, 0.5, 0.8)
     ]
     alone = [full_precision.generate(request).token_ids for request in requests]
-    n_prompt = full_precision.prepare_inputs(requests[0])["input_ids"].shape[1]
-    rounds: list[int] = []
-    decode = gguf_runner.GgufMedGemmaRunner._decode
-
-    def counted(runner, sequences):
-        rounds.append(len(sequences))
-        decode(runner, sequences)
-
-    monkeypatch.setattr(gguf_runner.GgufMedGemmaRunner, "_decode", counted)
-    n_ctx = 2 * (n_prompt + 8)  # two of the three requests at a time
-    with gguf_runner.GgufMedGemmaRunner(medgemma_dir, precision="fp32", n_threads=1, n_ctx=n_ctx) as small:
-        results = small.generate_batch(requests)
-    assert rounds == [2, 1]
+    n_prompt = full_precision.runner.prepare_inputs(requests[0])["input_ids"].shape[1]
+    n_ctx = 2 * (n_prompt + 8)  # two of the three reports at a time
+    small = GgufMedGemmaRunner(medgemma_dir, precision="fp32", n_threads=1, n_parallel=3, n_ctx=n_ctx)
+    with InprocMedGemma(small) as medgemma:
+        rows = _decoded_rows(monkeypatch, small)
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(medgemma.generate, requests))
+    assert max(rows) == 2
     assert [result.token_ids for result in results] == alone
 
 
@@ -244,8 +262,8 @@ def test_low_bit_report_records_engine_precision_and_digest_in_the_sr(
     runner = make_medgemma_runner(medgemma_dir, device="cpu", precision=precision)
     series = make_cr_series(grey=0.4)
     request = build_report_request(series, prompts, settings=GenerationSettings(max_new_tokens=8))
-    with runner:
-        result = runner.generate(request)
+    with InprocMedGemma(runner) as medgemma:
+        result = medgemma.generate(request)
         weights = runner.weights
     assert weights is not None and weights.weight_type == weight_type
     assert result.n_generated_tokens >= 1
@@ -387,8 +405,8 @@ def test_suppressed_tokens_are_never_generated_as_in_transformers(medgemma_dir, 
     config_file.write_text(json.dumps(config))
     from medgemma_deploy.operators.medgemma.gguf_runner import GgufMedGemmaRunner
 
-    with GgufMedGemmaRunner(model_dir, precision="fp32", n_threads=1) as runner:
-        result = runner.generate(request)
+    with InprocMedGemma(GgufMedGemmaRunner(model_dir, precision="fp32", n_threads=1)) as medgemma:
+        result = medgemma.generate(request)
     assert not set(result.token_ids) & set(free)
 
 

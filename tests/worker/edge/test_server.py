@@ -8,7 +8,6 @@ equal probabilities, maps and greedy report tokens (and the report tokens equal 
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -24,13 +23,14 @@ from medgemma_deploy._proto import worker_pb2_grpc
 from medgemma_deploy.backends import wire
 from medgemma_deploy.backends.local import make_backend
 from medgemma_deploy.domain import GenerationSettings
-from medgemma_deploy.errors import InputError, UsageError
+from medgemma_deploy.errors import InputError
 from medgemma_deploy.operators.medgemma.prompts import PromptBook
 from medgemma_deploy.operators.medgemma.request import build_report_request
 from medgemma_deploy.operators.medsiglip.classification import classify_series
 from medgemma_deploy.operators.medsiglip.labels import load_label_sets, select_label_set
 from medgemma_deploy.worker.config import WorkerConfig
 from medgemma_deploy.worker.edge.server import WorkerServer
+from tests.support.lowbit import needs_lowbit
 from tests.support.real_size import write_large_radiograph, write_multislice_ct, write_real_cr
 from tests.support.transformers_reference import plain_greedy
 
@@ -122,16 +122,60 @@ def test_health_reflection_and_model_info(worker, stub):
     assert info.limits.max_message_bytes == 2 * 1024 * 1024
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="the lowbit extra is not installed")
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_llama_cpp_precisions_are_refused_naming_the_ones_the_worker_serves(tiny_models_root, precision):
-    config = WorkerConfig(
-        listen="127.0.0.1:0", medgemma=tiny_models_root / "medgemma", device="cpu", precision=precision
+@needs_lowbit
+@pytest.mark.parametrize("precision", ["int4"])
+def test_the_worker_serves_low_bit_reports_on_llama_cpp_as_in_process(
+    tiny_models_root, demo_series, precision, monkeypatch
+):
+    """At int4 the worker drafts on llama.cpp under the same scheduler: a report alone has the
+    tokens, text and SR parameters (engine, precision, weight digests) of the same report in
+    process, and concurrent reports share llama.cpp decode steps."""
+    from medgemma_deploy.operators.medgemma.gguf_runner import GgufMedGemmaRunner
+
+    request = build_report_request(
+        demo_series["CR"], PromptBook.load(), settings=GenerationSettings(max_new_tokens=12)
     )
-    server = WorkerServer(config)
-    with pytest.raises(UsageError, match=rf"fp32 or bf16; {precision} \(llama.cpp\) runs in-process"), server:
-        pass
-    assert server.state == "stopped"
+    local = make_backend("local", tiny_models_root, "cpu", precision=precision)
+    try:
+        expected = local.medgemma.load().generate(request)
+    finally:
+        local.close()
+    rows: list[int] = []
+    step = GgufMedGemmaRunner.decode_step
+
+    def counted(runner, tokens, positions, seq_ids):
+        rows.append(len(tokens))
+        return step(runner, tokens, positions, seq_ids)
+
+    monkeypatch.setattr(GgufMedGemmaRunner, "decode_step", counted)
+    config = WorkerConfig(
+        listen="127.0.0.1:0",
+        medgemma=tiny_models_root / "medgemma",
+        device="cpu",
+        precision=precision,
+        report_max_running=3,
+        drain_timeout=10,
+    )
+    with WorkerServer(config) as server:
+        remote = make_backend(f"grpc://{server.address}", None, None)
+        try:
+            got = remote.medgemma.load().generate(request)
+            assert (got.token_ids, got.text, got.n_prompt_tokens) == (
+                expected.token_ids,
+                expected.text,
+                expected.n_prompt_tokens,
+            )
+            parameters = dict(got.engine_parameters)
+            assert parameters == dict(expected.engine_parameters)
+            assert parameters["precision"] == precision and parameters["engine"].startswith("llama.cpp")
+            assert len(parameters["weights_sha256"]) == 64
+            rows.clear()
+            with ThreadPoolExecutor(3) as pool:
+                together = list(pool.map(remote.medgemma.generate, [request] * 3))
+        finally:
+            remote.close()
+    assert [result.token_ids for result in together] == [expected.token_ids] * 3
+    assert max(rows) >= 2  # decoded together
 
 
 # -- parity with the in-process runners ----------------------------------------------------------
